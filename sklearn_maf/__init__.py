@@ -1,0 +1,7 @@
+"""sklearn-maf: Masked Autoregressive Flow density estimation for scikit-learn."""
+
+from ._density import MAFDensity
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["MAFDensity", "__version__"]

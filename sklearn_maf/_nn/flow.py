@@ -1,0 +1,283 @@
+"""Masked Autoregressive Flow (Papamakarios, Pavlakou & Murray, 2017), in pure torch.
+
+Every transform maps data towards the base density and returns
+``(outputs, logabsdet)``, where ``logabsdet`` has shape (n_samples,) and is
+``log|det d outputs / d inputs|``; ``inverse`` maps back and returns the
+log-determinant of that inverse map. A flow is the composition of its
+transforms, so its log-density is the base log-density of the last output plus
+the sum of the log-determinants.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .made import MADE, input_degrees
+
+__all__ = ["MAF", "AffineMADE", "BatchNorm", "Standardize", "soft_clamp"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def soft_clamp(x, bound):
+    """Smoothly bound ``x`` to ``(-bound, bound)``; the identity near zero."""
+    return bound * torch.tanh(x / bound)
+
+
+class Standardize(nn.Module):
+    """Fixed per-feature affine map ``(x - loc) / scale``, with its log-det.
+
+    The first layer of every flow: fitted once on the training data so that
+    raw features on any scale reach the learned layers standardised, while
+    log-densities stay in the units of the data.
+    """
+
+    def __init__(self, loc, scale):
+        super().__init__()
+        self.register_buffer("loc", loc.clone())
+        self.register_buffer("scale", scale.clone())
+
+    def _logabsdet(self, x):
+        return (-torch.log(self.scale).sum()).expand(x.shape[0])
+
+    def forward(self, x, context=None, weight=None):
+        return (x - self.loc) / self.scale, self._logabsdet(x)
+
+    def inverse(self, u, context=None):
+        return u * self.scale + self.loc, -self._logabsdet(u)
+
+
+class AffineMADE(nn.Module):
+    """One MAF layer: ``u_i = (x_i - mu_i) * exp(-alpha_i)``.
+
+    ``mu`` and ``alpha`` come from a :class:`MADE` of ``x`` in the order given
+    by ``degrees``. The log-scale is bounded by :func:`soft_clamp` inside
+    :meth:`_conditionals`, the one place both directions get it from, so
+    density and sampling always describe the same model.
+
+    Parameters
+    ----------
+    degrees : torch.LongTensor of shape (n_features,)
+        Degrees of the inputs (the variable order of this layer).
+    log_scale_bound : float, default=5.0
+        Bound on ``|alpha_i|``.
+    **made_params
+        Passed to :class:`MADE`.
+    """
+
+    def __init__(self, degrees, *, log_scale_bound=5.0, **made_params):
+        super().__init__()
+        self.made = MADE(degrees, n_params=2, **made_params)
+        self.log_scale_bound = log_scale_bound
+        self.register_buffer("order", torch.argsort(degrees))
+
+    def _conditionals(self, x, context):
+        shift, log_scale = self.made(x, context)
+        return shift, soft_clamp(log_scale, self.log_scale_bound)
+
+    def forward(self, x, context=None, weight=None):
+        shift, log_scale = self._conditionals(x, context)
+        return (x - shift) * torch.exp(-log_scale), -log_scale.sum(dim=-1)
+
+    def inverse(self, u, context=None):
+        """Invert with one MADE pass per feature.
+
+        After pass ``t`` the features of degree ``<= t`` are exact, because
+        their conditionals depend only on features of lower degree.
+        """
+        x = torch.zeros_like(u)
+        for _ in range(u.shape[-1]):
+            shift, log_scale = self._conditionals(x, context)
+            x = u * torch.exp(log_scale) + shift
+        return x, log_scale.sum(dim=-1)
+
+
+class BatchNorm(nn.Module):
+    """The paper's batch normalisation as a bijection with a log-determinant.
+
+    ``y = (x - m) / sqrt(v + eps) * exp(log_gamma) + beta``. In training mode
+    ``m`` and ``v`` are the (optionally weighted) statistics of the batch and
+    running averages are updated; in eval mode the stored statistics are used.
+    :meth:`set_statistics` replaces the stored statistics with those of a whole
+    data set, which is how a fitted flow gets training-split statistics.
+    """
+
+    def __init__(self, n_features, momentum=0.05, eps=1e-5, dtype=None):
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.log_gamma = nn.Parameter(torch.zeros(n_features, dtype=dtype))
+        self.beta = nn.Parameter(torch.zeros(n_features, dtype=dtype))
+        self.register_buffer("running_mean", torch.zeros(n_features, dtype=dtype))
+        self.register_buffer("running_var", torch.ones(n_features, dtype=dtype))
+
+    @staticmethod
+    def weighted_moments(x, weight=None):
+        """Mean and (biased) variance over rows, weighted when ``weight`` is given."""
+        if weight is None:
+            return x.mean(dim=0), x.var(dim=0, unbiased=False)
+        w = (weight / weight.sum()).unsqueeze(-1)
+        mean = (w * x).sum(dim=0)
+        return mean, (w * (x - mean) ** 2).sum(dim=0)
+
+    def _statistics(self, x, weight):
+        if not self.training:
+            return self.running_mean, self.running_var
+        mean, var = self.weighted_moments(x, weight)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach(), self.momentum)
+        return mean, var
+
+    def set_statistics(self, mean, var):
+        with torch.no_grad():
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
+
+    def _logabsdet(self, var, n):
+        return (self.log_gamma - 0.5 * torch.log(var + self.eps)).sum().expand(n)
+
+    def forward(self, x, context=None, weight=None):
+        mean, var = self._statistics(x, weight)
+        y = (x - mean) * torch.rsqrt(var + self.eps) * torch.exp(self.log_gamma) + self.beta
+        return y, self._logabsdet(var, x.shape[0])
+
+    def inverse(self, y, context=None):
+        mean, var = self.running_mean, self.running_var
+        x = (y - self.beta) * torch.exp(-self.log_gamma) * torch.sqrt(var + self.eps) + mean
+        return x, -self._logabsdet(var, y.shape[0])
+
+
+class MAF(nn.Module):
+    """Masked Autoregressive Flow with a standard-normal base density.
+
+    ``Standardize -> AffineMADE -> [BatchNorm? -> AffineMADE] x (n_layers - 1) -> N(0, I)``.
+
+    Batch norm sits *between* MAF layers. One after the last layer would be an
+    affine map whose optimum is known in closed form (zero shift, unit scale):
+    its gradient is zero up to round-off there, and Adam amplifies that
+    round-off (its step is ``lr / eps`` times the gradient when the gradient is
+    below ``eps``), which makes training chaotic in the last digits.
+
+    Parameters
+    ----------
+    loc, scale : torch.Tensor of shape (n_features,)
+        The fixed standardisation, fitted on the training data.
+    n_layers : int
+        Number of MAF layers.
+    hidden_units, n_hidden_layers, activation
+        Architecture of each MADE.
+    batch_norm : bool
+        Whether a :class:`BatchNorm` sits between consecutive MAF layers.
+    order : {"reverse", "random"}
+        "reverse": the order alternates between the natural order and its
+        reverse, as in the paper; "random": a random order per layer.
+    n_context : int, default=0
+        Context features fed, unmasked, into every MADE (a conditional flow).
+    generator : torch.Generator, optional
+        Source of all randomness at construction (weights, random orders).
+    """
+
+    def __init__(
+        self,
+        loc,
+        scale,
+        *,
+        n_layers,
+        hidden_units,
+        n_hidden_layers,
+        activation="relu",
+        batch_norm=True,
+        order="reverse",
+        n_context=0,
+        log_scale_bound=5.0,
+        generator=None,
+        dtype=None,
+    ):
+        super().__init__()
+        n_features = loc.numel()
+        self.n_features = n_features
+        self.n_context = n_context
+        transforms = [Standardize(loc.to(dtype), scale.to(dtype))]
+        natural = torch.arange(n_features)
+        for index in range(n_layers):
+            if order == "random":
+                layer_order = torch.randperm(n_features, generator=generator)
+            else:
+                layer_order = natural if index % 2 == 0 else natural.flip(0)
+            transforms.append(
+                AffineMADE(
+                    input_degrees(layer_order),
+                    log_scale_bound=log_scale_bound,
+                    hidden_units=hidden_units,
+                    n_hidden_layers=n_hidden_layers,
+                    activation=activation,
+                    n_context=n_context,
+                    generator=generator,
+                    dtype=dtype,
+                )
+            )
+            if batch_norm and index < n_layers - 1:
+                transforms.append(BatchNorm(n_features, dtype=dtype))
+        self.transforms = nn.ModuleList(transforms)
+
+    def forward(self, x, context=None, weight=None):
+        """Map data to the base space; return ``(u, logabsdet)``."""
+        logabsdet = x.new_zeros(x.shape[0])
+        for transform in self.transforms:
+            x, ld = transform(x, context, weight)
+            logabsdet = logabsdet + ld
+        return x, logabsdet
+
+    def inverse(self, u, context=None):
+        """Map base-space points to data; return ``(x, logabsdet)`` of that map."""
+        logabsdet = u.new_zeros(u.shape[0])
+        for transform in reversed(self.transforms):
+            u, ld = transform.inverse(u, context)
+            logabsdet = logabsdet + ld
+        return u, logabsdet
+
+    @staticmethod
+    def base_log_prob(u):
+        return -0.5 * (u.square().sum(dim=-1) + u.shape[-1] * _LOG_2PI)
+
+    def log_prob(self, x, context=None, weight=None):
+        """Log-density of each row of ``x``, shape (n_samples,)."""
+        u, logabsdet = self(x, context, weight)
+        return self.base_log_prob(u) + logabsdet
+
+    def sample(self, n_samples, context=None, generator=None):
+        """Draw ``n_samples`` rows (one per context row when a context is given)."""
+        param = self.transforms[0].loc
+        u = torch.randn(
+            n_samples, self.n_features, generator=generator, dtype=param.dtype
+        ).to(param.device)
+        return self.inverse(u, context)[0]
+
+    @torch.no_grad()
+    def set_batch_norm_statistics(self, x, context=None, weight=None, chunk_size=65536):
+        """Give every batch-norm layer the exact statistics of its inputs over ``x``.
+
+        The transforms are applied one at a time to all rows (in chunks of
+        ``chunk_size``, so memory stays at about two copies of ``x``), and each
+        batch-norm layer gets the (weighted) moments of what reaches it before
+        its output feeds the next layer: the result is what a pass over the
+        whole data set in eval mode sees.
+        """
+        was_training = self.training
+        self.eval()
+        for transform in self.transforms:
+            if isinstance(transform, BatchNorm):
+                transform.set_statistics(*BatchNorm.weighted_moments(x, weight))
+            x = torch.cat(
+                [
+                    transform(x[start : start + chunk_size], _rows(context, start, chunk_size))[0]
+                    for start in range(0, x.shape[0], chunk_size)
+                ]
+            )
+        self.train(was_training)
+
+
+def _rows(tensor, start, size):
+    return None if tensor is None else tensor[start : start + size]
