@@ -242,6 +242,8 @@ class MAFDensity(DensityMixin, BaseEstimator):
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
         train, validation = self._split(X.shape[0], rng)
         _check_weight_total(sample_weight, train, "training")
+        if validation is not None:
+            _check_weight_total(sample_weight, validation, "validation")
 
         if continuing:
             module = copy.deepcopy(self.module_)
@@ -257,7 +259,6 @@ class MAFDensity(DensityMixin, BaseEstimator):
         X_train, w_train = to_tensor(X[train]), _take(weight, train)
         validation_data = None
         if validation is not None:
-            _check_weight_total(sample_weight, validation, "validation")
             validation_data = (to_tensor(X[validation]), _take(weight, validation), None)
 
         history = train_flow(

@@ -131,7 +131,7 @@ def train_flow(
     history : TrainingHistory
     """
     history = TrainingHistory()
-    optimizer = torch.optim.Adam(_parameter_groups(module, alpha), lr=learning_rate)
+    optimizer = torch.optim.Adam(_parameter_groups(module, alpha), lr=learning_rate, fused=True)
     best_state = _snapshot(module)
     no_improvement = 0
     module.train()

@@ -1,0 +1,359 @@
+"""Behaviour of MAFDensity that users rely on, beyond scikit-learn's common checks."""
+
+import pickle
+import re
+import warnings
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from scipy import sparse, stats
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.model_selection import GridSearchCV, KFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from sklearn_maf import MAFDensity
+
+
+def _small(**params):
+    defaults = dict(n_layers=2, hidden_units=16, max_iter=20, random_state=0)
+    return MAFDensity(**{**defaults, **params})
+
+
+def _mixture(n, rng):
+    """A two-component, correlated 2-D Gaussian mixture."""
+    centres = np.array([[-2.0, 0.0], [2.0, 1.0]])
+    component = rng.randint(2, size=n)
+    noise = rng.normal(size=(n, 2)) @ np.array([[0.6, 0.0], [0.3, 0.5]])
+    return centres[component] + noise
+
+
+@pytest.fixture(scope="module")
+def fitted_mixture():
+    """A model of the 2-D mixture, shared by the tests that only read it."""
+    rng = np.random.RandomState(0)
+    X = _mixture(3000, rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = MAFDensity(n_layers=4, hidden_units=32, max_iter=60, random_state=0).fit(X)
+    return model, _mixture(1000, rng)
+
+
+def test_density_integrates_to_one(fitted_mixture):
+    """The density in the units of X integrates to 1 over a grid that holds the data."""
+    model, _ = fitted_mixture
+    grid = np.linspace(-8.0, 8.0, 401)
+    xx, yy = np.meshgrid(grid, grid)
+    density = np.exp(model.score_samples(np.c_[xx.ravel(), yy.ravel()]))
+    cell = (grid[1] - grid[0]) ** 2
+    assert density.sum() * cell == pytest.approx(1.0, abs=0.01)
+
+
+def _mmd_p_value(A, B, n_permutations, rng):
+    """Permutation p-value of the Gaussian-kernel MMD between two samples."""
+    Z = np.vstack([A, B])
+    squared = ((Z[:, None, :] - Z[None, :, :]) ** 2).sum(-1)
+    K = np.exp(-squared / np.median(squared[squared > 0]))
+    n = len(A)
+
+    def mmd(index):
+        a, b = index[:n], index[n:]
+        return K[np.ix_(a, a)].mean() + K[np.ix_(b, b)].mean() - 2 * K[np.ix_(a, b)].mean()
+
+    observed = mmd(np.arange(len(Z)))
+    null = [mmd(rng.permutation(len(Z))) for _ in range(n_permutations)]
+    return (1 + np.sum(np.array(null) >= observed)) / (1 + n_permutations)
+
+
+def test_samples_follow_the_model(fitted_mixture):
+    """A two-sample test between sample() and held-out data does not reject."""
+    model, X_test = fitted_mixture
+    rng = np.random.RandomState(1)
+    samples = model.sample(400, random_state=0)
+    assert _mmd_p_value(samples, X_test[:400], 200, rng) > 0.01
+    # The same test has power: samples shifted by half a standard deviation are rejected.
+    assert _mmd_p_value(samples + [0.5, 0.0], X_test[:400], 200, rng) < 0.01
+
+
+def test_transform_is_standard_normal_and_inverts(fitted_mixture):
+    model, X_test = fitted_mixture
+    U = model.transform(X_test)
+    assert np.all(np.abs(U.mean(axis=0)) < 0.15)
+    assert np.all(np.abs(U.std(axis=0) - 1) < 0.15)
+    np.testing.assert_allclose(model.inverse_transform(U), X_test, atol=1e-8)
+
+
+@pytest.mark.parametrize("c", [1e-3, 1e4])
+def test_scaling_x_shifts_the_score_by_the_log_jacobian(c, rng):
+    """Scaling X by c shifts the mean log-density by exactly -D log c."""
+    X = _mixture(400, rng)
+    base = _small(max_iter=5).fit(X)
+    scaled = _small(max_iter=5).fit(c * X)
+    shift = scaled.score_samples(c * X).mean() - base.score_samples(X).mean()
+    assert shift == pytest.approx(-X.shape[1] * np.log(c), abs=1e-5)
+
+
+def test_raw_features_on_wildly_different_scales(rng):
+    """Features on scales 1e-3 .. 1e4 need no preprocessing by the user."""
+    X = _mixture(600, rng)
+    scales = np.array([1e-3, 1e4])
+    raw = _small().fit(X * scales)
+    reference = _small().fit(X)
+    np.testing.assert_allclose(
+        raw.score_samples(X * scales),
+        reference.score_samples(X) - np.log(scales).sum(),
+        atol=1e-3,
+    )
+
+
+def test_score_is_the_sum_of_score_samples(fitted_mixture):
+    model, X_test = fitted_mixture
+    assert model.score(X_test) == pytest.approx(model.score_samples(X_test).sum())
+
+
+def test_same_random_state_gives_bit_identical_results(rng):
+    X = _mixture(300, rng)
+    first, second = _small(max_iter=3).fit(X), _small(max_iter=3).fit(X)
+    np.testing.assert_array_equal(first.score_samples(X), second.score_samples(X))
+    np.testing.assert_array_equal(first.sample(50, random_state=3), second.sample(50, random_state=3))
+    assert not np.array_equal(first.sample(5, random_state=3), first.sample(5, random_state=4))
+
+
+def test_sample_without_random_state_draws_fresh_rows(fitted_mixture):
+    """Unlike GaussianMixture.sample, repeated calls do not repeat the same rows."""
+    model, _ = fitted_mixture
+    assert not np.array_equal(model.sample(5), model.sample(5))
+
+
+def test_sampling_is_independent_of_chunking(fitted_mixture, monkeypatch):
+    model, _ = fitted_mixture
+    whole = model.sample(3000, random_state=0)
+    monkeypatch.setattr(type(model), "_chunk_size", lambda self: 1000)
+    np.testing.assert_array_equal(model.sample(3000, random_state=0), whole)
+
+
+def test_scoring_is_independent_of_chunking(fitted_mixture, monkeypatch):
+    model, X_test = fitted_mixture
+    whole = model.score_samples(X_test)
+    monkeypatch.setattr(type(model), "_chunk_size", lambda self: 7)
+    np.testing.assert_allclose(model.score_samples(X_test), whole, rtol=0, atol=1e-12)
+
+
+def test_pipeline_with_scaler(rng):
+    X = _mixture(300, rng)
+    pipeline = make_pipeline(StandardScaler(), _small(max_iter=3)).fit(X)
+    scores = pipeline.score_samples(X)
+    assert scores.shape == (300,) and np.all(np.isfinite(scores))
+
+
+def test_grid_search_selects_by_held_out_likelihood(rng):
+    X = _mixture(240, rng)
+    grid = {"n_layers": [1, 3], "hidden_units": [16, 64]}
+    cv = KFold(3, shuffle=True, random_state=0)
+    search = GridSearchCV(_small(max_iter=4), grid, cv=cv).fit(X)
+    assert search.best_params_ == search.cv_results_["params"][
+        int(np.argmax(search.cv_results_["mean_test_score"]))
+    ]
+    # The score GridSearchCV maximises is the held-out total log-likelihood.
+    params = search.cv_results_["params"][0]
+    manual = [
+        clone(search.estimator).set_params(**params).fit(X[train]).score_samples(X[test]).sum()
+        for train, test in cv.split(X)
+    ]
+    np.testing.assert_allclose(search.cv_results_["mean_test_score"][0], np.mean(manual))
+
+
+@pytest.mark.parametrize(
+    "round_trip",
+    [
+        clone,
+        lambda model: pickle.loads(pickle.dumps(model)),
+        lambda model: _joblib_round_trip(model),
+    ],
+    ids=["clone", "pickle", "joblib"],
+)
+def test_round_trips_give_identical_scores(round_trip, rng, tmp_path):
+    X = _mixture(200, rng)
+    model = _small(max_iter=3).fit(X)
+    copy = round_trip(model)
+    if not hasattr(copy, "module_"):  # clone gives an unfitted copy: fit it the same way
+        copy.fit(X)
+    np.testing.assert_array_equal(copy.score_samples(X), model.score_samples(X))
+    np.testing.assert_array_equal(copy.sample(10, random_state=0), model.sample(10, random_state=0))
+
+
+def _joblib_round_trip(model):
+    path = joblib.os.path.join(joblib.os.environ.get("TMPDIR", "/tmp"), f"maf-{id(model)}.joblib")
+    joblib.dump(model, path)
+    try:
+        return joblib.load(path)
+    finally:
+        joblib.os.remove(path)
+
+
+@pytest.mark.parametrize(
+    "X, error, message",
+    [
+        (np.array([[0.0, np.nan], [1.0, 2.0], [3.0, 1.0]]), ValueError, "Input X contains NaN"),
+        (np.array([[0.0, np.inf], [1.0, 2.0], [3.0, 1.0]]), ValueError, "Input X contains infinity"),
+        (np.array([["a", "b"], ["c", "d"], ["e", "f"]], dtype=object), ValueError, "could not convert string to float"),
+        (sparse.csr_matrix(np.eye(3)), TypeError, "Sparse data was passed"),
+        (np.empty((0, 2)), ValueError, "0 sample"),
+        (np.array([[1.0, 2.0]]), ValueError, "1 sample"),
+        (np.array([1.0, 2.0, 3.0]), ValueError, "Expected 2D array"),
+    ],
+    ids=["nan", "inf", "strings", "sparse", "empty", "one-row", "1d"],
+)
+def test_bad_training_input_is_rejected(X, error, message):
+    with pytest.raises(error, match=message):
+        _small().fit(X)
+
+
+def test_bad_scoring_input_is_rejected(fitted_mixture):
+    model, _ = fitted_mixture
+    for method in (model.score_samples, model.score, model.transform, model.inverse_transform):
+        with pytest.raises(ValueError, match="X has 3 features, but MAFDensity is expecting 2"):
+            method(np.ones((4, 3)))
+        with pytest.raises(ValueError, match="Input X contains NaN"):
+            method(np.array([[0.0, np.nan]]))
+
+
+@pytest.mark.parametrize(
+    "n_samples, error, message",
+    [
+        (0, ValueError, "n_samples must be a positive int, got 0"),
+        (-3, ValueError, "n_samples must be a positive int, got -3"),
+        (2.5, TypeError, "n_samples must be a positive int, got 2.5"),
+    ],
+)
+def test_bad_n_samples_is_rejected(fitted_mixture, n_samples, error, message):
+    model, _ = fitted_mixture
+    with pytest.raises(error, match=message):
+        model.sample(n_samples)
+
+
+def test_unfitted_model_raises():
+    for method in ("score_samples", "transform", "inverse_transform"):
+        with pytest.raises(NotFittedError):
+            getattr(MAFDensity(), method)(np.ones((2, 2)))
+    with pytest.raises(NotFittedError):
+        MAFDensity().sample(2)
+
+
+def test_constant_feature_raises_a_clear_error(rng):
+    X = np.c_[rng.normal(size=50), np.full(50, 3.0), rng.normal(size=50)]
+    with pytest.raises(ValueError, match=re.escape("Feature(s) [1] are constant")):
+        _small().fit(X)
+
+
+def test_extreme_finite_input_never_gives_nan(fitted_mixture):
+    model, _ = fitted_mixture
+    extreme = np.array([[1e300, -1e300], [1e-300, 0.0], [-1e150, 1e150]])
+    scores = model.score_samples(extreme)
+    assert not np.any(np.isnan(scores))
+    assert np.isfinite(scores[1])
+
+
+def test_one_feature_is_a_gaussian(rng):
+    """With one feature every MAF layer is affine with constants: the fit is a Gaussian."""
+    X = rng.standard_t(df=5, size=(500, 1)) * 3 + 1
+    model = _small(max_iter=200, n_iter_no_change=20, learning_rate_init=1e-2).fit(X)
+    grid = np.linspace(-10, 10, 7)[:, None]
+    # log-density is exactly quadratic in x: its second differences are constant
+    second = np.diff(model.score_samples(grid), 2)
+    np.testing.assert_allclose(second, second[0], rtol=1e-8)
+    maximum_likelihood = stats.norm(X.mean(), X.std())
+    assert model.score_samples(X).mean() == pytest.approx(maximum_likelihood.logpdf(X).mean(), abs=0.05)
+
+
+def test_too_few_rows_for_early_stopping(rng):
+    with pytest.raises(ValueError, match="n_samples=2 is too few for early stopping"):
+        _small().fit(rng.normal(size=(2, 2)))
+    _small(early_stopping=False).fit(rng.normal(size=(2, 2)))
+
+
+def test_zero_weights_remove_rows(rng):
+    """Rows of zero weight have no influence: not on training, scaling or batch norm."""
+    X = _mixture(100, rng)
+    outliers = rng.normal(scale=50.0, size=(30, 2))
+    params = dict(early_stopping=False, batch_size=1000, precision="float64", max_iter=5)
+    with_zeros = _small(**params).fit(
+        np.vstack([X, outliers]), sample_weight=np.r_[np.ones(100), np.zeros(30)]
+    )
+    # Full-batch training visits rows in a shuffled order, so only round-off may differ.
+    np.testing.assert_allclose(with_zeros.score_samples(X), _small(**params).fit(X).score_samples(X), atol=1e-9)
+
+
+def test_a_split_without_weight_is_rejected(rng):
+    """One weighted row cannot feed both the training and the validation split."""
+    weight = np.zeros(10)
+    weight[3] = 1.0
+    with pytest.raises(ValueError, match=r"sample weights of the (training|validation) rows sum to zero"):
+        _small().fit(rng.normal(size=(10, 2)), sample_weight=weight)
+
+
+def test_training_history_and_early_stopping(rng):
+    X = _mixture(400, rng)
+    model = _small(max_iter=500, n_iter_no_change=3).fit(X)
+    assert model.n_iter_ < 500
+    assert len(model.loss_curve_) == len(model.validation_scores_) == model.n_iter_
+    assert model.best_validation_score_ == max(model.validation_scores_)
+    no_validation = _small(max_iter=3, early_stopping=False)
+    with pytest.warns(ConvergenceWarning, match=r"maximum iterations \(3\) reached"):
+        no_validation.fit(X)
+    assert no_validation.validation_scores_ is None and no_validation.best_validation_score_ is None
+
+
+def test_verbose_prints_each_epoch(rng, capsys):
+    _small(max_iter=3, verbose=True).fit(_mixture(100, rng))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("Epoch 1: loss")
+    assert "validation log-likelihood" in lines[0]
+
+
+def test_non_finite_loss_leaves_a_working_model(rng):
+    X = _mixture(200, rng)
+    model = _small(learning_rate_init=1e6, max_iter=20, alpha=0.0)
+    with pytest.warns(ConvergenceWarning, match="training loss became non-finite"):
+        model.fit(X)
+    assert np.all(np.isfinite(model.score_samples(X)))
+    assert np.all(np.isfinite(model.sample(10, random_state=0)))
+
+
+def test_warm_start_continues_training(rng):
+    X = _mixture(300, rng)
+    model = _small(max_iter=3, warm_start=True, early_stopping=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(X)
+        loc = model.module_.transforms[0].loc.clone()
+        first_curve = list(model.loss_curve_)
+        model.fit(X + 10.0)
+    assert model.n_iter_ == 6 and model.loss_curve_[:3] == first_curve
+    # the standardisation is fixed at the first fit
+    torch.testing.assert_close(model.module_.transforms[0].loc, loc)
+
+
+def test_float32_and_float64_training_agree_roughly(rng):
+    X = _mixture(500, rng)
+    single = _small(precision="float32").fit(X).score_samples(X)
+    double = _small(precision="float64").fit(X).score_samples(X)
+    assert single.dtype == double.dtype == np.float64
+    assert np.abs(single.mean() - double.mean()) < 0.1
+
+
+def test_unavailable_cuda_is_a_clear_error(rng, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda' was requested but CUDA is not available"):
+        _small(device="cuda").fit(_mixture(50, rng))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_matches_cpu(rng):
+    X = _mixture(300, rng)
+    cpu = _small(precision="float64", max_iter=3).fit(X)
+    gpu = _small(precision="float64", max_iter=3, device="cuda").fit(X)
+    np.testing.assert_allclose(gpu.score_samples(X), cpu.score_samples(X), atol=1e-6)
