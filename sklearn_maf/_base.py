@@ -98,9 +98,18 @@ class _BaseMAF(BaseEstimator):
         """Validate ``X``, train the flow and set the fitted attributes."""
         continuing = self.warm_start and hasattr(self, "module_")
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, reset=not continuing)
+        return self._train(X, sample_weight, continuing=continuing)
+
+    def _train(self, X, sample_weight, context=None, *, continuing=False):
+        """Train the flow on validated rows ``X`` (given ``context``); set fitted attributes.
+
+        ``X`` holds the modelled variables and ``context``, when given, the
+        conditioning features, already validated and scaled by the caller.
+        """
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
         )
+        n_context = 0 if context is None else context.shape[1]
         device = self._torch_device()
         rng = check_random_state(self.random_state)
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
@@ -113,7 +122,7 @@ class _BaseMAF(BaseEstimator):
             module = copy.deepcopy(self.module_)
         else:
             loc, scale = _weighted_loc_scale(X[train], sample_weight[train])
-            module = self._build_module(loc, scale, generator)
+            module = self._build_module(loc, scale, generator, n_context)
         dtype = _DTYPES[self.precision]
         module = module.to(device=device, dtype=dtype)
 
@@ -121,14 +130,17 @@ class _BaseMAF(BaseEstimator):
         to_tensor = self._tensor_factory(dtype, device)
         weight = to_tensor(sample_weight) if weighted else None
         X_train, w_train = to_tensor(X[train]), _take(weight, train)
+        c_train = None if context is None else to_tensor(context[train])
         validation_data = None
         if validation is not None:
-            validation_data = (to_tensor(X[validation]), _take(weight, validation), None)
+            c_validation = None if context is None else to_tensor(context[validation])
+            validation_data = (to_tensor(X[validation]), _take(weight, validation), c_validation)
 
         history = train_flow(
             module,
             X_train,
             w_train,
+            c_train,
             validation=validation_data,
             batch_size=min(self.batch_size, X_train.shape[0]),
             learning_rate=self.learning_rate_init,
@@ -144,6 +156,7 @@ class _BaseMAF(BaseEstimator):
         to_double = self._tensor_factory(torch.float64, device)
         module.set_batch_norm_statistics(
             to_double(X[train]),
+            None if context is None else to_double(context[train]),
             weight=to_double(sample_weight[train]) if weighted else None,
             chunk_size=self._chunk_size(),
         )
@@ -163,7 +176,7 @@ class _BaseMAF(BaseEstimator):
     def _log_density(self, X):
         """Validated ``X`` -> float64 log-densities; underflow gives -inf, never NaN."""
         X = self._validate_fitted_input(X)
-        log_density = self._map_rows(lambda x: self.module_.log_prob(x)[:, None], X, 1)[:, 0]
+        log_density = self._map_rows(lambda x: self.module_.log_prob(x)[:, None], 1, X)[:, 0]
         return np.where(np.isnan(log_density), -np.inf, log_density)
 
     def sample(self, n_samples=1, random_state=None):
@@ -191,7 +204,7 @@ class _BaseMAF(BaseEstimator):
         rng = check_random_state(random_state)
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
         chunk = self._chunk_size()
-        out = np.empty((n_samples, self.n_features_in_))
+        out = np.empty((n_samples, self.module_.n_features))
         with torch.no_grad():
             for start in range(0, n_samples, chunk):
                 rows = min(chunk, n_samples - start)
@@ -201,7 +214,7 @@ class _BaseMAF(BaseEstimator):
 
     # ----------------------------------------------------------------- helpers
 
-    def _build_module(self, loc, scale, generator):
+    def _build_module(self, loc, scale, generator, n_context=0):
         return MAF(
             torch.as_tensor(loc),
             torch.as_tensor(scale),
@@ -211,6 +224,7 @@ class _BaseMAF(BaseEstimator):
             activation=self.activation,
             batch_norm=self.batch_norm,
             order=self.order,
+            n_context=n_context,
             generator=generator,
             dtype=torch.float64,
         )
@@ -250,15 +264,23 @@ class _BaseMAF(BaseEstimator):
         check_is_fitted(self)
         return validate_data(self, X, dtype=np.float64, reset=False)
 
-    def _map_rows(self, function, X, n_outputs):
-        """Apply a float64 torch ``function`` to ``X`` in chunks of rows; numpy out."""
-        out = np.empty((X.shape[0], n_outputs))
+    def _map_rows(self, function, n_outputs, *arrays):
+        """Apply a float64 torch ``function`` to chunks of rows of ``arrays``; numpy out.
+
+        ``function`` receives one tensor per array, all for the same rows, and
+        returns a tensor of shape (n_rows, n_outputs).
+        """
+        n_rows = arrays[0].shape[0]
+        out = np.empty((n_rows, n_outputs))
         device = self.module_.transforms[0].loc.device
         chunk = self._chunk_size()
         with torch.no_grad():
-            for start in range(0, X.shape[0], chunk):
-                x = torch.tensor(X[start : start + chunk], dtype=torch.float64, device=device)
-                out[start : start + chunk] = function(x).cpu().numpy()
+            for start in range(0, n_rows, chunk):
+                tensors = [
+                    torch.tensor(array[start : start + chunk], dtype=torch.float64, device=device)
+                    for array in arrays
+                ]
+                out[start : start + chunk] = function(*tensors).cpu().numpy()
         return out
 
 

@@ -206,7 +206,7 @@ class MAFDensity(DensityMixin, _BaseMAF):
             independent standard normals.
         """
         X = self._validate_fitted_input(X)
-        return self._map_rows(lambda x: self.module_(x)[0], X, self.n_features_in_)
+        return self._map_rows(lambda x: self.module_(x)[0], self.n_features_in_, X)
 
     def fit_transform(self, X, y=None, sample_weight=None):
         """Fit the flow to ``X``, then map ``X`` to the latent space.
@@ -241,4 +241,4 @@ class MAFDensity(DensityMixin, _BaseMAF):
             Rows in data space; ``inverse_transform(transform(X))`` returns ``X``.
         """
         U = self._validate_fitted_input(U)
-        return self._map_rows(lambda u: self.module_.inverse(u)[0], U, self.n_features_in_)
+        return self._map_rows(lambda u: self.module_.inverse(u)[0], self.n_features_in_, U)
