@@ -7,6 +7,7 @@ docstring documents them for its users.
 """
 
 import copy
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -93,6 +94,30 @@ class _BaseMAF(BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
+
+    def __getstate__(self):
+        """Pickle the fitted flow on the CPU, so any machine can load it."""
+        state = super().__getstate__()
+        module = state.get("module_")
+        if module is not None and _module_device(module).type != "cpu":
+            state["module_"] = copy.deepcopy(module).cpu()
+        return state
+
+    def __setstate__(self, state):
+        """Move the flow to ``device``; without CUDA, stay on the CPU with a warning."""
+        super().__setstate__(state)
+        module = self.__dict__.get("module_")
+        if module is None:
+            return
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            warnings.warn(
+                f"This {type(self).__name__} was fitted with device={self.device!r}, but "
+                "CUDA is not available here: the model was loaded onto the CPU and "
+                "device was set to 'cpu'.",
+                UserWarning,
+            )
+            self.device = "cpu"
+        self.module_ = module.to(torch.device(self.device))
 
     def _fit(self, X, sample_weight):
         """Validate ``X``, train the flow and set the fitted attributes."""
@@ -272,7 +297,7 @@ class _BaseMAF(BaseEstimator):
         """
         n_rows = arrays[0].shape[0]
         out = np.empty((n_rows, n_outputs))
-        device = self.module_.transforms[0].loc.device
+        device = _module_device(self.module_)
         chunk = self._chunk_size()
         with torch.no_grad():
             for start in range(0, n_rows, chunk):
@@ -305,6 +330,10 @@ def _check_weight_total(sample_weight, rows, name):
             f"The sample weights of the {name} rows sum to zero; at least one "
             "row needs a positive weight."
         )
+
+
+def _module_device(module):
+    return next(module.buffers()).device
 
 
 def _take(tensor, rows):

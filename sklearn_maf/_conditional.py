@@ -14,7 +14,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from ._base import _BaseMAF
+from ._base import _BaseMAF, _module_device
 
 
 class MAFConditionalDensity(_BaseMAF):
@@ -282,7 +282,7 @@ class MAFConditionalDensity(_BaseMAF):
         """
         C = self._validated_context(X)
         u = _normal_points(n_draws, self.n_targets_)
-        u = u.to(self.module_.transforms[0].loc.device)
+        u = u.to(_module_device(self.module_))
 
         def conditional_mean(c):
             repeated = c.repeat_interleave(n_draws, dim=0)

@@ -357,3 +357,27 @@ def test_cuda_matches_cpu(rng):
     cpu = _small(precision="float64", max_iter=3).fit(X)
     gpu = _small(precision="float64", max_iter=3, device="cuda").fit(X)
     np.testing.assert_allclose(gpu.score_samples(X), cpu.score_samples(X), atol=1e-6)
+
+
+def test_model_fitted_on_cuda_unpickles_on_a_cpu_only_machine(rng, monkeypatch):
+    """A GPU model loads onto the CPU with a warning where CUDA is absent (simulated)."""
+    X = _mixture(100, rng)
+    model = _small(max_iter=2).fit(X)
+    model.device = "cuda"  # as if fitted on a GPU: the pickle always holds CPU tensors
+    payload = pickle.dumps(model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="CUDA is not available here: the model was loaded onto the CPU"):
+        loaded = pickle.loads(payload)
+    assert loaded.device == "cpu"
+    np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_model_pickles_with_cpu_tensors_and_reloads_on_cuda(rng):
+    X = _mixture(100, rng)
+    model = _small(max_iter=2, device="cuda").fit(X)
+    payload = pickle.dumps(model)
+    assert next(model.module_.parameters()).device.type == "cuda"  # pickling left it there
+    loaded = pickle.loads(payload)
+    assert next(loaded.module_.parameters()).device.type == "cuda"
+    np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
