@@ -37,6 +37,8 @@ class _BaseMAF(BaseEstimator):
         "activation": [StrOptions({"relu", "tanh"})],
         "batch_norm": ["boolean"],
         "order": [StrOptions({"reverse", "random"})],
+        "base": [StrOptions({"gaussian", "mog"})],
+        "n_components": [Interval(Integral, 1, None, closed="left")],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
@@ -61,6 +63,8 @@ class _BaseMAF(BaseEstimator):
         activation="relu",
         batch_norm=True,
         order="reverse",
+        base="gaussian",
+        n_components=10,
         alpha=1e-6,
         batch_size=256,
         learning_rate_init=1e-3,
@@ -81,6 +85,8 @@ class _BaseMAF(BaseEstimator):
         self.activation = activation
         self.batch_norm = batch_norm
         self.order = order
+        self.base = base
+        self.n_components = n_components
         self.alpha = alpha
         self.batch_size = batch_size
         self.learning_rate_init = learning_rate_init
@@ -250,6 +256,8 @@ class _BaseMAF(BaseEstimator):
             batch_norm=self.batch_norm,
             order=self.order,
             n_context=n_context,
+            base=self.base,
+            n_components=self.n_components,
             generator=generator,
             dtype=torch.float64,
         )

@@ -43,6 +43,13 @@ class MAFConditionalDensity(_BaseMAF):
         in the fitted model.
     order : {"reverse", "random"}, default="reverse"
         Variable order of the target columns in successive layers.
+    base : {"gaussian", "mog"}, default="gaussian"
+        Base density under the MAF layers: a standard normal, or the paper's
+        "MAF MoG" base, a MADE whose every conditional is a mixture of
+        ``n_components`` Gaussians, which suits strongly multi-modal data.
+    n_components : int, default=10
+        Mixture components per conditional of the MoG base; ignored when
+        ``base="gaussian"``.
     alpha : float, default=1e-6
         L2 penalty on the weight matrices.
     batch_size : int, default=256

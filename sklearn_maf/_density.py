@@ -40,6 +40,13 @@ class MAFDensity(DensityMixin, _BaseMAF):
         Variable order of the layers: alternating natural and reversed, as in
         the paper, or a random permutation per layer drawn from
         ``random_state``.
+    base : {"gaussian", "mog"}, default="gaussian"
+        Base density under the MAF layers: a standard normal, or the paper's
+        "MAF MoG" base, a MADE whose every conditional is a mixture of
+        ``n_components`` Gaussians, which suits strongly multi-modal data.
+    n_components : int, default=10
+        Mixture components per conditional of the MoG base; ignored when
+        ``base="gaussian"``.
     alpha : float, default=1e-6
         L2 penalty on the weight matrices.
     batch_size : int, default=256
@@ -192,7 +199,12 @@ class MAFDensity(DensityMixin, _BaseMAF):
         return float(np.sum(self.score_samples(X)))
 
     def transform(self, X):
-        """Map rows to the latent space, where the model is standard normal.
+        """Map rows to the latent space: the output of the last MAF layer.
+
+        With ``base="gaussian"`` the model is standard normal there. With
+        ``base="mog"`` it is the MADE MoG base density, which is neither
+        Gaussian nor independent across coordinates; the map is still the exact
+        bijection that :meth:`inverse_transform` undoes.
 
         Parameters
         ----------
@@ -202,8 +214,8 @@ class MAFDensity(DensityMixin, _BaseMAF):
         Returns
         -------
         U : ndarray of shape (n_samples, n_features), dtype float64
-            Latent coordinates; for data drawn from the model they are
-            independent standard normals.
+            Latent coordinates; for data drawn from a model with
+            ``base="gaussian"`` they are independent standard normals.
         """
         X = self._validate_fitted_input(X)
         return self._map_rows(lambda x: self.module_(x)[0], self.n_features_in_, X)

@@ -5,7 +5,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from sklearn_maf import MAFConditionalDensity, MAFDensity
 
 
-def _small(estimator=MAFDensity):
+def _small(estimator=MAFDensity, **params):
     # float64 training: sample-weight equivalence and subset invariance are
     # checked to 1e-7, below float32 round-off. A batch larger than any check's
     # data set makes training full-batch, so weighting equals repetition.
@@ -17,6 +17,7 @@ def _small(estimator=MAFDensity):
         early_stopping=False,
         precision="float64",
         random_state=0,
+        **params,
     )
 
 
@@ -36,7 +37,7 @@ def _not_applicable(estimator):
 
 
 @parametrize_with_checks(
-    [_small(MAFDensity), _small(MAFConditionalDensity)],
+    [_small(MAFDensity), _small(MAFDensity, base="mog", n_components=3), _small(MAFConditionalDensity)],
     expected_failed_checks=_not_applicable,
 )
 def test_sklearn_compatible_estimator(estimator, check):
