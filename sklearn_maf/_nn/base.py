@@ -65,7 +65,10 @@ class MADEMoG(nn.Module):
 
     def _mixture(self, u, context):
         """Component log-weights, means and log-scales, each (n, n_features, K)."""
-        blocks = self.made(u, context)
+        return self._mixture_of(self.made(u, context))
+
+    def _mixture_of(self, blocks):
+        """The mixture given the MADE's output blocks, for all or some features."""
         k = self.n_components
         stack = lambda parts: torch.stack(parts, dim=-1)  # noqa: E731
         logits = stack(blocks[:k])
@@ -80,18 +83,24 @@ class MADEMoG(nn.Module):
         return torch.logsumexp(log_weights + component, dim=-1).sum(dim=-1)
 
     def sample(self, n_samples, context=None, generator=None, like=None):
-        """Draw with one MADE pass per feature, all randomness drawn up front."""
+        """Draw feature by feature, all randomness drawn up front.
+
+        :meth:`MADE.solve` computes every hidden unit once, as soon as the
+        features it depends on are drawn, rather than running the whole MADE
+        once per feature.
+        """
         dtype, device = like.dtype, like.device
         shape = (n_samples, self.n_features)
         noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
         uniform = torch.rand(shape, generator=generator, dtype=dtype).to(device)
-        u = torch.zeros(shape, dtype=dtype, device=device)
-        for _ in range(self.n_features):
-            log_weights, means, log_scales = self._mixture(u, context)
+
+        def step(features, params):
+            log_weights, means, log_scales = self._mixture_of(params)
             cumulative = torch.cumsum(torch.exp(log_weights), dim=-1)
-            choice = (uniform.unsqueeze(-1) > cumulative).sum(dim=-1, keepdim=True)
+            choice = (uniform[:, features].unsqueeze(-1) > cumulative).sum(dim=-1, keepdim=True)
             choice = choice.clamp(max=self.n_components - 1)
             mean = torch.gather(means, -1, choice).squeeze(-1)
             log_scale = torch.gather(log_scales, -1, choice).squeeze(-1)
-            u = mean + torch.exp(log_scale) * noise
-        return u
+            return mean + torch.exp(log_scale) * noise[:, features]
+
+        return self.made.solve(step, n_samples, context, like=like)[0]

@@ -49,9 +49,9 @@ class AffineMADE(nn.Module):
     """One MAF layer: ``u_i = (x_i - mu_i) * exp(-alpha_i)``.
 
     ``mu`` and ``alpha`` come from a :class:`MADE` of ``x`` in the order given
-    by ``degrees``. The log-scale is bounded by :func:`soft_clamp` inside
-    :meth:`_conditionals`, the one place both directions get it from, so
-    density and sampling always describe the same model.
+    by ``degrees``. The log-scale is bounded by :func:`soft_clamp` in
+    :meth:`_bound`, the one place both directions get it from, so density and
+    sampling always describe the same model.
 
     Parameters
     ----------
@@ -69,25 +69,32 @@ class AffineMADE(nn.Module):
         self.log_scale_bound = log_scale_bound
         self.register_buffer("order", torch.argsort(degrees))
 
+    def _bound(self, raw_log_scale):
+        return soft_clamp(raw_log_scale, self.log_scale_bound)
+
     def _conditionals(self, x, context):
         shift, log_scale = self.made(x, context)
-        return shift, soft_clamp(log_scale, self.log_scale_bound)
+        return shift, self._bound(log_scale)
 
     def forward(self, x, context=None, weight=None):
         shift, log_scale = self._conditionals(x, context)
         return (x - shift) * torch.exp(-log_scale), -log_scale.sum(dim=-1)
 
     def inverse(self, u, context=None):
-        """Invert with one MADE pass per feature.
+        """Invert feature by feature, ``x_i = u_i * exp(alpha_i) + mu_i``.
 
-        After pass ``t`` the features of degree ``<= t`` are exact, because
-        their conditionals depend only on features of lower degree.
+        :meth:`MADE.solve` computes every hidden unit of the MADE once, as soon
+        as the features it depends on are known, rather than running the whole
+        network once per feature: about one forward pass of arithmetic instead
+        of ``n_features``.
         """
-        x = torch.zeros_like(u)
-        for _ in range(u.shape[-1]):
-            shift, log_scale = self._conditionals(x, context)
-            x = u * torch.exp(log_scale) + shift
-        return x, log_scale.sum(dim=-1)
+
+        def step(features, params):
+            shift, log_scale = params
+            return u[:, features] * torch.exp(self._bound(log_scale)) + shift
+
+        x, (_, log_scale) = self.made.solve(step, u.shape[0], context, like=u)
+        return x, self._bound(log_scale).sum(dim=-1)
 
 
 class BatchNorm(nn.Module):
