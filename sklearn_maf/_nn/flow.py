@@ -279,13 +279,20 @@ class MAF(nn.Module):
         ``chunk_size``, so memory stays at about two copies of ``x``), and each
         batch-norm layer gets the (weighted) moments of what reaches it before
         its output feeds the next layer: the result is what a pass over the
-        whole data set in eval mode sees.
+        whole data set in eval mode sees. Transforms after the last batch-norm
+        layer are not run: nothing after it needs statistics.
         """
+        batch_norms = [i for i, t in enumerate(self.transforms) if isinstance(t, BatchNorm)]
+        if not batch_norms:
+            return
+        last = batch_norms[-1]
         was_training = self.training
         self.eval()
-        for transform in self.transforms:
+        for index, transform in enumerate(self.transforms[: last + 1]):
             if isinstance(transform, BatchNorm):
                 transform.set_statistics(*BatchNorm.weighted_moments(x, weight))
+            if index == last:
+                break
             x = torch.cat(
                 [
                     transform(x[start : start + chunk_size], _rows(context, start, chunk_size))[0]
