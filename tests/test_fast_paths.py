@@ -13,7 +13,7 @@ import torch
 
 from sklearn_maf import MAFDensity
 from sklearn_maf._nn.base import MADEMoG
-from sklearn_maf._nn.flow import AffineMADE
+from sklearn_maf._nn.flow import AffineMADE, soft_clamp
 from sklearn_maf._nn.made import input_degrees
 
 DTYPE = torch.float64
@@ -36,7 +36,8 @@ def _scramble(made, generator):
 def _inverse_one_pass_per_feature(layer, u, context):
     x = torch.zeros_like(u)
     for _ in range(u.shape[-1]):
-        shift, log_scale = layer._conditionals(x, context)
+        shift, raw_log_scale = layer.made(x, context)
+        log_scale = soft_clamp(raw_log_scale, layer.log_scale_bound)
         x = u * torch.exp(log_scale) + shift
     return x, log_scale.sum(dim=-1)
 
@@ -123,3 +124,43 @@ def test_fitted_model_samples_are_the_inverse_of_transform(rng):
             else:
                 expected = transform.inverse(expected)[0]
     np.testing.assert_allclose(model.sample(64, random_state=7), expected.numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_adam_steps_like_torch_optim_adam(dtype):
+    """Bit for bit, L2 groups included, also when a parameter misses a gradient."""
+    from sklearn_maf._training import _adam, _FusedAdam
+
+    generator = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3, generator=generator, dtype=dtype)) for _ in range(4)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+
+    def groups(params):
+        return [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+
+    optimizer = _adam(groups(ours), 1e-2)
+    assert isinstance(optimizer, _FusedAdam)
+    reference = torch.optim.Adam(groups(theirs), lr=1e-2, fused=True)
+    for step in range(12):
+        for mine, other in zip(ours, theirs):
+            mine.grad = torch.randn(5, 3, generator=generator, dtype=dtype)
+            other.grad = mine.grad.clone()
+        if step in (4, 7):
+            ours[3].grad = theirs[3].grad = None
+        optimizer.step()
+        reference.step()
+    for mine, other in zip(ours, theirs):
+        torch.testing.assert_close(mine, other, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_fit_leaves_the_garbage_collector_as_it_found_it(enabled, rng):
+    import gc
+
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        MAFDensity(n_layers=1, hidden_units=4, max_iter=2, random_state=0).fit(rng.normal(size=(50, 2)))
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -49,9 +49,10 @@ class AffineMADE(nn.Module):
     """One MAF layer: ``u_i = (x_i - mu_i) * exp(-alpha_i)``.
 
     ``mu`` and ``alpha`` come from a :class:`MADE` of ``x`` in the order given
-    by ``degrees``. The log-scale is bounded by :func:`soft_clamp` in
-    :meth:`_bound`, the one place both directions get it from, so density and
-    sampling always describe the same model.
+    by ``degrees``. The log-scale is ``alpha = soft_clamp(raw, log_scale_bound)``
+    of the MADE's raw output in both directions (:meth:`forward` computes
+    ``-alpha = soft_clamp(-raw)``, the same function), so density and sampling
+    always describe the same model.
 
     Parameters
     ----------
@@ -69,16 +70,14 @@ class AffineMADE(nn.Module):
         self.log_scale_bound = log_scale_bound
         self.register_buffer("order", torch.argsort(degrees))
 
-    def _bound(self, raw_log_scale):
-        return soft_clamp(raw_log_scale, self.log_scale_bound)
-
-    def _conditionals(self, x, context):
-        shift, log_scale = self.made(x, context)
-        return shift, self._bound(log_scale)
-
     def forward(self, x, context=None, weight=None):
-        shift, log_scale = self._conditionals(x, context)
-        return (x - shift) * torch.exp(-log_scale), -log_scale.sum(dim=-1)
+        shift, raw_log_scale = self.made(x, context)
+        # -alpha = soft_clamp(-raw): the sign folded into the division, so that
+        # neither exp(-alpha) nor the log-det needs a negation (training runs
+        # this a few hundred thousand times; every tensor operation counts).
+        bound = self.log_scale_bound
+        minus_log_scale = bound * torch.tanh(raw_log_scale / -bound)
+        return (x - shift) * torch.exp(minus_log_scale), minus_log_scale.sum(dim=-1)
 
     def inverse(self, u, context=None):
         """Invert feature by feature, ``x_i = u_i * exp(alpha_i) + mu_i``.
@@ -88,13 +87,14 @@ class AffineMADE(nn.Module):
         network once per feature: about one forward pass of arithmetic instead
         of ``n_features``.
         """
+        bound = self.log_scale_bound
 
         def step(features, params):
-            shift, log_scale = params
-            return u[:, features] * torch.exp(self._bound(log_scale)) + shift
+            shift, raw_log_scale = params
+            return u[:, features] * torch.exp(soft_clamp(raw_log_scale, bound)) + shift
 
-        x, (_, log_scale) = self.made.solve(step, u.shape[0], context, like=u)
-        return x, self._bound(log_scale).sum(dim=-1)
+        x, (_, raw_log_scale) = self.made.solve(step, u.shape[0], context, like=u)
+        return x, soft_clamp(raw_log_scale, bound).sum(dim=-1)
 
 
 class BatchNorm(nn.Module):
@@ -243,10 +243,10 @@ class MAF(nn.Module):
 
     def forward(self, x, context=None, weight=None):
         """Map data to the base space; return ``(u, logabsdet)``."""
-        logabsdet = x.new_zeros(x.shape[0])
+        logabsdet = None
         for transform in self.transforms:
             x, ld = transform(x, context, weight)
-            logabsdet = logabsdet + ld
+            logabsdet = ld if logabsdet is None else logabsdet + ld
         return x, logabsdet
 
     def inverse(self, u, context=None):
