@@ -18,7 +18,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from ._nn import MAF
-from ._training import train_flow
+from ._training import _cyclic_gc_paused, train_flow
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -212,7 +212,8 @@ class _BaseMAF(BaseEstimator):
         """Validated ``X`` -> float64 log-densities; underflow gives -inf, never NaN."""
         X = self._validate_fitted_input(X)
         log_density = self._map_rows(lambda x: self.module_.log_prob(x)[:, None], 1, X)[:, 0]
-        return np.where(np.isnan(log_density), -np.inf, log_density)
+        log_density[np.isnan(log_density)] = -np.inf  # in place: no second copy of the result
+        return log_density
 
     def sample(self, n_samples=1, random_state=None):
         """Draw rows from the fitted density.
@@ -240,7 +241,7 @@ class _BaseMAF(BaseEstimator):
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
         chunk = self._chunk_size()
         out = np.empty((n_samples, self.module_.n_features))
-        with torch.inference_mode():
+        with torch.inference_mode(), _cyclic_gc_paused():
             for start in range(0, n_samples, chunk):
                 rows = min(chunk, n_samples - start)
                 x = self.module_.sample(rows, generator=generator)
@@ -314,7 +315,7 @@ class _BaseMAF(BaseEstimator):
         out = np.empty((n_rows, n_outputs))
         device = _module_device(self.module_)
         chunk = self._chunk_size()
-        with torch.inference_mode():
+        with torch.inference_mode(), _cyclic_gc_paused():
             for start in range(0, n_rows, chunk):
                 tensors = [
                     torch.tensor(array[start : start + chunk], dtype=torch.float64, device=device)
