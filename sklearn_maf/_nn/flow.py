@@ -130,8 +130,8 @@ class BatchNorm(nn.Module):
             return self.running_mean, self.running_var
         mean, var = self.weighted_moments(x, weight)
         with torch.no_grad():
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach(), self.momentum)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
         return mean, var
 
     def set_statistics(self, mean, var):
@@ -144,8 +144,11 @@ class BatchNorm(nn.Module):
 
     def forward(self, x, context=None, weight=None):
         mean, var = self._statistics(x, weight)
-        y = (x - mean) * torch.rsqrt(var + self.eps) * torch.exp(self.log_gamma) + self.beta
-        return y, self._logabsdet(var, x.shape[0])
+        # The log of the per-feature scale serves both the map and its log-det:
+        # fewer tensor operations per training step than computing them apart.
+        log_scale = self.log_gamma - 0.5 * torch.log(var + self.eps)
+        y = torch.addcmul(self.beta, x - mean, torch.exp(log_scale))
+        return y, log_scale.sum().expand(x.shape[0])
 
     def inverse(self, y, context=None):
         mean, var = self.running_mean, self.running_var

@@ -15,9 +15,9 @@ from torch.nn import functional as F
 
 __all__ = ["MADE", "MaskedLinear", "hidden_degrees", "input_degrees"]
 
-# Applied in place to a fresh linear output: saves an allocation per layer, and
-# autograd allows it (the backward of a linear layer does not need its output).
-_ACTIVATIONS = {"relu": torch.relu_, "tanh": torch.tanh_}
+_ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
+# For MADE.solve, which runs without autograd: in place on a fresh product.
+_ACTIVATIONS_INPLACE = {"relu": torch.relu_, "tanh": torch.tanh_}
 
 
 def input_degrees(order):
@@ -181,6 +181,10 @@ class MADE(nn.Module):
         The products use exactly the connections the masks allow, so the result
         equals a full forward pass at ``x`` up to the order of summation.
 
+        The fast path fills buffers in place, which autograd cannot
+        differentiate through; when gradients are being recorded it runs the
+        network once per feature instead (slower, same result).
+
         Parameters
         ----------
         step : callable
@@ -203,9 +207,11 @@ class MADE(nn.Module):
         params : tuple of torch.Tensor of shape (n_samples, n_features)
             The ``n_params`` output blocks of :meth:`forward` at ``x``.
         """
+        if torch.is_grad_enabled():
+            return self._solve_differentiably(step, n_samples, context, like)
         n_features, n_params = self.n_features, self.n_params
         dtype, device = like.dtype, like.device
-        activation = _ACTIVATIONS[self.activation]
+        activation = _ACTIVATIONS_INPLACE[self.activation]
         degrees = self.degrees.to(device)
         input_order = torch.argsort(degrees, stable=True)
         sorted_degrees = degrees[input_order]
@@ -269,3 +275,12 @@ class MADE(nn.Module):
         solution = torch.empty_like(x)
         solution[:, input_order] = x
         return solution, tuple(params)
+
+    def _solve_differentiably(self, step, n_samples, context, like):
+        """:meth:`solve` by one full pass per feature, out of place (autograd can follow)."""
+        order = torch.argsort(self.degrees.to(like.device), stable=True)
+        x = torch.zeros(n_samples, self.n_features, dtype=like.dtype, device=like.device)
+        for _ in range(self.n_features):
+            params = self(x, context)
+            x = step(order, tuple(block[:, order] for block in params))[:, torch.argsort(order)]
+        return x, self(x, context)
