@@ -616,6 +616,7 @@ def defaults(report, args, results):
             epochs.append(model.n_iter_)
         label = ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
         rows.append([label, f"{np.mean(times):.1f}", f"{np.mean(epochs):.0f}", f"{np.mean(scores):.4f}", f"{np.std(scores):.4f}"])
+        print(f"  done: {' | '.join(rows[-1])}", file=sys.stderr, flush=True)
     report.table(["parameters", "fit (s)", "epochs", "held-out log-likelihood (mean)", "(std over seeds)"], rows)
 
 
