@@ -18,7 +18,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from ._nn import MAF
-from ._training import train_flow
+from ._training import make_optimizer, train_flow
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -104,6 +104,9 @@ class _BaseMAF(BaseEstimator):
     def __getstate__(self):
         """Pickle the fitted flow on the CPU, so any machine can load it."""
         state = super().__getstate__()
+        # partial_fit's training copy and optimizer state stay behind: a pickle
+        # holds the fitted flow only, and partial_fit restarts Adam after loading.
+        state.pop("_partial_state", None)
         module = state.get("module_")
         if module is not None and _module_device(module).type != "cpu":
             state["module_"] = copy.deepcopy(module).cpu()
@@ -192,6 +195,7 @@ class _BaseMAF(BaseEstimator):
             chunk_size=self._chunk_size(),
         )
         self.module_ = module.eval()
+        self.__dict__.pop("_partial_state", None)
         self.loss_curve_ = (self.loss_curve_ if continuing else []) + history.loss_curve
         if validation is None:
             self.validation_scores_ = None
@@ -201,6 +205,53 @@ class _BaseMAF(BaseEstimator):
             self.validation_scores_ = previous + history.validation_scores
             self.best_validation_score_ = history.best_validation_score
         self.best_loss_ = min(self.loss_curve_) if self.loss_curve_ else float("inf")
+        self.n_iter_ = len(self.loss_curve_)
+        return self
+
+    def _partial_fit(self, X, sample_weight):
+        """One epoch over ``X``, continuing the flow and Adam state of earlier calls."""
+        first = not hasattr(self, "module_")
+        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, reset=first)
+        sample_weight = _check_sample_weight(
+            sample_weight, X, dtype=np.float64, ensure_non_negative=True
+        )
+        _check_weight_total(sample_weight, slice(None), "partial_fit")
+        device, dtype = self._torch_device(), _DTYPES[self.precision]
+        state = getattr(self, "_partial_state", None)
+        if state is None:
+            rng = check_random_state(self.random_state)
+            generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
+            if first:
+                module = self._build_module(*_weighted_loc_scale(X, sample_weight), generator)
+            else:
+                module = copy.deepcopy(self.module_)
+            module = module.to(device=device, dtype=dtype)
+            state = (module, make_optimizer(module, self.learning_rate_init, self.alpha), generator)
+        module, optimizer, generator = state
+
+        to_tensor = self._tensor_factory(dtype, device)
+        weighted = not np.all(sample_weight == 1)
+        history = train_flow(
+            module,
+            to_tensor(X),
+            to_tensor(sample_weight) if weighted else None,
+            batch_size=min(self.batch_size, X.shape[0]),
+            learning_rate=self.learning_rate_init,
+            alpha=self.alpha,
+            max_iter=1,
+            tol=self.tol,
+            n_iter_no_change=self.n_iter_no_change,
+            generator=generator,
+            verbose=self.verbose,
+            optimizer=optimizer,
+            warn_not_converged=False,
+        )
+        self._partial_state = state
+        self.module_ = copy.deepcopy(module).to(torch.float64).eval()
+        self.loss_curve_ = (getattr(self, "loss_curve_", None) or []) + history.loss_curve
+        self.validation_scores_ = None
+        self.best_validation_score_ = None
+        self.best_loss_ = min(self.loss_curve_)
         self.n_iter_ = len(self.loss_curve_)
         return self
 

@@ -162,6 +162,35 @@ class MAFDensity(DensityMixin, _BaseMAF):
         """
         return self._fit(X, sample_weight)
 
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """Train for one epoch over ``X``, continuing from earlier calls.
+
+        For data that arrive in chunks or do not fit in memory, as
+        :meth:`sklearn.neural_network.MLPRegressor.partial_fit`: each call makes
+        one pass of shuffled mini-batches over ``X`` with the Adam state of the
+        previous calls. The first call fixes the standardisation layer from its
+        ``X`` (so give it a representative chunk); there is no validation split
+        or early stopping, and batch norm keeps running averages over the
+        batches seen. Calling :meth:`fit` afterwards starts over (or, with
+        ``warm_start=True``, continues the flow with a fresh optimizer).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            A chunk of training data (at least 2 rows).
+        y : None
+            Ignored; present for API consistency.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the rows' log-likelihoods.
+
+        Returns
+        -------
+        self : MAFDensity
+            The updated estimator.
+        """
+        return self._partial_fit(X, sample_weight)
+
     def score_samples(self, X):
         """Log-density of each row of ``X``, in the units of ``X``.
 

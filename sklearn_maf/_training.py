@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-__all__ = ["TrainingHistory", "train_flow", "mean_log_prob"]
+__all__ = ["TrainingHistory", "make_optimizer", "mean_log_prob", "train_flow"]
 
 
 @dataclass
@@ -81,6 +81,11 @@ def _parameter_groups(module, alpha):
     ]
 
 
+def make_optimizer(module, learning_rate, alpha):
+    """Adam (fused: one kernel for all parameters) with L2 ``alpha`` on the weights."""
+    return torch.optim.Adam(_parameter_groups(module, alpha), lr=learning_rate, fused=True)
+
+
 def _snapshot(module):
     return copy.deepcopy(module.state_dict())
 
@@ -100,6 +105,8 @@ def train_flow(
     n_iter_no_change,
     generator,
     verbose=False,
+    optimizer=None,
+    warn_not_converged=True,
 ):
     """Fit ``module`` (in place) by maximum likelihood with Adam.
 
@@ -125,13 +132,21 @@ def train_flow(
         Source of the batch shuffling.
     verbose : bool
         Print one line per epoch.
+    optimizer : torch.optim.Optimizer, optional
+        An optimizer of ``module`` to continue with (its moment estimates
+        carry over, as in ``partial_fit``); by default a fresh one from
+        :func:`make_optimizer`.
+    warn_not_converged : bool, default=True
+        Warn with a ``ConvergenceWarning`` when ``max_iter`` epochs end without
+        convergence; ``partial_fit`` runs one epoch on purpose and does not.
 
     Returns
     -------
     history : TrainingHistory
     """
     history = TrainingHistory()
-    optimizer = torch.optim.Adam(_parameter_groups(module, alpha), lr=learning_rate, fused=True)
+    if optimizer is None:
+        optimizer = make_optimizer(module, learning_rate, alpha)
     best_state = _snapshot(module)
     no_improvement = 0
     module.train()
@@ -178,7 +193,7 @@ def train_flow(
 
     if validation is not None:
         module.load_state_dict(best_state)
-    if not history.stopped_early and not history.non_finite and max_iter > 0:
+    if warn_not_converged and not history.stopped_early and not history.non_finite:
         warnings.warn(
             f"Stochastic optimizer: maximum iterations ({max_iter}) reached and "
             "the optimization hasn't converged yet.",

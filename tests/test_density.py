@@ -381,3 +381,41 @@ def test_cuda_model_pickles_with_cpu_tensors_and_reloads_on_cuda(rng):
     loaded = pickle.loads(payload)
     assert next(loaded.module_.parameters()).device.type == "cuda"
     np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
+
+
+def test_partial_fit_over_chunks_comes_close_to_a_full_fit(rng):
+    """Many passes of partial_fit over chunks reach a full fit's held-out likelihood."""
+    X, X_test = _mixture(3000, rng), _mixture(1000, rng)
+    params = dict(n_layers=3, hidden_units=32, random_state=0)
+    full = MAFDensity(max_iter=30, early_stopping=False, **params).fit(X)
+    streamed = MAFDensity(**params)
+    for _ in range(30):
+        for chunk in np.array_split(X, 6):
+            streamed.partial_fit(chunk)
+    assert streamed.n_iter_ == 180
+    gap = full.score_samples(X_test).mean() - streamed.score_samples(X_test).mean()
+    assert gap < 0.05
+
+
+def test_partial_fit_keeps_the_first_standardisation_and_checks_features(rng):
+    X = _mixture(200, rng)
+    model = _small().partial_fit(X[:100])
+    loc = model.module_.transforms[0].loc.clone()
+    model.partial_fit(X[100:] + 100.0)
+    torch.testing.assert_close(model.module_.transforms[0].loc, loc)
+    with pytest.raises(ValueError, match="X has 3 features, but MAFDensity is expecting 2"):
+        model.partial_fit(np.ones((5, 3)))
+
+
+def test_partial_fit_is_reproducible_and_pickles_without_optimizer_state(rng):
+    X = _mixture(200, rng)
+    first, second = _small(), _small()
+    for chunk in np.array_split(X, 4):
+        first.partial_fit(chunk)
+        second.partial_fit(chunk)
+    np.testing.assert_array_equal(first.score_samples(X), second.score_samples(X))
+    loaded = pickle.loads(pickle.dumps(first))
+    assert not hasattr(loaded, "_partial_state")
+    np.testing.assert_array_equal(loaded.score_samples(X), first.score_samples(X))
+    loaded.partial_fit(X)  # continues, with a fresh optimizer
+    assert loaded.n_iter_ == first.n_iter_ + 1
