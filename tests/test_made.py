@@ -155,3 +155,48 @@ def test_made_jacobian_is_exactly_the_strict_lower_triangle_of_its_order(
         in_order = jac[:, order][:, :, order]
         assert (in_order[:, ~strict_lower] == 0).all(), "an output sees an input of equal or higher degree"
         assert (in_order[:, strict_lower] != 0).all(), "an allowed input does not reach its output"
+
+
+@pytest.mark.parametrize("hidden_units", [1, 3, 5, 8])
+@pytest.mark.parametrize("n_features", [1, 2, 3, 5])
+def test_hidden_degrees_with_context_include_context_only_units(n_features, hidden_units):
+    """With a context, degree-0 units exist: the first conditional's only path to the context."""
+    degrees = hidden_degrees(n_features, hidden_units, n_context=2)
+    assert degrees.min() == 0 and degrees.max() <= n_features - 1
+    counts = torch.bincount(degrees, minlength=n_features)
+    if hidden_units >= n_features:
+        assert (counts >= 1).all()
+    assert counts.max() - counts.min() <= 1
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("n_hidden_layers", [0, 1, 2])
+@pytest.mark.parametrize("extra_units", [0, 2])
+@pytest.mark.parametrize("n_context", [1, 3])
+@pytest.mark.parametrize("n_features", [1, 2, 3, 5])
+def test_made_context_reaches_every_output(
+    n_features, n_context, extra_units, n_hidden_layers, activation
+):
+    """Every conditional, the first in the order included, depends on every context feature."""
+    generator = torch.Generator().manual_seed(0)
+    order = _order("random-3", n_features)
+    made = MADE(
+        input_degrees(order),
+        hidden_units=n_features + extra_units,
+        n_hidden_layers=n_hidden_layers,
+        activation=activation,
+        n_context=n_context,
+        generator=generator,
+        dtype=DTYPE,
+    )
+    _make_every_path_count(made, generator)
+    x = torch.rand(3, n_features, generator=generator, dtype=DTYPE)
+    context = torch.rand(3, n_context, generator=generator, dtype=DTYPE)
+
+    for jac in _block_jacobians(made, x, context, wrt="context"):
+        assert (jac != 0).all(), "a context feature does not reach an output"
+    strict_lower = torch.ones(n_features, n_features).tril(-1).bool()
+    for jac in _block_jacobians(made, x, context, wrt="x"):
+        in_order = jac[:, order][:, :, order]
+        assert (in_order[:, ~strict_lower] == 0).all()
+        assert (in_order[:, strict_lower] != 0).all()
