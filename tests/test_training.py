@@ -159,6 +159,33 @@ def test_early_stopping_restores_the_best_validation_weights(batch_norm):
     assert mean_log_prob(module, *validation) == history.best_validation_score
 
 
+@pytest.mark.parametrize("with_validation", [False, True])
+@pytest.mark.parametrize("cause", ["learning_rate", "infinite_row"])
+def test_non_finite_loss_stops_training_and_keeps_good_weights(cause, with_validation):
+    """A non-finite loss stops training with a warning and leaves weights whose loss is finite."""
+    module = _flow()
+    initial = _state(module)
+    X = _data()
+    finite_rows = X.clone()
+    if cause == "infinite_row":
+        X[3, 0] = math.inf
+    validation = (_data(10, seed=3), None, None) if with_validation else None
+    learning_rate = 1e30 if cause == "learning_rate" else 1e-2
+    with pytest.warns(ConvergenceWarning, match="became non-finite") as record:
+        history = _train(module, X, validation=validation, learning_rate=learning_rate, batch_size=40, max_iter=10)
+
+    assert not any("maximum iterations" in str(warning.message) for warning in record)
+    assert history.non_finite and history.n_iter == len(history.loss_curve) < 10
+    assert all(math.isfinite(loss) for loss in history.loss_curve)
+    assert all(torch.isfinite(tensor).all() for tensor in module.state_dict().values())
+    if cause == "infinite_row":
+        _assert_states_equal(_state(module), initial)
+    for training in [False, True]:
+        module.train(training)
+        with torch.no_grad():
+            assert torch.isfinite(module.log_prob(finite_rows)).all(), "the kept weights do not give a finite loss"
+
+
 def test_weight_decay_groups_hold_exactly_the_weight_matrices():
     module = _flow()
     decayed, other = _parameter_groups(module, 0.25)
