@@ -134,16 +134,21 @@ def test_inverse_inverts_forward(n_features, order, batch_norm, n_context):
 @pytest.mark.parametrize("order", ["reverse", "random"])
 @pytest.mark.parametrize("n_features", N_FEATURES)
 def test_each_transform_logabsdet_matches_slogdet_of_its_jacobian(n_features, order):
-    """Standardize, AffineMADE and BatchNorm, in both directions, at the inputs they see in the flow."""
+    """Standardize, AffineMADE and BatchNorm, both ways, at the inputs they get in the flow."""
     flow = _flow(n_features, order=order, batch_norm=True)
     x = _data(5, n_features)
     seen = set()
     for transform in flow.transforms:
         y, logabsdet = transform(x)
-        torch.testing.assert_close(logabsdet, _row_slogdets(lambda r: transform(r)[0], x), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            logabsdet, _row_slogdets(lambda r: transform(r)[0], x), rtol=1e-10, atol=1e-10
+        )
         x_back, inverse_logabsdet = transform.inverse(y)
         torch.testing.assert_close(
-            inverse_logabsdet, _row_slogdets(lambda r: transform.inverse(r)[0], y), rtol=1e-10, atol=1e-10
+            inverse_logabsdet,
+            _row_slogdets(lambda r: transform.inverse(r)[0], y),
+            rtol=1e-10,
+            atol=1e-10,
         )
         torch.testing.assert_close(inverse_logabsdet, -logabsdet, rtol=0, atol=1e-10)
         seen.add(type(transform))
@@ -183,8 +188,10 @@ def test_soft_clamp_is_a_smooth_odd_bound_and_the_identity_near_zero():
 @pytest.mark.parametrize("log_scale_bound", [1.0, 5.0])
 @pytest.mark.parametrize("order_kind", ["natural", "reversed", "random"])
 @pytest.mark.parametrize("n_features", N_FEATURES)
-def test_huge_log_scales_are_clamped_identically_in_both_directions(n_features, order_kind, log_scale_bound):
-    """With raw log-scales of order 1e4 the layer still inverts: both directions read the same clamp."""
+def test_huge_log_scales_are_clamped_identically_in_both_directions(
+    n_features, order_kind, log_scale_bound
+):
+    """Raw log-scales of order 1e4 still invert: both directions read the same clamp."""
     generator = _generator(0)
     order = {
         "natural": torch.arange(n_features),
@@ -212,7 +219,9 @@ def test_huge_log_scales_are_clamped_identically_in_both_directions(n_features, 
 
     u, logabsdet = layer(x)
     assert torch.isfinite(u).all()
-    torch.testing.assert_close(logabsdet, -soft_clamp(raw_log_scale, log_scale_bound).sum(-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        logabsdet, -soft_clamp(raw_log_scale, log_scale_bound).sum(-1), rtol=0, atol=1e-12
+    )
     assert (logabsdet.abs() <= n_features * log_scale_bound).all()
     x_back, inverse_logabsdet = layer.inverse(u)
     torch.testing.assert_close(x_back, x, rtol=0, atol=1e-8)
@@ -263,7 +272,7 @@ def _batch_norm_inputs(flow, x):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("n_features", [1, 3])
 def test_set_batch_norm_statistics_gives_each_layer_the_moments_of_its_inputs(n_features, weighted):
-    """Each batch norm gets the exact (weighted) moments of what reaches it in eval mode, for any chunk size."""
+    """Each batch norm gets the (weighted) moments of its eval-mode inputs, for any chunk size."""
     flow = _flow(n_features, n_layers=4).train()
     batch_norms = [t for t in flow.transforms if isinstance(t, BatchNorm)]
     x = _data(23, n_features)
@@ -284,9 +293,13 @@ def test_set_batch_norm_statistics_gives_each_layer_the_moments_of_its_inputs(n_
             w = None if weight is None else weight.numpy()
             mean = np.average(seen, axis=0, weights=w)
             var = np.average((seen - mean) ** 2, axis=0, weights=w)
-            np.testing.assert_allclose(batch_norm.running_mean.numpy(), mean, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(
+                batch_norm.running_mean.numpy(), mean, rtol=1e-12, atol=1e-12
+            )
             np.testing.assert_allclose(batch_norm.running_var.numpy(), var, rtol=1e-12, atol=1e-12)
-        statistics.append(torch.cat([torch.cat([bn.running_mean, bn.running_var]) for bn in batch_norms]))
+        statistics.append(
+            torch.cat([torch.cat([bn.running_mean, bn.running_var]) for bn in batch_norms])
+        )
     for other in statistics[1:]:
         torch.testing.assert_close(other, statistics[0], rtol=1e-13, atol=1e-13)
 
@@ -294,7 +307,7 @@ def test_set_batch_norm_statistics_gives_each_layer_the_moments_of_its_inputs(n_
 @pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("order", ["reverse", "random"])
 def test_state_dict_round_trip_gives_identical_log_prob(order, batch_norm):
-    """Orders, masks and batch-norm statistics travel in the state dict, even into a flow built from another seed."""
+    """Orders, masks and batch-norm statistics travel in the state dict, even to another seed."""
     flow = _flow(4, order=order, batch_norm=batch_norm, seed=0)
     buffer = io.BytesIO()
     torch.save(flow.state_dict(), buffer)
@@ -308,14 +321,16 @@ def test_state_dict_round_trip_gives_identical_log_prob(order, batch_norm):
     for layer, loaded in zip(flow.transforms, other.transforms):
         if isinstance(layer, AffineMADE):
             assert torch.equal(loaded.order, layer.order)
-    assert torch.equal(other.sample(5, generator=_generator(2)), flow.sample(5, generator=_generator(2)))
+    assert torch.equal(
+        other.sample(5, generator=_generator(2)), flow.sample(5, generator=_generator(2))
+    )
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("order", ["reverse", "random"])
 @pytest.mark.parametrize("n_features", [1, 2, 4])
 def test_gradients_reach_every_parameter(n_features, order, batch_norm):
-    """Every parameter gets a finite, non-zero gradient in training mode, and masked weights get none."""
+    """Every parameter gets a finite, non-zero gradient in training mode; masked weights none."""
     flow = _flow(n_features, order=order, batch_norm=batch_norm).train()
     x = _data(16, n_features)
     weight = torch.rand(16, generator=_generator(4), dtype=DTYPE)

@@ -153,7 +153,9 @@ def test_made_jacobian_is_exactly_the_strict_lower_triangle_of_its_order(
     strict_lower = torch.ones(n_features, n_features).tril(-1).bool()
     for jac in _block_jacobians(made, x):
         in_order = jac[:, order][:, :, order]
-        assert (in_order[:, ~strict_lower] == 0).all(), "an output sees an input of equal or higher degree"
+        assert (in_order[:, ~strict_lower] == 0).all(), (
+            "an output sees an input of equal or higher degree"
+        )
         assert (in_order[:, strict_lower] != 0).all(), "an allowed input does not reach its output"
 
 

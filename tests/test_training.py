@@ -63,7 +63,13 @@ def _state(module):
 def _assert_states_equal(first, second, rtol=0.0, atol=0.0):
     assert first.keys() == second.keys()
     for name in first:
-        torch.testing.assert_close(first[name], second[name], rtol=rtol, atol=atol, msg=lambda message: f"{name}: {message}")
+        torch.testing.assert_close(
+            first[name],
+            second[name],
+            rtol=rtol,
+            atol=atol,
+            msg=lambda message: f"{name}: {message}",
+        )
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 4, 16, 100])
@@ -130,12 +136,17 @@ def test_convergence_warning_when_max_iter_is_reached(max_iter):
 @pytest.mark.parametrize("n_iter_no_change", [1, 3])
 @pytest.mark.parametrize("with_validation", [False, True])
 def test_patience_counts_epochs_without_an_improvement_of_tol(with_validation, n_iter_no_change):
-    """With an unreachable tol only the first epoch improves, so training stops after 1 + patience epochs."""
+    """With an unreachable tol only the first epoch improves: training stops after 1 + patience."""
     validation = (_data(10, seed=3), None, None) if with_validation else None
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         history = _train(
-            _flow(), _data(), validation=validation, tol=1e9, n_iter_no_change=n_iter_no_change, max_iter=50
+            _flow(),
+            _data(),
+            validation=validation,
+            tol=1e9,
+            n_iter_no_change=n_iter_no_change,
+            max_iter=50,
         )
     assert history.stopped_early
     assert history.n_iter == 1 + n_iter_no_change
@@ -148,7 +159,14 @@ def test_early_stopping_restores_the_best_validation_weights(batch_norm):
     validation = (_data(12, seed=3, shift=1.0), None, None)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        history = _train(module, _data(), validation=validation, learning_rate=5e-2, n_iter_no_change=3, max_iter=200)
+        history = _train(
+            module,
+            _data(),
+            validation=validation,
+            learning_rate=5e-2,
+            n_iter_no_change=3,
+            max_iter=200,
+        )
 
     scores = history.validation_scores
     best_epoch = max(range(len(scores)), key=scores.__getitem__)
@@ -172,7 +190,14 @@ def test_non_finite_loss_stops_training_and_keeps_good_weights(cause, with_valid
     validation = (_data(10, seed=3), None, None) if with_validation else None
     learning_rate = 1e30 if cause == "learning_rate" else 1e-2
     with pytest.warns(ConvergenceWarning, match="became non-finite") as record:
-        history = _train(module, X, validation=validation, learning_rate=learning_rate, batch_size=40, max_iter=10)
+        history = _train(
+            module,
+            X,
+            validation=validation,
+            learning_rate=learning_rate,
+            batch_size=40,
+            max_iter=10,
+        )
 
     assert not any("maximum iterations" in str(warning.message) for warning in record)
     assert history.non_finite and history.n_iter == len(history.loss_curve) < 10
@@ -183,7 +208,9 @@ def test_non_finite_loss_stops_training_and_keeps_good_weights(cause, with_valid
     for training in [False, True]:
         module.train(training)
         with torch.no_grad():
-            assert torch.isfinite(module.log_prob(finite_rows)).all(), "the kept weights do not give a finite loss"
+            assert torch.isfinite(module.log_prob(finite_rows)).all(), (
+                "the kept weights do not give a finite loss"
+            )
 
 
 def test_weight_decay_groups_hold_exactly_the_weight_matrices():
@@ -218,7 +245,7 @@ def _reference_training_with_l2(module, X, *, alpha, learning_rate, n_epochs):
 
 
 def test_weight_decay_is_an_l2_penalty_on_the_weight_matrices_only():
-    """Training with alpha equals Adam on the loss plus alpha/2 times the squared weight matrices."""
+    """Training with alpha is Adam on the loss plus alpha/2 times the squared weight matrices."""
     X = _data()
     module, reference, undecayed = _flow(), _flow(), _flow()
     with _max_iter_warning(3):
@@ -230,7 +257,9 @@ def test_weight_decay_is_an_l2_penalty_on_the_weight_matrices_only():
     # Shifts feeding the batch norm have a zero gradient up to round-off, which Adam
     # scales up to about learning_rate * round-off / eps per step: hence atol.
     _assert_states_equal(_state(module), _state(reference), rtol=1e-10, atol=1e-9)
-    assert not torch.allclose(module.transforms[1].made.layers[0].weight, undecayed.transforms[1].made.layers[0].weight)
+    assert not torch.allclose(
+        module.transforms[1].made.layers[0].weight, undecayed.transforms[1].made.layers[0].weight
+    )
 
 
 @pytest.mark.parametrize("with_validation", [False, True])
@@ -255,7 +284,9 @@ def test_integer_weights_equal_repeated_rows_in_full_batch(batch_norm, with_vali
         plain = _train(repeated_module, repeated, None, repeated_validation, batch_size=batch_size)
 
     torch.testing.assert_close(weighted.loss_curve, plain.loss_curve, rtol=1e-10, atol=0)
-    torch.testing.assert_close(weighted.validation_scores, plain.validation_scores, rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        weighted.validation_scores, plain.validation_scores, rtol=1e-10, atol=0
+    )
     _assert_states_equal(_state(weighted_module), _state(repeated_module), rtol=1e-9, atol=1e-10)
 
 
@@ -267,7 +298,13 @@ def test_same_generator_seed_gives_bit_identical_training(batch_norm, with_valid
     def run(generator_seed):
         module = _flow(batch_norm=batch_norm)
         with _max_iter_warning(3):
-            history = _train(module, _data(), validation=validation, max_iter=3, generator=_generator(generator_seed))
+            history = _train(
+                module,
+                _data(),
+                validation=validation,
+                max_iter=3,
+                generator=_generator(generator_seed),
+            )
         return module, history
 
     first, first_history = run(2)
@@ -275,8 +312,12 @@ def test_same_generator_seed_gives_bit_identical_training(batch_norm, with_valid
     _, other_history = run(3)
     _assert_states_equal(_state(first), _state(second))
     assert first_history == second_history
-    assert first_history.loss_curve != other_history.loss_curve, "the shuffling ignores the generator"
-    assert not torch.equal(first.transforms[1].made.layers[0].weight, _flow().transforms[1].made.layers[0].weight)
+    assert first_history.loss_curve != other_history.loss_curve, (
+        "the shuffling ignores the generator"
+    )
+    assert not torch.equal(
+        first.transforms[1].made.layers[0].weight, _flow().transforms[1].made.layers[0].weight
+    )
 
 
 @pytest.mark.parametrize("chunk_size", [3, 1000])
@@ -294,4 +335,6 @@ def test_mean_log_prob_is_the_weighted_mean_in_eval_mode(chunk_size):
     score = mean_log_prob(module, X, weight, chunk_size=chunk_size)
     assert module.training
     assert score == pytest.approx(float((log_prob * weight).sum() / weight.sum()), rel=1e-13)
-    assert mean_log_prob(module, X, chunk_size=chunk_size) == pytest.approx(float(log_prob.mean()), rel=1e-13)
+    assert mean_log_prob(module, X, chunk_size=chunk_size) == pytest.approx(
+        float(log_prob.mean()), rel=1e-13
+    )
