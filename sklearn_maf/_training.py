@@ -153,6 +153,10 @@ def train_flow(
 
     for epoch in range(max_iter):
         start = time.perf_counter()
+        if validation is None:
+            # The weights after an epoch have not been scored yet; those it starts
+            # from gave a finite loss on its first batch if its loss is finite.
+            epoch_start_state = _snapshot(module)
         loss, n_steps = _epoch(module, optimizer, X, weight, context, batch_size, generator)
         history.n_steps += n_steps
         if not math.isfinite(loss):
@@ -177,7 +181,7 @@ def train_flow(
                 best_state = _snapshot(module)
         else:
             improved = loss < history.best_loss - tol
-            best_state = _snapshot(module)
+            best_state = epoch_start_state
         history.best_loss = min(history.best_loss, loss)
         no_improvement = 0 if improved else no_improvement + 1
 
