@@ -171,7 +171,7 @@ def test_flow_logabsdet_and_log_prob_match_the_autograd_jacobian(n_features, ord
     )
     base = torch.distributions.Normal(0.0, 1.0).log_prob(u).sum(dim=-1)
     torch.testing.assert_close(flow.log_prob(x), base + slogdet, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(MAF.base_log_prob(u), base, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(flow.base_log_prob(u), base, rtol=1e-12, atol=1e-12)
 
 
 def test_soft_clamp_is_a_smooth_odd_bound_and_the_identity_near_zero():
