@@ -51,9 +51,12 @@ class MAFConditionalDensity(_BaseMAF):
         Mixture components per conditional of the MoG base; ignored when
         ``base="gaussian"``.
     alpha : float, default=1e-6
-        L2 penalty on the weight matrices.
+        L2 penalty on the MADE weight matrices, applied as Adam weight decay:
+        each step adds ``alpha * W`` to the gradient of the mean per-row loss
+        (scikit-learn's MLP divides its penalty by the batch size instead).
     batch_size : int, default=256
-        Rows per mini-batch.
+        Rows per mini-batch; at least 2, so batch normalisation never sees the
+        statistics of one row.
     learning_rate_init : float, default=1e-3
         Adam's learning rate.
     max_iter : int, default=200

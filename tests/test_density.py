@@ -419,3 +419,9 @@ def test_partial_fit_is_reproducible_and_pickles_without_optimizer_state(rng):
     np.testing.assert_array_equal(loaded.score_samples(X), first.score_samples(X))
     loaded.partial_fit(X)  # continues, with a fresh optimizer
     assert loaded.n_iter_ == first.n_iter_ + 1
+
+
+def test_batch_of_one_row_is_rejected():
+    """Batch norm must never train on the statistics of a single row."""
+    with pytest.raises(ValueError, match="'batch_size' parameter of MAFDensity must be an int in the range \\[2, inf\\)"):
+        _small(batch_size=1).fit(np.random.RandomState(0).normal(size=(20, 2)))
