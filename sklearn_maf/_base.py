@@ -17,7 +17,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from ._nn import MAF
+from ._nn import MAF, Bounded
 from ._training import make_optimizer, train_flow
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -39,6 +39,7 @@ class _BaseMAF(BaseEstimator):
         "order": [StrOptions({"reverse", "random"})],
         "base": [StrOptions({"gaussian", "mog"})],
         "n_components": [Interval(Integral, 1, None, closed="left")],
+        "bounds": ["array-like", None],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 2, None, closed="left")],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
@@ -65,6 +66,7 @@ class _BaseMAF(BaseEstimator):
         order="reverse",
         base="gaussian",
         n_components=10,
+        bounds=None,
         alpha=1e-6,
         batch_size=256,
         learning_rate_init=1e-3,
@@ -87,6 +89,7 @@ class _BaseMAF(BaseEstimator):
         self.order = order
         self.base = base
         self.n_components = n_components
+        self.bounds = bounds
         self.alpha = alpha
         self.batch_size = batch_size
         self.learning_rate_init = learning_rate_init
@@ -143,6 +146,7 @@ class _BaseMAF(BaseEstimator):
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
         )
+        self._check_within_bounds(X)
         n_context = 0 if context is None else context.shape[1]
         device = self._torch_device()
         rng = check_random_state(self.random_state)
@@ -155,8 +159,7 @@ class _BaseMAF(BaseEstimator):
         if continuing:
             module = copy.deepcopy(self.module_)
         else:
-            loc, scale = _weighted_loc_scale(X[train], sample_weight[train])
-            module = self._build_module(loc, scale, generator, n_context)
+            module = self._build_module(X[train], sample_weight[train], generator, n_context)
         dtype = _DTYPES[self.precision]
         module = module.to(device=device, dtype=dtype)
 
@@ -215,6 +218,7 @@ class _BaseMAF(BaseEstimator):
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
         )
+        self._check_within_bounds(X)
         _check_weight_total(sample_weight, slice(None), "partial_fit")
         device, dtype = self._torch_device(), _DTYPES[self.precision]
         state = getattr(self, "_partial_state", None)
@@ -222,7 +226,7 @@ class _BaseMAF(BaseEstimator):
             rng = check_random_state(self.random_state)
             generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
             if first:
-                module = self._build_module(*_weighted_loc_scale(X, sample_weight), generator)
+                module = self._build_module(X, sample_weight, generator)
             else:
                 module = copy.deepcopy(self.module_)
             module = module.to(device=device, dtype=dtype)
@@ -296,7 +300,13 @@ class _BaseMAF(BaseEstimator):
 
     # ----------------------------------------------------------------- helpers
 
-    def _build_module(self, loc, scale, generator, n_context=0):
+    def _build_module(self, X, sample_weight, generator, n_context=0):
+        """A new flow whose fixed first layers are fitted to the training rows ``X``."""
+        bounds = self._bounds(X.shape[1])
+        Y = X
+        if bounds is not None:
+            Y = Bounded(*map(torch.as_tensor, bounds))(torch.as_tensor(X))[0].numpy()
+        loc, scale = _weighted_loc_scale(Y, sample_weight)
         return MAF(
             torch.as_tensor(loc),
             torch.as_tensor(scale),
@@ -309,9 +319,40 @@ class _BaseMAF(BaseEstimator):
             n_context=n_context,
             base=self.base,
             n_components=self.n_components,
+            bounds=bounds,
             generator=generator,
             dtype=torch.float64,
         )
+
+    def _bounds(self, n_features):
+        """``bounds`` as two float64 arrays (low, high), or None when unbounded."""
+        if self.bounds is None:
+            return None
+        bounds = np.asarray(self.bounds, dtype=np.float64)
+        if bounds.shape != (n_features, 2) or np.isnan(bounds).any():
+            raise ValueError(
+                "bounds must have shape (n_features, 2) = "
+                f"({n_features}, 2) with no NaN, got shape {bounds.shape}."
+            )
+        low, high = bounds.T
+        if np.any(low >= high):
+            raise ValueError(
+                f"bounds must have low < high for every feature; features "
+                f"{np.flatnonzero(low >= high).tolist()} do not."
+            )
+        return low, high
+
+    def _check_within_bounds(self, X):
+        bounds = self._bounds(X.shape[1])
+        if bounds is None:
+            return
+        outside = (X <= bounds[0]) | (X >= bounds[1])
+        if outside.any():
+            features = np.flatnonzero(outside.any(axis=0)).tolist()
+            raise ValueError(
+                f"{int(outside.any(axis=1).sum())} training rows lie on or outside the "
+                f"open interval given by bounds, in features {features}."
+            )
 
     def _split(self, n_samples, rng):
         """Indices of the training rows and of the validation rows (or None)."""

@@ -47,6 +47,14 @@ class MAFDensity(DensityMixin, _BaseMAF):
     n_components : int, default=10
         Mixture components per conditional of the MoG base; ignored when
         ``base="gaussian"``.
+    bounds : array-like of shape (n_features, 2), default=None
+        Support ``(low, high)`` of each modelled feature, with ``-np.inf`` /
+        ``np.inf`` for an open side. A bounded feature goes through a fixed
+        logit (both sides finite) or log (one side finite) layer, with its
+        log-determinant, before the standardisation: the model puts no mass
+        outside the bounds, :meth:`sample` stays inside them, and
+        :meth:`score_samples` is still a density in the units of the data
+        (``-inf`` for rows outside). Training rows must lie strictly inside.
     alpha : float, default=1e-6
         L2 penalty on the MADE weight matrices, applied as Adam weight decay:
         each step adds ``alpha * W`` to the gradient of the mean per-row loss
