@@ -26,6 +26,9 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # hidden activations (about CHUNK_ELEMENTS * 8 bytes per layer) on any number of rows.
 _CHUNK_ELEMENTS = 1 << 22
 
+# Quasi-random points per row that integrate the density over a dequantisation cell.
+_DEQUANTIZATION_POINTS = 32
+
 
 class _BaseMAF(BaseEstimator):
     """Parameters, training, scoring and sampling of a Masked Autoregressive Flow."""
@@ -40,6 +43,7 @@ class _BaseMAF(BaseEstimator):
         "base": [StrOptions({"gaussian", "mog"})],
         "n_components": [Interval(Integral, 1, None, closed="left")],
         "bounds": ["array-like", None],
+        "discrete_features": [StrOptions({"auto"}), "array-like", None],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 2, None, closed="left")],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
@@ -67,6 +71,7 @@ class _BaseMAF(BaseEstimator):
         base="gaussian",
         n_components=10,
         bounds=None,
+        discrete_features=None,
         alpha=1e-6,
         batch_size=256,
         learning_rate_init=1e-3,
@@ -90,6 +95,7 @@ class _BaseMAF(BaseEstimator):
         self.base = base
         self.n_components = n_components
         self.bounds = bounds
+        self.discrete_features = discrete_features
         self.alpha = alpha
         self.batch_size = batch_size
         self.learning_rate_init = learning_rate_init
@@ -146,12 +152,16 @@ class _BaseMAF(BaseEstimator):
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
         )
-        self._check_within_bounds(X)
+        discrete = self._set_discrete_features(X, reset=not continuing)
         n_context = 0 if context is None else context.shape[1]
         device = self._torch_device()
         rng = check_random_state(self.random_state)
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
         train, validation = self._split(X.shape[0], rng)
+        # One fixed dequantisation of the rows for the standardisation, the
+        # validation score and the batch-norm statistics; training batches get
+        # fresh noise every epoch.
+        X_noisy = X + rng.uniform(size=X.shape) * discrete
         _check_weight_total(sample_weight, train, "training")
         if validation is not None:
             _check_weight_total(sample_weight, validation, "validation")
@@ -159,7 +169,7 @@ class _BaseMAF(BaseEstimator):
         if continuing:
             module = copy.deepcopy(self.module_)
         else:
-            module = self._build_module(X[train], sample_weight[train], generator, n_context)
+            module = self._build_module(X_noisy[train], sample_weight[train], generator, n_context)
         dtype = _DTYPES[self.precision]
         module = module.to(device=device, dtype=dtype)
 
@@ -171,7 +181,9 @@ class _BaseMAF(BaseEstimator):
         validation_data = None
         if validation is not None:
             c_validation = None if context is None else to_tensor(context[validation])
-            validation_data = (to_tensor(X[validation]), _take(weight, validation), c_validation)
+            validation_data = (
+                to_tensor(X_noisy[validation]), _take(weight, validation), c_validation
+            )
 
         history = train_flow(
             module,
@@ -187,12 +199,13 @@ class _BaseMAF(BaseEstimator):
             n_iter_no_change=self.n_iter_no_change,
             generator=generator,
             verbose=self.verbose,
+            dequantize=to_tensor(discrete) if discrete.any() else None,
         )
 
         module = module.to(torch.float64)
         to_double = self._tensor_factory(torch.float64, device)
         module.set_batch_norm_statistics(
-            to_double(X[train]),
+            to_double(X_noisy[train]),
             None if context is None else to_double(context[train]),
             weight=to_double(sample_weight[train]) if weighted else None,
             chunk_size=self._chunk_size(),
@@ -218,7 +231,7 @@ class _BaseMAF(BaseEstimator):
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
         )
-        self._check_within_bounds(X)
+        discrete = self._set_discrete_features(X, reset=first)
         _check_weight_total(sample_weight, slice(None), "partial_fit")
         device, dtype = self._torch_device(), _DTYPES[self.precision]
         state = getattr(self, "_partial_state", None)
@@ -226,7 +239,8 @@ class _BaseMAF(BaseEstimator):
             rng = check_random_state(self.random_state)
             generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
             if first:
-                module = self._build_module(X, sample_weight, generator)
+                noisy = X + check_random_state(rng).uniform(size=X.shape) * discrete
+                module = self._build_module(noisy, sample_weight, generator)
             else:
                 module = copy.deepcopy(self.module_)
             module = module.to(device=device, dtype=dtype)
@@ -249,6 +263,7 @@ class _BaseMAF(BaseEstimator):
             verbose=self.verbose,
             optimizer=optimizer,
             warn_not_converged=False,
+            dequantize=to_tensor(discrete) if discrete.any() else None,
         )
         self._partial_state = state
         self.module_ = copy.deepcopy(module).to(torch.float64).eval()
@@ -262,8 +277,54 @@ class _BaseMAF(BaseEstimator):
     def _log_density(self, X):
         """Validated ``X`` -> float64 log-densities; underflow gives -inf, never NaN."""
         X = self._validate_fitted_input(X)
-        log_density = self._map_rows(lambda x: self.module_.log_prob(x)[:, None], 1, X)[:, 0]
-        return np.where(np.isnan(log_density), -np.inf, log_density)
+        return self._log_mass(lambda x: self.module_.log_prob(x), X)
+
+    def _log_mass(self, log_prob, X, *context):
+        """Log-density of rows ``X`` (given ``context``), integrating out dequantisation.
+
+        On integer-valued columns the model's density is over ``k + u`` with
+        ``u`` in ``[0, 1)``; the log-probability of ``k`` is the log of the mean
+        density over that unit cell, estimated with the same fixed quasi-random
+        points for every row, so results do not depend on batching.
+        """
+        discrete = self.discrete_features_
+        if not discrete.any():
+            values = self._map_rows(lambda *t: log_prob(*t)[:, None], 1, X, *context)[:, 0]
+            return np.where(np.isnan(values), -np.inf, values)
+        points = _sobol_points(_DEQUANTIZATION_POINTS, int(discrete.sum()))
+        offsets = np.zeros((_DEQUANTIZATION_POINTS, X.shape[1]))
+        offsets[:, discrete] = points
+
+        def integrated(x, *c):
+            n = x.shape[0]
+            shifted = (x[:, None, :] + torch.as_tensor(offsets, device=x.device)).reshape(-1, x.shape[1])
+            repeated = [t.repeat_interleave(_DEQUANTIZATION_POINTS, dim=0) for t in c]
+            values = log_prob(shifted, *repeated).reshape(n, _DEQUANTIZATION_POINTS)
+            values = torch.nan_to_num(values, nan=-torch.inf)
+            return (torch.logsumexp(values, dim=1) - np.log(_DEQUANTIZATION_POINTS))[:, None]
+
+        rows = max(1, self._chunk_size() // _DEQUANTIZATION_POINTS)
+        return self._map_rows(integrated, 1, X, *context, chunk=rows)[:, 0]
+
+    def _set_discrete_features(self, X, reset):
+        """Set ``discrete_features_`` at a first fit; check integer values; return a 0/1 mask."""
+        if reset:
+            self.discrete_features_ = _discrete_mask(self.discrete_features, X)
+        discrete = self.discrete_features_
+        if discrete.shape[0] != X.shape[1]:
+            raise ValueError(
+                f"discrete_features_ covers {discrete.shape[0]} features, X has {X.shape[1]}."
+            )
+        not_integer = discrete & ~np.all(X == np.floor(X), axis=0)
+        if not_integer.any():
+            raise ValueError(
+                f"Features {np.flatnonzero(not_integer).tolist()} are declared discrete "
+                "but hold non-integer values."
+            )
+        self._check_within_bounds(X)
+        if discrete.any():  # the dequantised cell [k, k + 1) must lie inside the bounds too
+            self._check_within_bounds(X + 0.999999 * discrete)
+        return discrete.astype(np.float64)
 
     def sample(self, n_samples=1, random_state=None):
         """Draw rows from the fitted density.
@@ -296,7 +357,12 @@ class _BaseMAF(BaseEstimator):
                 rows = min(chunk, n_samples - start)
                 x = self.module_.sample(rows, generator=generator)
                 out[start : start + rows] = x.cpu().numpy()
-        return out
+        return self._floor_discrete(out)
+
+    def _floor_discrete(self, X):
+        """Map dequantised values back to integers on the discrete columns."""
+        X[:, self.discrete_features_] = np.floor(X[:, self.discrete_features_])
+        return X
 
     # ----------------------------------------------------------------- helpers
 
@@ -389,7 +455,7 @@ class _BaseMAF(BaseEstimator):
         check_is_fitted(self)
         return validate_data(self, X, dtype=np.float64, reset=False)
 
-    def _map_rows(self, function, n_outputs, *arrays):
+    def _map_rows(self, function, n_outputs, *arrays, chunk=None):
         """Apply a float64 torch ``function`` to chunks of rows of ``arrays``; numpy out.
 
         ``function`` receives one tensor per array, all for the same rows, and
@@ -398,7 +464,7 @@ class _BaseMAF(BaseEstimator):
         n_rows = arrays[0].shape[0]
         out = np.empty((n_rows, n_outputs))
         device = _module_device(self.module_)
-        chunk = self._chunk_size()
+        chunk = chunk or self._chunk_size()
         with torch.no_grad():
             for start in range(0, n_rows, chunk):
                 tensors = [
@@ -430,6 +496,37 @@ def _check_weight_total(sample_weight, rows, name):
             f"The sample weights of the {name} rows sum to zero; at least one "
             "row needs a positive weight."
         )
+
+
+def _discrete_mask(discrete_features, X):
+    """``discrete_features`` (None, "auto", indices or a mask) -> boolean mask."""
+    n_features = X.shape[1]
+    if discrete_features is None:
+        return np.zeros(n_features, dtype=bool)
+    if isinstance(discrete_features, str):  # "auto": columns that hold only integers
+        return np.all(X == np.floor(X), axis=0)
+    given = np.asarray(discrete_features)
+    if given.dtype == bool:
+        if given.shape != (n_features,):
+            raise ValueError(
+                f"A boolean discrete_features must have shape ({n_features},), got {given.shape}."
+            )
+        return given.copy()
+    if given.ndim != 1 or not np.issubdtype(given.dtype, np.integer):
+        raise ValueError("discrete_features must be 'auto', a boolean mask or integer indices.")
+    if np.any((given < 0) | (given >= n_features)):
+        raise ValueError(
+            f"discrete_features indices must be in [0, {n_features}), got {given.tolist()}."
+        )
+    mask = np.zeros(n_features, dtype=bool)
+    mask[given] = True
+    return mask
+
+
+def _sobol_points(n_points, n_dims):
+    """Fixed scrambled-Sobol points in [0, 1)^n_dims, float64 (no global RNG)."""
+    engine = torch.quasirandom.SobolEngine(n_dims, scramble=True, seed=0)
+    return engine.draw(n_points, dtype=torch.float64).numpy()
 
 
 def _module_device(module):

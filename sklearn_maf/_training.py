@@ -107,6 +107,7 @@ def train_flow(
     verbose=False,
     optimizer=None,
     warn_not_converged=True,
+    dequantize=None,
 ):
     """Fit ``module`` (in place) by maximum likelihood with Adam.
 
@@ -136,6 +137,9 @@ def train_flow(
         An optimizer of ``module`` to continue with (its moment estimates
         carry over, as in ``partial_fit``); by default a fresh one from
         :func:`make_optimizer`.
+    dequantize : torch.Tensor of shape (n_features,), optional
+        1 for integer-valued columns: each batch gets fresh uniform noise in
+        ``[0, 1)`` on them (uniform dequantisation), drawn from ``generator``.
     warn_not_converged : bool, default=True
         Warn with a ``ConvergenceWarning`` when ``max_iter`` epochs end without
         convergence; ``partial_fit`` runs one epoch on purpose and does not.
@@ -157,7 +161,9 @@ def train_flow(
             # The weights after an epoch have not been scored yet; those it starts
             # from gave a finite loss on its first batch if its loss is finite.
             epoch_start_state = _snapshot(module)
-        loss, n_steps = _epoch(module, optimizer, X, weight, context, batch_size, generator)
+        loss, n_steps = _epoch(
+            module, optimizer, X, weight, context, batch_size, generator, dequantize
+        )
         history.n_steps += n_steps
         if not math.isfinite(loss):
             history.non_finite = True
@@ -207,7 +213,7 @@ def train_flow(
     return history
 
 
-def _epoch(module, optimizer, X, weight, context, batch_size, generator):
+def _epoch(module, optimizer, X, weight, context, batch_size, generator, dequantize=None):
     """One pass over shuffled batches: ``(mean batch loss, number of steps)``.
 
     Losses are summed on the device and read once per epoch, so that a GPU is
@@ -219,7 +225,11 @@ def _epoch(module, optimizer, X, weight, context, batch_size, generator):
     for index in batches:
         index = index.to(X.device)
         batch_weight = _select(weight, index)
-        loss = _step(module, optimizer, X[index], batch_weight, _select(context, index))
+        x = X[index]
+        if dequantize is not None:
+            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            x = x + noise * dequantize
+        loss = _step(module, optimizer, x, batch_weight, _select(context, index))
         size = index.numel() if weight is None else batch_weight.sum()
         total += loss.detach().double() * size
         count = count + size

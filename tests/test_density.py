@@ -459,3 +459,45 @@ def test_bounded_features_keep_a_true_density(rng):
 def test_bad_bounds_are_rejected(bounds, X, message):
     with pytest.raises(ValueError, match=message):
         _small(bounds=bounds).fit(X)
+
+
+def test_discrete_features_give_probabilities_that_sum_to_one(rng):
+    """Dequantised counts: P(k) over the integers sums to 1 and matches the true pmf."""
+    counts = rng.poisson(4.0, size=3000)
+    X = np.c_[counts, counts + rng.normal(size=3000)]
+    model = _small(discrete_features="auto", max_iter=60, hidden_units=32).fit(X)
+    np.testing.assert_array_equal(model.discrete_features_, [True, False])
+    samples = model.sample(500, random_state=0)
+    np.testing.assert_array_equal(samples[:, 0], np.floor(samples[:, 0]))
+    # sum over k of the integral over the continuous feature of p(k, x)
+    k = np.arange(0, 25)
+    x = np.linspace(-10, 35, 901)
+    grid = np.array(np.meshgrid(k, x, indexing="ij")).reshape(2, -1).T
+    mass = np.exp(model.score_samples(grid)).sum() * (x[1] - x[0])
+    assert mass == pytest.approx(1.0, abs=0.02)
+    # the marginal of the counts is close to the true Poisson pmf (in nats per row)
+    marginal = np.log(np.exp(model.score_samples(grid)).reshape(25, -1).sum(1) * (x[1] - x[0]))
+    truth = stats.poisson(4.0).logpmf(counts).mean()
+    assert truth - marginal[counts].mean() < 0.05
+
+
+def test_discrete_scores_are_batch_independent(rng):
+    X = np.c_[rng.poisson(3.0, size=300), rng.normal(size=300)]
+    model = _small(discrete_features=[0], max_iter=3).fit(X)
+    whole = model.score_samples(X)
+    np.testing.assert_allclose(np.concatenate([model.score_samples(X[i : i + 7]) for i in range(0, 300, 7)]), whole, atol=1e-10)
+    np.testing.assert_array_equal(model.inverse_transform(model.transform(X))[:, 0], X[:, 0])
+
+
+@pytest.mark.parametrize(
+    "discrete_features, message",
+    [
+        ([1], r"Features \[1\] are declared discrete but hold non-integer values"),
+        ([5], r"discrete_features indices must be in \[0, 2\)"),
+        (np.array([True]), r"A boolean discrete_features must have shape \(2,\)"),
+    ],
+)
+def test_bad_discrete_features_are_rejected(rng, discrete_features, message):
+    X = np.c_[rng.poisson(3.0, size=50), rng.normal(size=50)]
+    with pytest.raises(ValueError, match=message):
+        _small(discrete_features=discrete_features).fit(X)
