@@ -135,9 +135,10 @@ class MAFConditionalDensity(_BaseMAF):
     Notes
     -----
     :meth:`predict` returns the conditional mean ``E[y | x]``, estimated by
-    pushing the same ``n_draws`` scrambled-Sobol quasi-random points of the base
-    density through the inverse flow for every row and averaging: the result is
-    deterministic and does not depend on which other rows are predicted with it.
+    turning the same ``n_draws`` scrambled-Sobol quasi-random points into draws
+    of the base density (standard normal or MoG) and through the inverse flow
+    for every row, and averaging: the result is deterministic and does not
+    depend on which other rows are predicted with it.
 
     Examples
     --------
@@ -309,12 +310,14 @@ class MAFConditionalDensity(_BaseMAF):
             :meth:`fit`.
         """
         C = self._validated_context(X)
-        u = _normal_points(n_draws, self.n_targets_)
-        u = u.to(_module_device(self.module_))
+        base = self.module_.base
+        noise = torch.as_tensor(_sobol_points(n_draws, base.n_noise))
+        noise = noise.to(_module_device(self.module_))
 
         def conditional_mean(c):
             repeated = c.repeat_interleave(n_draws, dim=0)
-            y = self.module_.inverse(u.repeat(c.shape[0], 1), repeated)[0]
+            u = base.from_uniform(noise.repeat(c.shape[0], 1), repeated)
+            y = self.module_.inverse(u, repeated)[0]
             return y.reshape(c.shape[0], n_draws, -1).mean(dim=1)
 
         rows = max(1, self._chunk_size() // n_draws)
@@ -334,9 +337,3 @@ class MAFConditionalDensity(_BaseMAF):
 
     def _shape_like_y(self, Y):
         return Y[:, 0] if self._y_1d else Y
-
-
-def _normal_points(n_points, n_dims):
-    """Fixed scrambled-Sobol points mapped to the standard normal, float64."""
-    uniform = torch.as_tensor(_sobol_points(n_points, n_dims)).clamp(1e-12, 1 - 1e-12)
-    return torch.special.ndtri(uniform)
