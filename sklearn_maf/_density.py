@@ -239,6 +239,18 @@ class MAFDensity(DensityMixin, _BaseMAF):
         -------
         X : ndarray of shape (n_samples, n_features), dtype float64
             Rows in data space; ``inverse_transform(transform(X))`` returns ``X``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sklearn_maf import MAFDensity
+        >>> X = np.random.RandomState(0).normal(size=(200, 3))
+        >>> maf = MAFDensity(n_layers=2, hidden_units=8, max_iter=3, random_state=0)
+        >>> U = maf.fit(X).transform(X)
+        >>> U.shape
+        (200, 3)
+        >>> bool(np.allclose(maf.inverse_transform(U), X))
+        True
         """
         U = self._validate_fitted_input(U)
         return self._map_rows(lambda u: self.module_.inverse(u)[0], U, self.n_features_in_)
