@@ -5,10 +5,11 @@
 
 Three two-dimensional data sets with curved, multi-modal structure, each fitted
 by :class:`~sklearn_maf.MAFDensity`, by
-:class:`~sklearn.neighbors.KernelDensity` (bandwidth chosen by cross-validation)
-and by :class:`~sklearn.mixture.GaussianMixture` (number of components chosen
-by BIC). The contour plots show each learned density; the titles give the mean
-log-likelihood of held-out rows, in nats per row (higher is better).
+:class:`~sklearn.neighbors.KernelDensity` (bandwidth chosen by
+cross-validation) and by :class:`~sklearn.mixture.GaussianMixture` (number of
+components chosen by BIC). The contour plots show each learned density; the
+titles give the mean log-likelihood of held-out rows, in nats per row (higher
+is better).
 
 All three return log-densities in the units of ``X``, so their held-out scores
 can be compared directly.
@@ -47,7 +48,9 @@ def banana(n_samples, random_state):
 
 datasets = {
     "two moons": make_moons(N_SAMPLES, noise=0.06, random_state=0)[0],
-    "two rings": make_circles(N_SAMPLES, noise=0.05, factor=0.5, random_state=0)[0],
+    "two rings": make_circles(
+        N_SAMPLES, noise=0.05, factor=0.5, random_state=0
+    )[0],
     "banana": banana(N_SAMPLES, random_state=0),
 }
 
@@ -65,7 +68,9 @@ datasets = {
 if FAST:
     maf_params = dict(n_layers=2, hidden_units=16, max_iter=5)
 else:
-    maf_params = dict(n_layers=10, batch_norm=False, n_iter_no_change=30, max_iter=500)
+    maf_params = dict(
+        n_layers=10, batch_norm=False, n_iter_no_change=30, max_iter=500
+    )
 
 
 def fit_maf(X):
@@ -97,9 +102,9 @@ for data_name, X in datasets.items():
     X_train, X_test = train_test_split(X, test_size=0.25, random_state=0)
     for model_name, fit in estimators.items():
         model = fit(X_train)
-        fitted[data_name, model_name] = model, model.score_samples(X_test).mean()
-        print(f"{data_name:>10}  {model_name:<16} held-out log-likelihood "
-              f"{fitted[data_name, model_name][1]:7.3f} nats per row")
+        score = model.score_samples(X_test).mean()
+        fitted[data_name, model_name] = model, score
+        print(f"{data_name:>10}  {model_name:<16} held-out {score:7.3f} nats")
 
 # %%
 # Learned densities
@@ -124,11 +129,14 @@ fig, axes = plt.subplots(
 for row, (data_name, X) in enumerate(datasets.items()):
     low, high = X.min(axis=0) - 0.4, X.max(axis=0) + 0.4
     xx, yy = np.meshgrid(
-        np.linspace(low[0], high[0], resolution), np.linspace(low[1], high[1], resolution)
+        np.linspace(low[0], high[0], resolution),
+        np.linspace(low[1], high[1], resolution),
     )
     grid = np.column_stack([xx.ravel(), yy.ravel()])
     densities = {
-        model_name: np.exp(fitted[data_name, model_name][0].score_samples(grid))
+        model_name: np.exp(
+            fitted[data_name, model_name][0].score_samples(grid)
+        )
         for model_name in estimators
     }
     # The colour scale ends at the middle one of the three peak densities, so
@@ -144,7 +152,9 @@ for row, (data_name, X) in enumerate(datasets.items()):
     for column, model_name in enumerate(estimators, start=1):
         ax = axes[row, column]
         density = densities[model_name].reshape(xx.shape)
-        ax.contourf(xx, yy, density, levels=levels, cmap="viridis", extend="max")
+        ax.contourf(
+            xx, yy, density, levels=levels, cmap="viridis", extend="max"
+        )
         score = fitted[data_name, model_name][1]
         ax.set_title(f"{model_name}\nheld-out {score:.2f} nats")
     for ax in axes[row]:

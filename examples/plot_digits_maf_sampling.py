@@ -82,8 +82,13 @@ real_digits = X_train[:44].clip(0, 16)
 
 def show_grid(axes, images):
     for ax, image in zip(axes.ravel(), images):
-        ax.imshow(image.reshape(8, 8), cmap=plt.cm.binary, vmin=0, vmax=16,
-                  interpolation="nearest")
+        ax.imshow(
+            image.reshape(8, 8),
+            cmap=plt.cm.binary,
+            vmin=0,
+            vmax=16,
+            interpolation="nearest",
+        )
         ax.set_xticks([])
         ax.set_yticks([])
 
@@ -103,7 +108,9 @@ show_grid(bottom.subplots(4, 11), new_digits)
 # pixel space (bottom row): they share a style, not the pixels.
 
 neighbours = NearestNeighbors(n_neighbors=1).fit(X_train)
-nearest = X_train[neighbours.kneighbors(new_digits[:11], return_distance=False)[:, 0]]
+nearest = X_train[
+    neighbours.kneighbors(new_digits[:11], return_distance=False)[:, 0]
+]
 
 fig, axes = plt.subplots(2, 11, figsize=(8, 1.9))
 show_grid(axes[:1], new_digits[:11])

@@ -4,11 +4,12 @@ Training and validation curves, with early stopping
 =====================================================
 
 :class:`~sklearn_maf.MAFDensity` trains with Adam and, by default, holds out a
-tenth of the rows to decide when to stop. After :meth:`~sklearn_maf.MAFDensity.fit`,
-``loss_curve_`` holds the mean training negative log-likelihood of every epoch
-and ``validation_scores_`` the mean log-likelihood of the held-out rows. This
-example draws both, shows where early stopping kicked in and which weights it
-kept, and compares three learning rates.
+tenth of the rows to decide when to stop. After
+:meth:`~sklearn_maf.MAFDensity.fit`, ``loss_curve_`` holds the mean training
+negative log-likelihood of every epoch and ``validation_scores_`` the mean
+log-likelihood of the held-out rows. This example draws both, shows where early
+stopping kicked in and which weights it kept, and compares three learning
+rates.
 """
 
 # %%
@@ -34,18 +35,23 @@ from sklearn_maf import MAFDensity
 FAST = os.environ.get("SKLEARN_MAF_FAST", "") not in ("", "0")
 
 X, _ = make_swiss_roll(400 if FAST else 1500, noise=0.5, random_state=0)
-X_train, X_test = train_test_split(X, test_size=500 // (4 if FAST else 1), random_state=0)
+X_train, X_test = train_test_split(
+    X, test_size=500 // (4 if FAST else 1), random_state=0
+)
 
 if FAST:
     params = dict(n_layers=2, hidden_units=16, max_iter=8, n_iter_no_change=3)
 else:
-    params = dict(n_layers=5, hidden_units=100, max_iter=400, n_iter_no_change=40)
+    params = dict(
+        n_layers=5, hidden_units=100, max_iter=400, n_iter_no_change=40
+    )
 
 maf = MAFDensity(random_state=0, **params).fit(X_train)
 best_epoch = int(np.argmax(maf.validation_scores_)) + 1
+test_score = maf.score_samples(X_test).mean()
 print(f"epochs run: {maf.n_iter_}, best validation epoch: {best_epoch}")
-print(f"best validation log-likelihood: {maf.best_validation_score_:.3f} nats per row")
-print(f"held-out test log-likelihood:   {maf.score_samples(X_test).mean():.3f} nats per row")
+print(f"best validation log-likelihood: {maf.best_validation_score_:.3f} nats")
+print(f"held-out test log-likelihood:   {test_score:.3f} nats per row")
 
 # %%
 # The curves
@@ -67,10 +73,18 @@ print(f"held-out test log-likelihood:   {maf.score_samples(X_test).mean():.3f} n
 epochs = np.arange(1, maf.n_iter_ + 1)
 fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
 ax.plot(epochs, maf.loss_curve_, label="training loss (loss_curve_)")
-ax.plot(epochs, -np.asarray(maf.validation_scores_),
-        label="validation NLL (-validation_scores_)")
-ax.axvline(best_epoch, color="black", linestyle="--", linewidth=1,
-           label=f"best epoch ({best_epoch}), weights restored")
+ax.plot(
+    epochs,
+    -np.asarray(maf.validation_scores_),
+    label="validation NLL (-validation_scores_)",
+)
+ax.axvline(
+    best_epoch,
+    color="black",
+    linestyle="--",
+    linewidth=1,
+    label=f"best epoch ({best_epoch}), weights restored",
+)
 ax.set_xlabel("epoch")
 ax.set_ylabel("negative log-likelihood (nats per row)")
 ax.set_title(f"MAFDensity on {len(X_train)} Swiss-roll rows")
@@ -92,12 +106,16 @@ rates = [3e-3, 1e-3, 3e-4]
 fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
 for rate in rates:
     model = MAFDensity(
-        learning_rate_init=rate, random_state=0,
+        learning_rate_init=rate,
+        random_state=0,
         **dict(params, n_iter_no_change=3 if FAST else 10),
     ).fit(X_train)
-    ax.plot(np.arange(1, model.n_iter_ + 1), -np.asarray(model.validation_scores_),
-            label=f"learning_rate_init={rate:g}: test "
-                  f"{model.score_samples(X_test).mean():.2f} nats")
+    ax.plot(
+        np.arange(1, model.n_iter_ + 1),
+        -np.asarray(model.validation_scores_),
+        label=f"learning_rate_init={rate:g}: test "
+        f"{model.score_samples(X_test).mean():.2f} nats",
+    )
 ax.set_xlabel("epoch")
 ax.set_ylabel("validation NLL (nats per row)")
 ax.set_title("Validation curves for three learning rates")
