@@ -292,20 +292,33 @@ class MAFDensity(DensityMixin, _BaseMAF):
         """
         return self.fit(X, y, sample_weight=sample_weight).transform(X)
 
-    def inverse_transform(self, U):
+    def inverse_transform(self, X):
         """Map latent coordinates back to data space.
 
         Parameters
         ----------
-        U : array-like of shape (n_samples, n_features)
-            Latent coordinates.
+        X : array-like of shape (n_samples, n_features)
+            Latent coordinates, as returned by :meth:`transform` (named ``X``
+            as in scikit-learn's transformers, so it is not routed metadata).
 
         Returns
         -------
         X : ndarray of shape (n_samples, n_features), dtype float64
             Rows in data space; ``inverse_transform(transform(X))`` returns ``X``.
             Discrete features are rounded down to their integer.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sklearn_maf import MAFDensity
+        >>> X = np.random.RandomState(0).normal(size=(200, 3))
+        >>> maf = MAFDensity(n_layers=2, hidden_units=8, max_iter=3, random_state=0)
+        >>> U = maf.fit(X).transform(X)
+        >>> U.shape
+        (200, 3)
+        >>> bool(np.allclose(maf.inverse_transform(U), X))
+        True
         """
-        U = self._validate_fitted_input(U)
+        U = self._validate_fitted_input(X)
         X = self._map_rows(lambda u: self.module_.inverse(u)[0], self.n_features_in_, U)
         return self._floor_discrete(X)
