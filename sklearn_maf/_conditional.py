@@ -110,9 +110,9 @@ class MAFConditionalDensity(_BaseMAF):
         Names of the context features, when ``X`` has string feature names.
     n_targets_ : int
         Number of target columns.
-    context_mean_ : ndarray of shape (n_features_in_,)
+    context_mean_ : ndarray of shape (`n_features_in_`,)
         Weighted mean of each context feature on the data of the first fit.
-    context_scale_ : ndarray of shape (n_features_in_,)
+    context_scale_ : ndarray of shape (`n_features_in_`,)
         Weighted standard deviation of each context feature (1 for a constant
         feature).
     discrete_features_ : ndarray of shape (n_features,), dtype bool
