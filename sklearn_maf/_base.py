@@ -17,6 +17,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from ._nn import MAF
+from ._threads import limit_torch_threads
 from ._training import train_flow
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -100,6 +101,7 @@ class _BaseMAF(BaseEstimator):
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, reset=not continuing)
         return self._train(X, sample_weight, continuing=continuing)
 
+    @limit_torch_threads()
     def _train(self, X, sample_weight, context=None, *, continuing=False):
         """Train the flow on validated rows ``X`` (given ``context``); set fitted attributes.
 
@@ -179,6 +181,7 @@ class _BaseMAF(BaseEstimator):
         log_density = self._map_rows(lambda x: self.module_.log_prob(x)[:, None], 1, X)[:, 0]
         return np.where(np.isnan(log_density), -np.inf, log_density)
 
+    @limit_torch_threads()
     def sample(self, n_samples=1, random_state=None):
         """Draw rows from the fitted density.
 
@@ -264,6 +267,7 @@ class _BaseMAF(BaseEstimator):
         check_is_fitted(self)
         return validate_data(self, X, dtype=np.float64, reset=False)
 
+    @limit_torch_threads()
     def _map_rows(self, function, n_outputs, *arrays):
         """Apply a float64 torch ``function`` to chunks of rows of ``arrays``; numpy out.
 
