@@ -18,6 +18,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from ._nn import MAF, Bounded
+from ._threads import limit_torch_threads
 from ._training import make_optimizer, train_flow
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -143,6 +144,7 @@ class _BaseMAF(BaseEstimator):
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, reset=not continuing)
         return self._train(X, sample_weight, continuing=continuing)
 
+    @limit_torch_threads()
     def _train(self, X, sample_weight, context=None, *, continuing=False):
         """Train the flow on validated rows ``X`` (given ``context``); set fitted attributes.
 
@@ -224,6 +226,7 @@ class _BaseMAF(BaseEstimator):
         self.n_iter_ = len(self.loss_curve_)
         return self
 
+    @limit_torch_threads()
     def _partial_fit(self, X, sample_weight):
         """One epoch over ``X``, continuing the flow and Adam state of earlier calls."""
         first = not hasattr(self, "module_")
@@ -326,6 +329,7 @@ class _BaseMAF(BaseEstimator):
             self._check_within_bounds(X + 0.999999 * discrete)
         return discrete.astype(np.float64)
 
+    @limit_torch_threads()
     def sample(self, n_samples=1, random_state=None):
         """Draw rows from the fitted density.
 
@@ -455,6 +459,7 @@ class _BaseMAF(BaseEstimator):
         check_is_fitted(self)
         return validate_data(self, X, dtype=np.float64, reset=False)
 
+    @limit_torch_threads()
     def _map_rows(self, function, n_outputs, *arrays, chunk=None):
         """Apply a float64 torch ``function`` to chunks of rows of ``arrays``; numpy out.
 
