@@ -9,9 +9,6 @@ network in each layer. :class:`~sklearn.model_selection.GridSearchCV` picks
 them by the held-out log-likelihood, as for any scikit-learn density estimator,
 and runs the candidates in parallel with ``n_jobs``. The heat map shows the
 cross-validated log-likelihood of every pair.
-
-Run as ``python examples/plot_grid_search.py [FIGURE.png]``: given a file name,
-the figure is drawn off-screen (matplotlib's Agg backend) and saved there.
 """
 
 # %%
@@ -23,15 +20,8 @@ the figure is drawn off-screen (matplotlib's Agg backend) and saved there.
 # density along the moons, and how well it can depends on its size.
 
 import os
-import sys
 import time
 import warnings
-
-import matplotlib
-
-SAVE_TO = sys.argv[1] if __name__ == "__main__" and len(sys.argv) > 1 else None
-if SAVE_TO:
-    matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -119,7 +109,4 @@ ax.set_xlabel("hidden_units")
 ax.set_ylabel("n_layers")
 ax.set_title("MAFDensity, 3-fold cross-validation")
 
-if SAVE_TO:
-    fig.savefig(SAVE_TO, dpi=100)
-else:
-    plt.show()
+plt.show()
