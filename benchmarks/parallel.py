@@ -23,7 +23,7 @@ only meaningful on an otherwise idle machine; the header records the load.
 
 Usage::
 
-    python benchmarks/parallel.py [--quick] [--out FILE] [--repeat N] [--no-dask]
+    python benchmarks/parallel.py [--quick] [--out FILE] [--repeat N] [--n-samples N] [--no-dask]
 """
 
 import argparse
@@ -130,10 +130,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke test: 600 rows, 3 epochs, 1 repeat")
     parser.add_argument("--out", type=Path, help="also write the Markdown report to this file")
     parser.add_argument("--repeat", type=int, help="timed runs per configuration (default 3; 1 with --quick)")
+    parser.add_argument("--n-samples", type=int, help="rows of data (default 2000; 600 with --quick)")
     parser.add_argument("--no-dask", action="store_true", help="skip the Dask LocalCluster run")
     args = parser.parse_args(argv)
-    n_samples = 600 if args.quick else 3000
-    args.max_iter = 3 if args.quick else 15
+    n_samples = args.n_samples or (600 if args.quick else 2000)
+    args.max_iter = 3 if args.quick else 10
     args.repeat = args.repeat or (1 if args.quick else 3)
     warnings.simplefilter("ignore", ConvergenceWarning)
 
@@ -179,9 +180,11 @@ def main(argv=None):
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- machine: nproc={os.cpu_count()} (joblib.cpu_count()={n_cpus}), CPU: {cpu}, load average: {load}",
         f"- versions: {_versions()}",
-        f"- data: {n_samples} rows x {X.shape[1]} features; grid {GRID}; "
-        f"max_iter={args.max_iter}, early_stopping=False, batch_size=128; "
-        f"best of {args.repeat} after a warm-up run",
+        (
+            f"- data: {n_samples} rows x {X.shape[1]} features; grid {GRID}; "
+            f"max_iter={args.max_iter}, early_stopping=False, batch_size=128; "
+            f"best of {args.repeat} after a warm-up run"
+        ),
         "",
         "| configuration | wall time (s) | speed-up vs n_jobs=1 | torch threads per worker | scores identical to n_jobs=1 |",
         "| --- | ---: | ---: | ---: | --- |",

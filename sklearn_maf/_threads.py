@@ -41,7 +41,7 @@ from contextlib import contextmanager
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["thread_limit", "limit_torch_threads"]
+__all__ = ["limit_torch_threads", "thread_limit"]
 
 # Environment variables torch itself reads for its default thread count.
 _ENV_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -89,11 +89,7 @@ def thread_limit():
         none of them gives a positive count.
     """
     limits = [_env_limit(name) for name in _ENV_VARIABLES]
-    for pool in _pools():
-        try:
-            limits.append(pool.num_threads)
-        except Exception:  # a pool that cannot tell imposes no limit
-            continue
+    limits += [pool.num_threads for pool in _pools()]
     limits = [limit for limit in limits if isinstance(limit, int) and limit > 0]
     return min(limits) if limits else None
 

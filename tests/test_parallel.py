@@ -10,11 +10,7 @@ import pytest
 import torch
 from scipy.stats import randint
 from sklearn.experimental import enable_halving_search_cv  # noqa: F401
-from sklearn.model_selection import (
-    GridSearchCV,
-    HalvingGridSearchCV,
-    RandomizedSearchCV,
-)
+from sklearn.model_selection import GridSearchCV, HalvingGridSearchCV, RandomizedSearchCV
 from threadpoolctl import threadpool_limits
 from torch.overrides import TorchFunctionMode
 
@@ -124,10 +120,9 @@ def test_limit_torch_threads_lowers_and_restores(no_thread_variables, two_torch_
         with limit_torch_threads() as n_threads:
             assert n_threads == torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError, match="boom"):
-            with limit_torch_threads():
-                assert torch.get_num_threads() == 1
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError, match="boom"), limit_torch_threads():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
         assert torch.get_num_threads() == 2
 
 
