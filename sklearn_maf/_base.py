@@ -24,8 +24,12 @@ from ._training import make_optimizer, train_flow
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # Rows per chunk when scoring, transforming or sampling: bounds the memory of the
-# hidden activations (about CHUNK_ELEMENTS * 8 bytes per layer) on any number of rows.
-_CHUNK_ELEMENTS = 1 << 22
+# hidden activations (about CHUNK_ELEMENTS * 8 bytes per layer) on any number of
+# rows. Small enough that a chunk's activations (2 MiB in float64) stay in the
+# CPU caches: measured on 100 hidden units, scoring in chunks of 2,500 rows is
+# about twice as fast as in chunks of 40,000, while the fixed cost per chunk
+# (a few hundred small tensor operations) stays below 10% of the arithmetic.
+_CHUNK_ELEMENTS = 1 << 18
 
 # Quasi-random points per row that integrate the density over a dequantisation cell.
 _DEQUANTIZATION_POINTS = 32
@@ -356,7 +360,7 @@ class _BaseMAF(BaseEstimator):
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
         chunk = self._chunk_size()
         out = np.empty((n_samples, self.module_.n_features))
-        with torch.no_grad():
+        with torch.inference_mode():
             for start in range(0, n_samples, chunk):
                 rows = min(chunk, n_samples - start)
                 x = self.module_.sample(rows, generator=generator)
@@ -453,7 +457,10 @@ class _BaseMAF(BaseEstimator):
 
     def _chunk_size(self):
         width = max(self.hidden_units, getattr(self, "n_features_in_", 1), 1)
-        return max(1024, _CHUNK_ELEMENTS // width)
+        # A multiple of 256 rows: torch draws normal noise in blocks of 16 numbers,
+        # so drawing chunk by chunk gives the rows of one single draw (exactly so
+        # when n_samples * n_features is a multiple of 16).
+        return max(1024, _CHUNK_ELEMENTS // width // 256 * 256)
 
     def _validate_fitted_input(self, X):
         check_is_fitted(self)
@@ -470,7 +477,7 @@ class _BaseMAF(BaseEstimator):
         out = np.empty((n_rows, n_outputs))
         device = _module_device(self.module_)
         chunk = chunk or self._chunk_size()
-        with torch.no_grad():
+        with torch.inference_mode():
             for start in range(0, n_rows, chunk):
                 tensors = [
                     torch.tensor(array[start : start + chunk], dtype=torch.float64, device=device)

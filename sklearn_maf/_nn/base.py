@@ -83,7 +83,10 @@ class MADEMoG(_UniformNoiseBase):
 
     def _mixture(self, u, context):
         """Component log-weights, means and log-scales, each (n, n_features, K)."""
-        blocks = self.made(u, context)
+        return self._mixture_of(self.made(u, context))
+
+    def _mixture_of(self, blocks):
+        """The mixture given the MADE's output blocks, for all or some features."""
         k = self.n_components
         stack = lambda parts: torch.stack(parts, dim=-1)  # noqa: E731
         logits = stack(blocks[:k])
@@ -98,17 +101,23 @@ class MADEMoG(_UniformNoiseBase):
         return torch.logsumexp(log_weights + component, dim=-1).sum(dim=-1)
 
     def from_uniform(self, noise, context=None):
-        """Draw with one MADE pass per feature: the first half of ``noise`` gives the
-        standard normals, the second half the component choices."""
+        """Draw feature by feature: the first half of ``noise`` gives the standard
+        normals, the second half the component choices.
+
+        :meth:`MADE.solve` computes every hidden unit once, as soon as the
+        features it depends on are drawn, rather than running the whole MADE
+        once per feature.
+        """
         normal = torch.special.ndtri(_open_unit(noise[:, : self.n_features]))
         uniform = noise[:, self.n_features :]
-        u = torch.zeros_like(normal)
-        for _ in range(self.n_features):
-            log_weights, means, log_scales = self._mixture(u, context)
+
+        def step(features, params):
+            log_weights, means, log_scales = self._mixture_of(params)
             cumulative = torch.cumsum(torch.exp(log_weights), dim=-1)
-            choice = (uniform.unsqueeze(-1) > cumulative).sum(dim=-1, keepdim=True)
+            choice = (uniform[:, features].unsqueeze(-1) > cumulative).sum(dim=-1, keepdim=True)
             choice = choice.clamp(max=self.n_components - 1)
             mean = torch.gather(means, -1, choice).squeeze(-1)
             log_scale = torch.gather(log_scales, -1, choice).squeeze(-1)
-            u = mean + torch.exp(log_scale) * normal
-        return u
+            return mean + torch.exp(log_scale) * normal[:, features]
+
+        return self.made.solve(step, noise.shape[0], context, like=normal)[0]

@@ -50,9 +50,10 @@ class AffineMADE(nn.Module):
     """One MAF layer: ``u_i = (x_i - mu_i) * exp(-alpha_i)``.
 
     ``mu`` and ``alpha`` come from a :class:`MADE` of ``x`` in the order given
-    by ``degrees``. The log-scale is bounded by :func:`soft_clamp` inside
-    :meth:`_conditionals`, the one place both directions get it from, so
-    density and sampling always describe the same model.
+    by ``degrees``. The log-scale is ``alpha = soft_clamp(raw, log_scale_bound)``
+    of the MADE's raw output in both directions (:meth:`forward` computes
+    ``-alpha = soft_clamp(-raw)``, the same function), so density and sampling
+    always describe the same model.
 
     Parameters
     ----------
@@ -70,25 +71,31 @@ class AffineMADE(nn.Module):
         self.log_scale_bound = log_scale_bound
         self.register_buffer("order", torch.argsort(degrees))
 
-    def _conditionals(self, x, context):
-        shift, log_scale = self.made(x, context)
-        return shift, soft_clamp(log_scale, self.log_scale_bound)
-
     def forward(self, x, context=None, weight=None):
-        shift, log_scale = self._conditionals(x, context)
-        return (x - shift) * torch.exp(-log_scale), -log_scale.sum(dim=-1)
+        shift, raw_log_scale = self.made(x, context)
+        # -alpha = soft_clamp(-raw): the sign folded into the division, so that
+        # neither exp(-alpha) nor the log-det needs a negation (training runs
+        # this a few hundred thousand times; every tensor operation counts).
+        bound = self.log_scale_bound
+        minus_log_scale = bound * torch.tanh(raw_log_scale / -bound)
+        return (x - shift) * torch.exp(minus_log_scale), minus_log_scale.sum(dim=-1)
 
     def inverse(self, u, context=None):
-        """Invert with one MADE pass per feature.
+        """Invert feature by feature, ``x_i = u_i * exp(alpha_i) + mu_i``.
 
-        After pass ``t`` the features of degree ``<= t`` are exact, because
-        their conditionals depend only on features of lower degree.
+        :meth:`MADE.solve` computes every hidden unit of the MADE once, as soon
+        as the features it depends on are known, rather than running the whole
+        network once per feature: about one forward pass of arithmetic instead
+        of ``n_features``.
         """
-        x = torch.zeros_like(u)
-        for _ in range(u.shape[-1]):
-            shift, log_scale = self._conditionals(x, context)
-            x = u * torch.exp(log_scale) + shift
-        return x, log_scale.sum(dim=-1)
+        bound = self.log_scale_bound
+
+        def step(features, params):
+            shift, raw_log_scale = params
+            return u[:, features] * torch.exp(soft_clamp(raw_log_scale, bound)) + shift
+
+        x, (_, raw_log_scale) = self.made.solve(step, u.shape[0], context, like=u)
+        return x, soft_clamp(raw_log_scale, bound).sum(dim=-1)
 
 
 class BatchNorm(nn.Module):
@@ -244,10 +251,10 @@ class MAF(nn.Module):
 
     def forward(self, x, context=None, weight=None):
         """Map data to the base space; return ``(u, logabsdet)``."""
-        logabsdet = x.new_zeros(x.shape[0])
+        logabsdet = None
         for transform in self.transforms:
             x, ld = transform(x, context, weight)
-            logabsdet = logabsdet + ld
+            logabsdet = ld if logabsdet is None else logabsdet + ld
         return x, logabsdet
 
     def inverse(self, u, context=None):
@@ -280,13 +287,20 @@ class MAF(nn.Module):
         ``chunk_size``, so memory stays at about two copies of ``x``), and each
         batch-norm layer gets the (weighted) moments of what reaches it before
         its output feeds the next layer: the result is what a pass over the
-        whole data set in eval mode sees.
+        whole data set in eval mode sees. Transforms after the last batch-norm
+        layer are not run: nothing after it needs statistics.
         """
+        batch_norms = [i for i, t in enumerate(self.transforms) if isinstance(t, BatchNorm)]
+        if not batch_norms:
+            return
+        last = batch_norms[-1]
         was_training = self.training
         self.eval()
-        for transform in self.transforms:
+        for index, transform in enumerate(self.transforms[: last + 1]):
             if isinstance(transform, BatchNorm):
                 transform.set_statistics(*BatchNorm.weighted_moments(x, weight))
+            if index == last:
+                break
             x = torch.cat(
                 [
                     transform(x[start : start + chunk_size], _rows(context, start, chunk_size))[0]

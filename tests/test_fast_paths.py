@@ -1,0 +1,167 @@
+"""The fast paths give what the simple, slow way of computing the same thing gives.
+
+Sampling inverts each MAF layer with :meth:`MADE.solve`, which computes every
+hidden unit once instead of running the whole MADE once per feature; the
+references here are that one-pass-per-feature loop, written out.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from sklearn_maf import MAFDensity
+from sklearn_maf._nn.base import MADEMoG
+from sklearn_maf._nn.flow import AffineMADE, soft_clamp
+from sklearn_maf._nn.made import input_degrees
+
+DTYPE = torch.float64
+
+
+def _order(n_features, kind, generator):
+    if kind == "natural":
+        return torch.arange(n_features)
+    return torch.randperm(n_features, generator=generator)
+
+
+def _scramble(made, generator):
+    """Random weights everywhere, masked entries included: only the masks may cut paths."""
+    with torch.no_grad():
+        for layer in made.layers:
+            layer.weight.normal_(generator=generator)
+            layer.bias.normal_(generator=generator)
+
+
+def _inverse_one_pass_per_feature(layer, u, context):
+    x = torch.zeros_like(u)
+    for _ in range(u.shape[-1]):
+        shift, raw_log_scale = layer.made(x, context)
+        log_scale = soft_clamp(raw_log_scale, layer.log_scale_bound)
+        x = u * torch.exp(log_scale) + shift
+    return x, log_scale.sum(dim=-1)
+
+
+@pytest.mark.parametrize(
+    "n_features, n_hidden_layers, hidden_units, n_context",
+    list(itertools.product([1, 2, 6], [0, 1, 2], [2, 16], [0, 3])),
+)
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("order", ["natural", "random"])
+def test_affine_inverse_equals_one_made_pass_per_feature(
+    n_features, n_hidden_layers, hidden_units, n_context, activation, order
+):
+    generator = torch.Generator().manual_seed(n_features * 100 + hidden_units)
+    layer = AffineMADE(
+        input_degrees(_order(n_features, order, generator)),
+        hidden_units=hidden_units,
+        n_hidden_layers=n_hidden_layers,
+        activation=activation,
+        n_context=n_context,
+        generator=generator,
+        dtype=DTYPE,
+    )
+    _scramble(layer.made, generator)
+    u = torch.randn(40, n_features, generator=generator, dtype=DTYPE)
+    context = torch.randn(40, n_context, generator=generator, dtype=DTYPE) if n_context else None
+    with torch.no_grad():
+        expected, expected_logabsdet = _inverse_one_pass_per_feature(layer, u, context)
+        x, logabsdet = layer.inverse(u, context)
+        u_again, _ = layer(x, context)
+    torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(logabsdet, expected_logabsdet, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(u_again, u, rtol=1e-9, atol=1e-9)
+
+
+def _mog_sample_one_pass_per_feature(mog, n_samples, context, generator):
+    shape = (n_samples, mog.n_features)
+    both = torch.rand(n_samples, 2 * mog.n_features, generator=generator, dtype=DTYPE)
+    noise = torch.special.ndtri(both[:, : mog.n_features])  # the layout of from_uniform
+    uniform = both[:, mog.n_features :]
+    u = torch.zeros(shape, dtype=DTYPE)
+    for _ in range(mog.n_features):
+        log_weights, means, log_scales = mog._mixture(u, context)
+        cumulative = torch.cumsum(torch.exp(log_weights), dim=-1)
+        choice = (uniform.unsqueeze(-1) > cumulative).sum(dim=-1, keepdim=True)
+        choice = choice.clamp(max=mog.n_components - 1)
+        mean = torch.gather(means, -1, choice).squeeze(-1)
+        log_scale = torch.gather(log_scales, -1, choice).squeeze(-1)
+        u = mean + torch.exp(log_scale) * noise
+    return u
+
+
+@pytest.mark.parametrize("n_features, n_context", [(1, 0), (4, 0), (4, 2)])
+def test_mog_sample_equals_one_made_pass_per_feature(n_features, n_context):
+    generator = torch.Generator().manual_seed(3)
+    mog = MADEMoG(
+        input_degrees(torch.arange(n_features).flip(0)),
+        n_components=3,
+        hidden_units=8,
+        n_hidden_layers=2,
+        n_context=n_context,
+        generator=generator,
+        dtype=DTYPE,
+    )
+    context = torch.randn(30, n_context, generator=generator, dtype=DTYPE) if n_context else None
+    like = torch.zeros((), dtype=DTYPE)
+    with torch.no_grad():
+        sample = mog.sample(30, context, torch.Generator().manual_seed(0), like=like)
+        expected = _mog_sample_one_pass_per_feature(mog, 30, context, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sample, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fitted_model_samples_are_the_inverse_of_transform(rng):
+    """End to end, in float64: inverse_transform(transform(X)) == X and sampling agrees."""
+    X = rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5))
+    model = MAFDensity(n_layers=3, hidden_units=12, max_iter=3, random_state=0).fit(X)
+    np.testing.assert_allclose(model.inverse_transform(model.transform(X)), X, atol=1e-9)
+    generator = torch.Generator().manual_seed(int(np.random.RandomState(7).randint(np.iinfo(np.int32).max)))
+    with torch.no_grad():
+        u = torch.special.ndtri(torch.rand(64, 5, generator=generator, dtype=DTYPE))
+        expected = u
+        for transform in reversed(model.module_.transforms):
+            if isinstance(transform, AffineMADE):
+                expected = _inverse_one_pass_per_feature(transform, expected, None)[0]
+            else:
+                expected = transform.inverse(expected)[0]
+    np.testing.assert_allclose(model.sample(64, random_state=7), expected.numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_adam_steps_like_torch_optim_adam(dtype):
+    """Bit for bit, L2 groups included, also when a parameter misses a gradient."""
+    from sklearn_maf._training import _adam, _FusedAdam
+
+    generator = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3, generator=generator, dtype=dtype)) for _ in range(4)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+
+    def groups(params):
+        return [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+
+    optimizer = _adam(groups(ours), 1e-2)
+    assert isinstance(optimizer, _FusedAdam)
+    reference = torch.optim.Adam(groups(theirs), lr=1e-2, fused=True)
+    for step in range(12):
+        for mine, other in zip(ours, theirs):
+            mine.grad = torch.randn(5, 3, generator=generator, dtype=dtype)
+            other.grad = mine.grad.clone()
+        if step in (4, 7):
+            ours[3].grad = theirs[3].grad = None
+        optimizer.step()
+        reference.step()
+    for mine, other in zip(ours, theirs):
+        torch.testing.assert_close(mine, other, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_fit_leaves_the_garbage_collector_as_it_found_it(enabled, rng):
+    import gc
+
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        MAFDensity(n_layers=1, hidden_units=4, max_iter=2, random_state=0).fit(rng.normal(size=(50, 2)))
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
