@@ -19,7 +19,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from ._nn import MAF, Bounded
 from ._threads import limit_torch_threads
-from ._training import make_optimizer, train_flow
+from ._training import _cyclic_gc_paused, make_optimizer, train_flow
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -297,7 +297,8 @@ class _BaseMAF(BaseEstimator):
         discrete = self.discrete_features_
         if not discrete.any():
             values = self._map_rows(lambda *t: log_prob(*t)[:, None], 1, X, *context)[:, 0]
-            return np.where(np.isnan(values), -np.inf, values)
+            values[np.isnan(values)] = -np.inf  # in place: no second copy of the result
+            return values
         points = _sobol_points(_DEQUANTIZATION_POINTS, int(discrete.sum()))
         offsets = np.zeros((_DEQUANTIZATION_POINTS, X.shape[1]))
         offsets[:, discrete] = points
@@ -360,7 +361,7 @@ class _BaseMAF(BaseEstimator):
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
         chunk = self._chunk_size()
         out = np.empty((n_samples, self.module_.n_features))
-        with torch.inference_mode():
+        with torch.inference_mode(), _cyclic_gc_paused():
             for start in range(0, n_samples, chunk):
                 rows = min(chunk, n_samples - start)
                 x = self.module_.sample(rows, generator=generator)
@@ -477,7 +478,7 @@ class _BaseMAF(BaseEstimator):
         out = np.empty((n_rows, n_outputs))
         device = _module_device(self.module_)
         chunk = chunk or self._chunk_size()
-        with torch.inference_mode():
+        with torch.inference_mode(), _cyclic_gc_paused():
             for start in range(0, n_rows, chunk):
                 tensors = [
                     torch.tensor(array[start : start + chunk], dtype=torch.float64, device=device)
@@ -485,7 +486,6 @@ class _BaseMAF(BaseEstimator):
                 ]
                 out[start : start + chunk] = function(*tensors).cpu().numpy()
         return out
-
 
 
 def _weighted_loc_scale(X, weight):

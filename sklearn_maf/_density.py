@@ -89,8 +89,9 @@ class MAFDensity(DensityMixin, _BaseMAF):
     validation_fraction : float, default=0.1
         Fraction of the rows held out for early stopping.
     precision : {"float32", "float64"}, default="float32"
-        Floating-point precision of training. Scoring, transforming and sampling
-        always run in float64, so results do not depend on how rows are batched.
+        Floating-point precision of training (float32 matrix products are more
+        than twice as fast on a CPU). Scoring, transforming and sampling always
+        run in float64, so results do not depend on how rows are batched.
     device : str, default="cpu"
         Torch device for training and inference, e.g. "cpu" or "cuda".
     random_state : int, RandomState instance or None, default=None
