@@ -9,14 +9,14 @@ Every density's parameters are fixed (any random parameters come from a fixed
 seed), so the same name always means the same distribution.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from scipy import stats
 from scipy.special import logsumexp
 
-__all__ = ["Density", "DENSITIES"]
+__all__ = ["DENSITIES", "Density"]
 
 
 @dataclass(frozen=True)

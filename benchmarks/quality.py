@@ -45,9 +45,9 @@ from sklearn.neighbors import KernelDensity
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _densities import DENSITIES  # noqa: E402
+from _densities import DENSITIES
 
-from sklearn_maf import MAFDensity  # noqa: E402
+from sklearn_maf import MAFDensity
 
 GMM_COMPONENTS = range(1, 11)
 GMM_N_INIT = 3
@@ -113,7 +113,7 @@ def draw(density, n_train, n_test):
 def evaluate(density, n_train, n_test, models):
     X_train, X_test = draw(density, n_train, n_test)
     true = density.log_prob(X_test)
-    rows = [dict(model="truth", loglik=true.mean(), gap=0.0, gap_se=0.0, per_row=true)]
+    rows = [{"model": "truth", "loglik": true.mean(), "gap": 0.0, "gap_se": 0.0, "per_row": true}]
     for name in models:
         start = time.perf_counter()
         score_samples, note = MODELS[name](X_train)
@@ -127,16 +127,16 @@ def evaluate(density, n_train, n_test, models):
         finite = np.isfinite(log_p)
         diff = true[finite] - log_p[finite]
         rows.append(
-            dict(
-                model=name,
-                loglik=log_p.mean(),
-                gap=diff.mean(),
-                gap_se=diff.std(ddof=1) / np.sqrt(diff.size),
-                fit_time=fit_time,
-                score_time=score_time,
-                note=note,
-                per_row=log_p,
-            )
+            {
+                "model": name,
+                "loglik": log_p.mean(),
+                "gap": diff.mean(),
+                "gap_se": diff.std(ddof=1) / np.sqrt(diff.size),
+                "fit_time": fit_time,
+                "score_time": score_time,
+                "note": note,
+                "per_row": log_p,
+            }
         )
         print(f"  {name}: gap {diff.mean():.4f} nats, fit {fit_time:.1f}s, {note}", flush=True)
     return rows
@@ -171,9 +171,11 @@ def machine_header(argv, n_train, n_test):
         f"- command: `{' '.join(shlex.quote(a) for a in argv)}`",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: nproc={os.cpu_count()}, CPU: {cpu}",
-        f"- torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"scikit-learn {sklearn.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, "
-        f"Python {platform.python_version()}",
+        (
+            f"- torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"scikit-learn {sklearn.__version__}, numpy {np.__version__}, "
+            f"scipy {scipy.__version__}, Python {platform.python_version()}"
+        ),
         f"- rows: {n_train} training, {n_test} test per data set",
         f"- load average at start (1, 5, 15 min): {load}",
     ]
@@ -202,8 +204,10 @@ def markdown_table(results):
 def summary(results, n_train):
     lines = [
         "",
-        "MAF minus the better of GMM and KDE, paired over the test rows (nats/row, ± one standard error; "
-        "positive means MAF is better):",
+        (
+            "MAF minus the better of GMM and KDE, paired over the test rows "
+            "(nats/row, ± one standard error; positive means MAF is better):"
+        ),
         "",
     ]
     for density, rows in results:
@@ -224,8 +228,10 @@ def summary(results, n_train):
         times = ", ".join(f"{name} {t:.1f} s" for name, t in eight_d)
         lines += [
             "",
-            f"MAFDensity() fit time on {n_train:,} x 8: {times} "
-            "(requirement: under 60 s for 10,000 x 8 on 2 cores).",
+            (
+                f"MAFDensity() fit time on {n_train:,} x 8: {times} "
+                "(requirement: under 60 s for 10,000 x 8 on 2 cores)."
+            ),
         ]
     return lines
 
