@@ -189,9 +189,8 @@ def markdown_table(results):
     for density, rows in results:
         for row in rows:
             if row["model"] == "truth":
-                lines.append(
-                    f"| {density.name} | truth | {row['loglik']:.3f} | 0 | | | {density.description} |"
-                )
+                description = density.description.replace("|", "\\|")
+                lines.append(f"| {density.name} | truth | {row['loglik']:.3f} | 0 | | | {description} |")
                 continue
             lines.append(
                 f"| {density.name} | {row['model']} | {row['loglik']:.3f} | "
