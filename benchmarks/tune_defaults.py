@@ -54,7 +54,7 @@ GRIDS = {
     "lr-batch": _lr_batch,
     "patience": lambda: [
         {"batch_size": b, "learning_rate_init": lr, "n_iter_no_change": p}
-        for (b, lr), p in itertools.product([(256, 1e-3), (512, 2e-3), (1024, 5e-3)], [10, 20])
+        for (b, lr), p in itertools.product([(256, 1e-3), (256, 5e-3), (512, 5e-3)], [10, 20])
     ],
     "alpha": lambda: [{"alpha": a} for a in [0.0, 1e-6, 1e-5, 1e-4, 1e-3]],
 }
@@ -149,7 +149,9 @@ def report(records, datasets):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", default="lr-batch", choices=sorted(GRIDS))
-    parser.add_argument("--params", help="one extra candidate as JSON, e.g. '{\"n_layers\": 8}'")
+    parser.add_argument(
+        "--params", help="candidates as JSON instead of --grid: one dict or a list, e.g. '{\"n_layers\": 8}'"
+    )
     parser.add_argument("--datasets", default=",".join(TARGET_DATASETS))
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--rows", type=int, default=10_000, help="training rows (test rows: half)")
@@ -167,7 +169,11 @@ def main():
     if args.log_scale_bound is not None:
         flow = functools.partial(flow, log_scale_bound=args.log_scale_bound)
     sklearn_maf._density.MAF = flow
-    candidates = [json.loads(args.params)] if args.params else GRIDS[args.grid]()
+    if args.params:
+        candidates = json.loads(args.params)
+        candidates = [candidates] if isinstance(candidates, dict) else candidates
+    else:
+        candidates = GRIDS[args.grid]()
     datasets = args.datasets.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
 
