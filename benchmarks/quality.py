@@ -11,8 +11,9 @@ Models, each fitted on the same training rows:
 - ``GaussianMixture``: full covariance, ``n_components`` chosen by BIC over
   1..10, ``n_init=3``;
 - ``KernelDensity``: gaussian kernel on standardised data, bandwidth chosen by
-  3-fold ``GridSearchCV``; the log-determinant of the standardisation is added
-  back so scores are log-densities in the units of the data.
+  3-fold ``GridSearchCV`` over 11 values (``rtol=1e-6``); the log-determinant
+  of the standardisation is added back so scores are log-densities in the
+  units of the data.
 
 Fit time includes model selection (BIC sweep, cross-validation). Timings are
 wall-clock (``time.perf_counter``) and only meaningful on an otherwise idle
@@ -51,8 +52,11 @@ from sklearn_maf import MAFDensity
 
 GMM_COMPONENTS = range(1, 11)
 GMM_N_INIT = 3
-KDE_BANDWIDTHS = np.geomspace(0.01, 1.0, 13)  # in standardised units
+KDE_BANDWIDTHS = np.geomspace(0.02, 1.0, 11)  # in standardised units
 KDE_CV = 3
+# A relative tolerance of 1e-6 on each density changes log-densities by about 1e-6
+# nats, and lets the tree prune: 2-D scoring gets several times faster.
+KDE_RTOL = 1e-6
 
 
 # ------------------------------------------------------------------ models
@@ -86,7 +90,9 @@ def fit_gmm(X):
 def fit_kde(X):
     loc, scale = X.mean(axis=0), X.std(axis=0)
     log_det = -np.log(scale).sum()
-    search = GridSearchCV(KernelDensity(kernel="gaussian"), {"bandwidth": KDE_BANDWIDTHS}, cv=KDE_CV)
+    search = GridSearchCV(
+        KernelDensity(kernel="gaussian", rtol=KDE_RTOL), {"bandwidth": KDE_BANDWIDTHS}, cv=KDE_CV
+    )
     search.fit((X - loc) / scale)
     kde = search.best_estimator_
     bandwidth = kde.bandwidth
