@@ -1,7 +1,8 @@
 """sklearn-maf: Masked Autoregressive Flow density estimation for scikit-learn."""
 
 from ._density import MAFDensity
+from ._outlier import MAFOutlierDetector
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["MAFDensity", "__version__"]
+__all__ = ["MAFDensity", "MAFOutlierDetector", "__version__"]

@@ -95,7 +95,11 @@ class _BaseMAF(BaseEstimator):
         self.warm_start = warm_start
 
     def _fit(self, X, sample_weight):
-        """Validate ``X``, train the flow and set the fitted attributes."""
+        """Validate ``X``, train the flow and set the fitted attributes.
+
+        Returns the indices of the training rows and of the validation rows
+        (None without early stopping), for estimators that calibrate on them.
+        """
         continuing = self.warm_start and hasattr(self, "module_")
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, reset=not continuing)
         sample_weight = _check_sample_weight(
@@ -108,6 +112,7 @@ class _BaseMAF(BaseEstimator):
         _check_weight_total(sample_weight, train, "training")
         if validation is not None:
             _check_weight_total(sample_weight, validation, "validation")
+        X = self._flow_features(X, sample_weight, train, rng, continuing)
 
         if continuing:
             module = copy.deepcopy(self.module_)
@@ -158,7 +163,16 @@ class _BaseMAF(BaseEstimator):
             self.best_validation_score_ = history.best_validation_score
         self.best_loss_ = min(self.loss_curve_) if self.loss_curve_ else float("inf")
         self.n_iter_ = len(self.loss_curve_)
-        return self
+        return train, validation
+
+    def _flow_features(self, X, sample_weight, train, rng, continuing):
+        """The matrix the flow is trained on: ``X`` itself here.
+
+        The hook for estimators that preprocess their input (the outlier
+        detector drops constant features and transforms the others); ``train``
+        are the training rows and ``rng`` is the fit's random state.
+        """
+        return X
 
     def _log_density(self, X):
         """Validated ``X`` -> float64 log-densities; underflow gives -inf, never NaN."""
@@ -191,7 +205,7 @@ class _BaseMAF(BaseEstimator):
         rng = check_random_state(random_state)
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
         chunk = self._chunk_size()
-        out = np.empty((n_samples, self.n_features_in_))
+        out = np.empty((n_samples, self.module_.n_features))
         with torch.no_grad():
             for start in range(0, n_samples, chunk):
                 rows = min(chunk, n_samples - start)
@@ -265,9 +279,8 @@ class _BaseMAF(BaseEstimator):
 
 def _weighted_loc_scale(X, weight):
     """Weighted per-feature mean and standard deviation; constant features raise."""
-    loc = np.average(X, axis=0, weights=weight)
-    scale = np.sqrt(np.average((X - loc) ** 2, axis=0, weights=weight))
-    constant = np.flatnonzero(scale <= 4 * np.finfo(np.float64).eps * np.abs(loc))
+    loc, scale = _weighted_moments(X, weight)
+    constant = _constant_features(loc, scale)
     if constant.size:
         raise ValueError(
             f"Feature(s) {constant.tolist()} are constant on the training rows: a "
@@ -275,6 +288,17 @@ def _weighted_loc_scale(X, weight):
             "sklearn.feature_selection.VarianceThreshold)."
         )
     return loc, scale
+
+
+def _weighted_moments(X, weight):
+    """Weighted per-feature mean and standard deviation."""
+    loc = np.average(X, axis=0, weights=weight)
+    return loc, np.sqrt(np.average((X - loc) ** 2, axis=0, weights=weight))
+
+
+def _constant_features(loc, scale):
+    """Indices of the features whose spread is at the round-off level of their mean."""
+    return np.flatnonzero(scale <= 4 * np.finfo(np.float64).eps * np.abs(loc))
 
 
 def _check_weight_total(sample_weight, rows, name):

@@ -153,7 +153,8 @@ class MAFDensity(DensityMixin, _BaseMAF):
         self : MAFDensity
             The fitted estimator.
         """
-        return self._fit(X, sample_weight)
+        self._fit(X, sample_weight)
+        return self
 
     def score_samples(self, X):
         """Log-density of each row of ``X``, in the units of ``X``.
