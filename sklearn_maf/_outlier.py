@@ -38,7 +38,10 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
 
     1. Features that take a single value on the training rows have no density
        and are dropped (listed in ``constant_features_``); they are ignored at
-       scoring time.
+       scoring time, so a new row is not penalised for a different value there
+       (with no spread on the training rows there is no scale to measure the
+       difference on). :class:`~sklearn_maf.MAFDensity` raises on such
+       features instead.
     2. ``dequantize=True`` spreads each training value uniformly over its
        *cell*, the interval that reaches halfway to the neighbouring observed
        values of the feature. Integer-valued and other discrete features, and
@@ -448,11 +451,15 @@ def _cells(values, weight):
     """
     distinct, index = np.unique(values, return_inverse=True)
     mass = np.bincount(index.ravel(), weights=weight, minlength=distinct.size)
+    return _boundaries(distinct), np.concatenate([[0.0], np.cumsum(mass)])
+
+
+def _boundaries(distinct):
+    """Boundaries of the cells of increasing distinct values (at least two)."""
     gaps = np.diff(distinct)
-    boundaries = np.concatenate(
+    return np.concatenate(
         [[distinct[0] - gaps[0] / 2], distinct[:-1] + gaps / 2, [distinct[-1] + gaps[-1] / 2]]
     )
-    return boundaries, np.concatenate([[0.0], np.cumsum(mass)])
 
 
 def _thin(levels):
@@ -476,9 +483,10 @@ def _dequantize(X, reference, rng):
     """
     X = X.copy()
     for j in range(X.shape[1]):
-        if np.unique(reference[:, j]).size < 2:
+        distinct = np.unique(reference[:, j])
+        if distinct.size < 2:
             continue  # a feature found constant on later rows of a warm start
-        boundaries, _ = _cells(reference[:, j], None)
+        boundaries = _boundaries(distinct)
         x = X[:, j]
         cell = np.clip(np.searchsorted(boundaries, x, side="right") - 1, 0, boundaries.size - 2)
         start, width = boundaries[cell], boundaries[cell + 1] - boundaries[cell]

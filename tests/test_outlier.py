@@ -291,3 +291,6 @@ def test_warm_start_keeps_the_preprocessing(rng):
     detector.fit(X + [1.0, 0.0, 0.0])
     assert detector._marginals is marginals and detector.n_iter_ == 6
     np.testing.assert_array_equal(detector.constant_features_, [2])
+    # a modelled feature that is constant on the new rows is no error either
+    X[:, 0] = 1.0
+    assert np.all(np.isfinite(detector.fit(X).score_samples(X)))
