@@ -10,6 +10,10 @@ from sklearn.utils.validation import _check_sample_weight
 
 from ._base import _BaseMAF, _constant_features, _weighted_moments
 
+# MAFDensity's parameters that the detector does not take: its own preprocessing
+# (dequantize, preprocessing="quantile") handles discrete and bounded features.
+_NOT_PARAMETERS = {"bounds", "discrete_features"}
+
 # contamination="auto": the fraction of held-out rows scored below the threshold.
 _AUTO_FRACTION = 0.01
 
@@ -99,10 +103,17 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
     order : {"reverse", "random"}, default="reverse"
         Variable order of the layers: alternating natural and reversed, or a
         random permutation per layer drawn from ``random_state``.
+    base : {"gaussian", "mog"}, default="gaussian"
+        Base density under the MAF layers: a standard normal, or the paper's
+        "MAF MoG" base, a MADE whose every conditional is a mixture of
+        ``n_components`` Gaussians.
+    n_components : int, default=10
+        Mixture components per conditional of the MoG base; ignored when
+        ``base="gaussian"``.
     alpha : float, default=1e-6
-        L2 penalty on the weight matrices.
+        L2 penalty on the MADE weight matrices, applied as Adam weight decay.
     batch_size : int, default=256
-        Rows per mini-batch (capped at the number of training rows).
+        Rows per mini-batch (capped at the number of training rows); at least 2.
     learning_rate_init : float, default=1e-3
         Adam's learning rate.
     max_iter : int, default=200
@@ -170,6 +181,11 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
 
     Notes
     -----
+    :class:`~sklearn_maf.MAFDensity`'s ``bounds`` and ``discrete_features``
+    are not parameters of the detector: ``dequantize`` handles discrete
+    features (on any grid, not only integers) and the quantile preprocessing
+    bounded ones.
+
     The features are dropped and transformed, and the noise is drawn, on the
     training split only (never on validation rows), after the split itself, so
     that with ``preprocessing=None``, ``dequantize=False`` and no constant
@@ -197,7 +213,11 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
     """
 
     _parameter_constraints: dict = {
-        **_BaseMAF._parameter_constraints,
+        **{
+            name: constraint
+            for name, constraint in _BaseMAF._parameter_constraints.items()
+            if name not in _NOT_PARAMETERS
+        },
         "contamination": [StrOptions({"auto"}), Interval(Real, 0, 0.5, closed="right")],
         "preprocessing": [StrOptions({"quantile"}), None],
         "dequantize": ["boolean"],
@@ -215,6 +235,8 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
         activation="relu",
         batch_norm=True,
         order="reverse",
+        base="gaussian",
+        n_components=10,
         alpha=1e-6,
         batch_size=256,
         learning_rate_init=1e-3,
@@ -236,6 +258,8 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
             activation=activation,
             batch_norm=batch_norm,
             order=order,
+            base=base,
+            n_components=n_components,
             alpha=alpha,
             batch_size=batch_size,
             learning_rate_init=learning_rate_init,

@@ -1,15 +1,20 @@
 """Pure-torch building blocks of the flows; nothing here imports scikit-learn."""
 
+from .base import MADEMoG, StandardNormal
+from .bounds import Bounded
 from .flow import MAF, AffineMADE, BatchNorm, Standardize, soft_clamp
 from .made import MADE, MaskedLinear, hidden_degrees, input_degrees
 
 __all__ = [
     "MADE",
+    "MADEMoG",
     "MAF",
     "AffineMADE",
     "BatchNorm",
+    "Bounded",
     "MaskedLinear",
     "Standardize",
+    "StandardNormal",
     "hidden_degrees",
     "input_degrees",
     "soft_clamp",

@@ -8,16 +8,14 @@ transforms, so its log-density is the base log-density of the last output plus
 the sum of the log-determinants.
 """
 
-import math
-
 import torch
 from torch import nn
 
+from .base import MADEMoG, StandardNormal
+from .bounds import Bounded
 from .made import MADE, input_degrees
 
 __all__ = ["MAF", "AffineMADE", "BatchNorm", "Standardize", "soft_clamp"]
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 def soft_clamp(x, bound):
@@ -150,7 +148,7 @@ class BatchNorm(nn.Module):
 
 
 class MAF(nn.Module):
-    """Masked Autoregressive Flow with a standard-normal base density.
+    """Masked Autoregressive Flow over a standard-normal or MADE MoG base density.
 
     ``Standardize -> AffineMADE -> [BatchNorm? -> AffineMADE] x (n_layers - 1) -> N(0, I)``.
 
@@ -175,6 +173,16 @@ class MAF(nn.Module):
         reverse, as in the paper; "random": a random order per layer.
     n_context : int, default=0
         Context features fed, unmasked, into every MADE (a conditional flow).
+    base : {"gaussian", "mog"}, default="gaussian"
+        The base density: N(0, I), or a :class:`MADEMoG` whose conditionals are
+        mixtures of ``n_components`` Gaussians (the paper's "MAF MoG"), with the
+        next variable order of the alternation.
+    n_components : int, default=10
+        Components per conditional of the MADE MoG base.
+    bounds : tuple (low, high) of tensors of shape (n_features,), optional
+        Support of each feature (``-inf`` / ``inf`` for an open side): a fixed
+        :class:`Bounded` layer then comes first, and ``loc`` / ``scale`` are
+        those of its output.
     generator : torch.Generator, optional
         Source of all randomness at construction (weights, random orders).
     """
@@ -191,6 +199,9 @@ class MAF(nn.Module):
         batch_norm=True,
         order="reverse",
         n_context=0,
+        base="gaussian",
+        n_components=10,
+        bounds=None,
         log_scale_bound=5.0,
         generator=None,
         dtype=None,
@@ -200,27 +211,36 @@ class MAF(nn.Module):
         self.n_features = n_features
         self.n_context = n_context
         transforms = [Standardize(loc.to(dtype), scale.to(dtype))]
+        if bounds is not None:
+            transforms.insert(0, Bounded(*(torch.as_tensor(b, dtype=dtype) for b in bounds)))
         natural = torch.arange(n_features)
-        for index in range(n_layers):
+
+        def degrees(index):
             if order == "random":
-                layer_order = torch.randperm(n_features, generator=generator)
-            else:
-                layer_order = natural if index % 2 == 0 else natural.flip(0)
+                return input_degrees(torch.randperm(n_features, generator=generator))
+            return input_degrees(natural if index % 2 == 0 else natural.flip(0))
+
+        made_params = dict(
+            hidden_units=hidden_units,
+            n_hidden_layers=n_hidden_layers,
+            activation=activation,
+            n_context=n_context,
+            generator=generator,
+            dtype=dtype,
+        )
+        for index in range(n_layers):
             transforms.append(
-                AffineMADE(
-                    input_degrees(layer_order),
-                    log_scale_bound=log_scale_bound,
-                    hidden_units=hidden_units,
-                    n_hidden_layers=n_hidden_layers,
-                    activation=activation,
-                    n_context=n_context,
-                    generator=generator,
-                    dtype=dtype,
-                )
+                AffineMADE(degrees(index), log_scale_bound=log_scale_bound, **made_params)
             )
             if batch_norm and index < n_layers - 1:
                 transforms.append(BatchNorm(n_features, dtype=dtype))
         self.transforms = nn.ModuleList(transforms)
+        if base == "mog":
+            self.base = MADEMoG(
+                degrees(n_layers), n_components, log_scale_bound=log_scale_bound, **made_params
+            )
+        else:
+            self.base = StandardNormal(n_features)
 
     def forward(self, x, context=None, weight=None):
         """Map data to the base space; return ``(u, logabsdet)``."""
@@ -238,21 +258,18 @@ class MAF(nn.Module):
             logabsdet = logabsdet + ld
         return u, logabsdet
 
-    @staticmethod
-    def base_log_prob(u):
-        return -0.5 * (u.square().sum(dim=-1) + u.shape[-1] * _LOG_2PI)
+    def base_log_prob(self, u, context=None):
+        """Log-density of the base distribution at ``u``, shape (n_samples,)."""
+        return self.base.log_prob(u, context)
 
     def log_prob(self, x, context=None, weight=None):
         """Log-density of each row of ``x``, shape (n_samples,)."""
         u, logabsdet = self(x, context, weight)
-        return self.base_log_prob(u) + logabsdet
+        return self.base.log_prob(u, context) + logabsdet
 
     def sample(self, n_samples, context=None, generator=None):
         """Draw ``n_samples`` rows (one per context row when a context is given)."""
-        param = self.transforms[0].loc
-        u = torch.randn(
-            n_samples, self.n_features, generator=generator, dtype=param.dtype
-        ).to(param.device)
+        u = self.base.sample(n_samples, context, generator, like=next(self.parameters()))
         return self.inverse(u, context)[0]
 
     @torch.no_grad()

@@ -1,0 +1,114 @@
+"""Base densities under the flow: a standard normal, or the paper's MADE MoG.
+
+Each has ``log_prob(u, context)`` for points ``u`` in the space where the last
+MAF layer ends, and draws from uniform noise: ``from_uniform(noise, context)``
+maps ``n_noise`` uniforms per row to a draw, so a sample is a deterministic
+function of its noise (``sample`` draws the noise from a generator; quasi-Monte
+Carlo averages pass fixed points instead).
+"""
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .made import MADE
+
+__all__ = ["MADEMoG", "StandardNormal"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _open_unit(uniform):
+    """Keep uniforms strictly inside (0, 1), where the normal quantile is finite."""
+    tiny = torch.finfo(uniform.dtype).eps / 2
+    return uniform.clamp(tiny, 1 - tiny)
+
+
+class _UniformNoiseBase(nn.Module):
+    """Shared ``sample``: draw ``n_noise`` uniforms per row, then ``from_uniform``."""
+
+    def sample(self, n_samples, context=None, generator=None, like=None):
+        noise = torch.rand(n_samples, self.n_noise, generator=generator, dtype=like.dtype)
+        return self.from_uniform(noise.to(like.device), context)
+
+
+class StandardNormal(_UniformNoiseBase):
+    """N(0, I) in ``n_features`` dimensions."""
+
+    def __init__(self, n_features):
+        super().__init__()
+        self.n_features = n_features
+        self.n_noise = n_features
+
+    def log_prob(self, u, context=None):
+        return -0.5 * (u.square().sum(dim=-1) + u.shape[-1] * _LOG_2PI)
+
+    def from_uniform(self, noise, context=None):
+        return torch.special.ndtri(_open_unit(noise))
+
+
+class MADEMoG(_UniformNoiseBase):
+    """MADE whose every conditional is a mixture of Gaussians (the paper's MADE MoG).
+
+    ``p(u) = prod_i sum_k pi_ik N(u_i; m_ik, exp(a_ik)^2)``, where ``pi``, ``m``
+    and ``a`` for feature ``i`` come from a MADE of the features before ``i``.
+    The log-scales ``a`` are soft-clamped to ``(-bound, bound)``.
+
+    Parameters
+    ----------
+    degrees : torch.LongTensor of shape (n_features,)
+        Degrees of the inputs (the variable order).
+    n_components : int
+        Components per conditional.
+    log_scale_bound : float, default=5.0
+        Bound on the log standard deviation of each component.
+    **made_params
+        Passed to :class:`MADE`.
+    """
+
+    def __init__(self, degrees, n_components, *, log_scale_bound=5.0, **made_params):
+        super().__init__()
+        self.n_features = degrees.numel()
+        self.n_noise = 2 * self.n_features  # a normal and a component choice per feature
+        self.n_components = n_components
+        self.log_scale_bound = log_scale_bound
+        self.made = MADE(degrees, n_params=3 * n_components, **made_params)
+        # Spread the initial means so the components start apart rather than identical.
+        with torch.no_grad():
+            spread = torch.linspace(-1.5, 1.5, n_components) if n_components > 1 else torch.zeros(1)
+            bias = self.made.layers[-1].bias.view(3 * n_components, self.n_features)
+            bias[n_components : 2 * n_components] += spread.to(bias.dtype)[:, None]
+
+    def _mixture(self, u, context):
+        """Component log-weights, means and log-scales, each (n, n_features, K)."""
+        blocks = self.made(u, context)
+        k = self.n_components
+        stack = lambda parts: torch.stack(parts, dim=-1)  # noqa: E731
+        logits = stack(blocks[:k])
+        means = stack(blocks[k : 2 * k])
+        log_scales = self.log_scale_bound * torch.tanh(stack(blocks[2 * k :]) / self.log_scale_bound)
+        return F.log_softmax(logits, dim=-1), means, log_scales
+
+    def log_prob(self, u, context=None):
+        log_weights, means, log_scales = self._mixture(u, context)
+        z = (u.unsqueeze(-1) - means) * torch.exp(-log_scales)
+        component = -0.5 * (z.square() + _LOG_2PI) - log_scales
+        return torch.logsumexp(log_weights + component, dim=-1).sum(dim=-1)
+
+    def from_uniform(self, noise, context=None):
+        """Draw with one MADE pass per feature: the first half of ``noise`` gives the
+        standard normals, the second half the component choices."""
+        normal = torch.special.ndtri(_open_unit(noise[:, : self.n_features]))
+        uniform = noise[:, self.n_features :]
+        u = torch.zeros_like(normal)
+        for _ in range(self.n_features):
+            log_weights, means, log_scales = self._mixture(u, context)
+            cumulative = torch.cumsum(torch.exp(log_weights), dim=-1)
+            choice = (uniform.unsqueeze(-1) > cumulative).sum(dim=-1, keepdim=True)
+            choice = choice.clamp(max=self.n_components - 1)
+            mean = torch.gather(means, -1, choice).squeeze(-1)
+            log_scale = torch.gather(log_scales, -1, choice).squeeze(-1)
+            u = mean + torch.exp(log_scale) * normal
+        return u
