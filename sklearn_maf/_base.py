@@ -143,7 +143,11 @@ class _BaseMAF(BaseEstimator):
         self.module_ = module.to(torch.device(self.device))
 
     def _fit(self, X, sample_weight):
-        """Validate ``X``, train the flow and set the fitted attributes."""
+        """Validate ``X``, train the flow and set the fitted attributes.
+
+        Returns the indices of the training rows and of the validation rows
+        (None without early stopping), for estimators that calibrate on them.
+        """
         continuing = self.warm_start and hasattr(self, "module_")
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, reset=not continuing)
         return self._train(X, sample_weight, continuing=continuing)
@@ -154,23 +158,26 @@ class _BaseMAF(BaseEstimator):
 
         ``X`` holds the modelled variables and ``context``, when given, the
         conditioning features, already validated and scaled by the caller.
+        Returns the indices of the training rows and of the validation rows
+        (None without early stopping).
         """
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
         )
-        discrete = self._set_discrete_features(X, reset=not continuing)
         n_context = 0 if context is None else context.shape[1]
         device = self._torch_device()
         rng = check_random_state(self.random_state)
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
         train, validation = self._split(X.shape[0], rng)
+        _check_weight_total(sample_weight, train, "training")
+        if validation is not None:
+            _check_weight_total(sample_weight, validation, "validation")
+        X = self._flow_features(X, sample_weight, train, rng, continuing)
+        discrete = self._set_discrete_features(X, reset=not continuing)
         # One fixed dequantisation of the rows for the standardisation, the
         # validation score and the batch-norm statistics; training batches get
         # fresh noise every epoch.
         X_noisy = X + rng.uniform(size=X.shape) * discrete
-        _check_weight_total(sample_weight, train, "training")
-        if validation is not None:
-            _check_weight_total(sample_weight, validation, "validation")
 
         if continuing:
             module = copy.deepcopy(self.module_)
@@ -228,7 +235,16 @@ class _BaseMAF(BaseEstimator):
             self.best_validation_score_ = history.best_validation_score
         self.best_loss_ = min(self.loss_curve_) if self.loss_curve_ else float("inf")
         self.n_iter_ = len(self.loss_curve_)
-        return self
+        return train, validation
+
+    def _flow_features(self, X, sample_weight, train, rng, continuing):
+        """The matrix the flow is trained on: ``X`` itself here.
+
+        The hook for estimators that preprocess their input (the outlier
+        detector drops constant features and transforms the others); ``train``
+        are the training rows and ``rng`` is the fit's random state.
+        """
+        return X
 
     @limit_torch_threads()
     def _partial_fit(self, X, sample_weight):
@@ -490,9 +506,8 @@ class _BaseMAF(BaseEstimator):
 
 def _weighted_loc_scale(X, weight):
     """Weighted per-feature mean and standard deviation; constant features raise."""
-    loc = np.average(X, axis=0, weights=weight)
-    scale = np.sqrt(np.average((X - loc) ** 2, axis=0, weights=weight))
-    constant = np.flatnonzero(scale <= 4 * np.finfo(np.float64).eps * np.abs(loc))
+    loc, scale = _weighted_moments(X, weight)
+    constant = _constant_features(loc, scale)
     if constant.size:
         raise ValueError(
             f"Feature(s) {constant.tolist()} are constant on the training rows: a "
@@ -500,6 +515,17 @@ def _weighted_loc_scale(X, weight):
             "sklearn.feature_selection.VarianceThreshold)."
         )
     return loc, scale
+
+
+def _weighted_moments(X, weight):
+    """Weighted per-feature mean and standard deviation."""
+    loc = np.average(X, axis=0, weights=weight)
+    return loc, np.sqrt(np.average((X - loc) ** 2, axis=0, weights=weight))
+
+
+def _constant_features(loc, scale):
+    """Indices of the features whose spread is at the round-off level of their mean."""
+    return np.flatnonzero(scale <= 4 * np.finfo(np.float64).eps * np.abs(loc))
 
 
 def _check_weight_total(sample_weight, rows, name):

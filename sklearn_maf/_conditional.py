@@ -208,7 +208,8 @@ class MAFConditionalDensity(_BaseMAF):
             self.context_mean_ = np.average(X, axis=0, weights=sample_weight)
             scale = np.sqrt(np.average((X - self.context_mean_) ** 2, axis=0, weights=sample_weight))
             self.context_scale_ = np.where(scale > 0, scale, 1.0)
-        return self._train(Y, sample_weight, self._context(X), continuing=continuing)
+        self._train(Y, sample_weight, self._context(X), continuing=continuing)
+        return self
 
     def score_samples(self, X, y):
         """Conditional log-density ``log p(y | x)`` of each row, in the units of ``y``.

@@ -184,7 +184,8 @@ class MAFDensity(DensityMixin, _BaseMAF):
         self : MAFDensity
             The fitted estimator.
         """
-        return self._fit(X, sample_weight)
+        self._fit(X, sample_weight)
+        return self
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None, sample_weight=None):
