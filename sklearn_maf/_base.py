@@ -17,8 +17,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from ._nn import MAF
-from ._training import _cyclic_gc_paused, train_flow
+from ._nn import MAF, Bounded
+from ._threads import limit_torch_threads
+from ._training import _cyclic_gc_paused, make_optimizer, train_flow
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -29,6 +30,9 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # about twice as fast as in chunks of 40,000, while the fixed cost per chunk
 # (a few hundred small tensor operations) stays below 10% of the arithmetic.
 _CHUNK_ELEMENTS = 1 << 18
+
+# Quasi-random points per row that integrate the density over a dequantisation cell.
+_DEQUANTIZATION_POINTS = 32
 
 
 class _BaseMAF(BaseEstimator):
@@ -43,8 +47,10 @@ class _BaseMAF(BaseEstimator):
         "order": [StrOptions({"reverse", "random"})],
         "base": [StrOptions({"gaussian", "mog"})],
         "n_components": [Interval(Integral, 1, None, closed="left")],
+        "bounds": ["array-like", None],
+        "discrete_features": [StrOptions({"auto"}), "array-like", None],
         "alpha": [Interval(Real, 0, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 2, None, closed="left")],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
@@ -69,6 +75,8 @@ class _BaseMAF(BaseEstimator):
         order="reverse",
         base="gaussian",
         n_components=10,
+        bounds=None,
+        discrete_features=None,
         alpha=1e-6,
         batch_size=256,
         learning_rate_init=1e-3,
@@ -91,6 +99,8 @@ class _BaseMAF(BaseEstimator):
         self.order = order
         self.base = base
         self.n_components = n_components
+        self.bounds = bounds
+        self.discrete_features = discrete_features
         self.alpha = alpha
         self.batch_size = batch_size
         self.learning_rate_init = learning_rate_init
@@ -108,6 +118,9 @@ class _BaseMAF(BaseEstimator):
     def __getstate__(self):
         """Pickle the fitted flow on the CPU, so any machine can load it."""
         state = super().__getstate__()
+        # partial_fit's training copy and optimizer state stay behind: a pickle
+        # holds the fitted flow only, and partial_fit restarts Adam after loading.
+        state.pop("_partial_state", None)
         module = state.get("module_")
         if module is not None and _module_device(module).type != "cpu":
             state["module_"] = copy.deepcopy(module).cpu()
@@ -130,16 +143,23 @@ class _BaseMAF(BaseEstimator):
         self.module_ = module.to(torch.device(self.device))
 
     def _fit(self, X, sample_weight):
-        """Validate ``X``, train the flow and set the fitted attributes."""
+        """Validate ``X``, train the flow and set the fitted attributes.
+
+        Returns the indices of the training rows and of the validation rows
+        (None without early stopping), for estimators that calibrate on them.
+        """
         continuing = self.warm_start and hasattr(self, "module_")
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, reset=not continuing)
         return self._train(X, sample_weight, continuing=continuing)
 
+    @limit_torch_threads()
     def _train(self, X, sample_weight, context=None, *, continuing=False):
         """Train the flow on validated rows ``X`` (given ``context``); set fitted attributes.
 
         ``X`` holds the modelled variables and ``context``, when given, the
         conditioning features, already validated and scaled by the caller.
+        Returns the indices of the training rows and of the validation rows
+        (None without early stopping).
         """
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
@@ -152,12 +172,17 @@ class _BaseMAF(BaseEstimator):
         _check_weight_total(sample_weight, train, "training")
         if validation is not None:
             _check_weight_total(sample_weight, validation, "validation")
+        X = self._flow_features(X, sample_weight, train, rng, continuing)
+        discrete = self._set_discrete_features(X, reset=not continuing)
+        # One fixed dequantisation of the rows for the standardisation, the
+        # validation score and the batch-norm statistics; training batches get
+        # fresh noise every epoch.
+        X_noisy = X + rng.uniform(size=X.shape) * discrete
 
         if continuing:
             module = copy.deepcopy(self.module_)
         else:
-            loc, scale = _weighted_loc_scale(X[train], sample_weight[train])
-            module = self._build_module(loc, scale, generator, n_context)
+            module = self._build_module(X_noisy[train], sample_weight[train], generator, n_context)
         dtype = _DTYPES[self.precision]
         module = module.to(device=device, dtype=dtype)
 
@@ -169,7 +194,9 @@ class _BaseMAF(BaseEstimator):
         validation_data = None
         if validation is not None:
             c_validation = None if context is None else to_tensor(context[validation])
-            validation_data = (to_tensor(X[validation]), _take(weight, validation), c_validation)
+            validation_data = (
+                to_tensor(X_noisy[validation]), _take(weight, validation), c_validation
+            )
 
         history = train_flow(
             module,
@@ -185,17 +212,19 @@ class _BaseMAF(BaseEstimator):
             n_iter_no_change=self.n_iter_no_change,
             generator=generator,
             verbose=self.verbose,
+            dequantize=to_tensor(discrete) if discrete.any() else None,
         )
 
         module = module.to(torch.float64)
         to_double = self._tensor_factory(torch.float64, device)
         module.set_batch_norm_statistics(
-            to_double(X[train]),
+            to_double(X_noisy[train]),
             None if context is None else to_double(context[train]),
             weight=to_double(sample_weight[train]) if weighted else None,
             chunk_size=self._chunk_size(),
         )
         self.module_ = module.eval()
+        self.__dict__.pop("_partial_state", None)
         self.loss_curve_ = (self.loss_curve_ if continuing else []) + history.loss_curve
         if validation is None:
             self.validation_scores_ = None
@@ -206,15 +235,122 @@ class _BaseMAF(BaseEstimator):
             self.best_validation_score_ = history.best_validation_score
         self.best_loss_ = min(self.loss_curve_) if self.loss_curve_ else float("inf")
         self.n_iter_ = len(self.loss_curve_)
+        return train, validation
+
+    def _flow_features(self, X, sample_weight, train, rng, continuing):
+        """The matrix the flow is trained on: ``X`` itself here.
+
+        The hook for estimators that preprocess their input (the outlier
+        detector drops constant features and transforms the others); ``train``
+        are the training rows and ``rng`` is the fit's random state.
+        """
+        return X
+
+    @limit_torch_threads()
+    def _partial_fit(self, X, sample_weight):
+        """One epoch over ``X``, continuing the flow and Adam state of earlier calls."""
+        first = not hasattr(self, "module_")
+        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, reset=first)
+        sample_weight = _check_sample_weight(
+            sample_weight, X, dtype=np.float64, ensure_non_negative=True
+        )
+        discrete = self._set_discrete_features(X, reset=first)
+        _check_weight_total(sample_weight, slice(None), "partial_fit")
+        device, dtype = self._torch_device(), _DTYPES[self.precision]
+        state = getattr(self, "_partial_state", None)
+        if state is None:
+            rng = check_random_state(self.random_state)
+            generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
+            if first:
+                noisy = X + check_random_state(rng).uniform(size=X.shape) * discrete
+                module = self._build_module(noisy, sample_weight, generator)
+            else:
+                module = copy.deepcopy(self.module_)
+            module = module.to(device=device, dtype=dtype)
+            state = (module, make_optimizer(module, self.learning_rate_init, self.alpha), generator)
+        module, optimizer, generator = state
+
+        to_tensor = self._tensor_factory(dtype, device)
+        weighted = not np.all(sample_weight == 1)
+        history = train_flow(
+            module,
+            to_tensor(X),
+            to_tensor(sample_weight) if weighted else None,
+            batch_size=min(self.batch_size, X.shape[0]),
+            learning_rate=self.learning_rate_init,
+            alpha=self.alpha,
+            max_iter=1,
+            tol=self.tol,
+            n_iter_no_change=self.n_iter_no_change,
+            generator=generator,
+            verbose=self.verbose,
+            optimizer=optimizer,
+            warn_not_converged=False,
+            dequantize=to_tensor(discrete) if discrete.any() else None,
+        )
+        self._partial_state = state
+        self.module_ = copy.deepcopy(module).to(torch.float64).eval()
+        self.loss_curve_ = (getattr(self, "loss_curve_", None) or []) + history.loss_curve
+        self.validation_scores_ = None
+        self.best_validation_score_ = None
+        self.best_loss_ = min(self.loss_curve_)
+        self.n_iter_ = len(self.loss_curve_)
         return self
 
     def _log_density(self, X):
         """Validated ``X`` -> float64 log-densities; underflow gives -inf, never NaN."""
         X = self._validate_fitted_input(X)
-        log_density = self._map_rows(lambda x: self.module_.log_prob(x)[:, None], 1, X)[:, 0]
-        log_density[np.isnan(log_density)] = -np.inf  # in place: no second copy of the result
-        return log_density
+        return self._log_mass(lambda x: self.module_.log_prob(x), X)
 
+    def _log_mass(self, log_prob, X, *context):
+        """Log-density of rows ``X`` (given ``context``), integrating out dequantisation.
+
+        On integer-valued columns the model's density is over ``k + u`` with
+        ``u`` in ``[0, 1)``; the log-probability of ``k`` is the log of the mean
+        density over that unit cell, estimated with the same fixed quasi-random
+        points for every row, so results do not depend on batching.
+        """
+        discrete = self.discrete_features_
+        if not discrete.any():
+            values = self._map_rows(lambda *t: log_prob(*t)[:, None], 1, X, *context)[:, 0]
+            values[np.isnan(values)] = -np.inf  # in place: no second copy of the result
+            return values
+        points = _sobol_points(_DEQUANTIZATION_POINTS, int(discrete.sum()))
+        offsets = np.zeros((_DEQUANTIZATION_POINTS, X.shape[1]))
+        offsets[:, discrete] = points
+
+        def integrated(x, *c):
+            n = x.shape[0]
+            shifted = (x[:, None, :] + torch.as_tensor(offsets, device=x.device)).reshape(-1, x.shape[1])
+            repeated = [t.repeat_interleave(_DEQUANTIZATION_POINTS, dim=0) for t in c]
+            values = log_prob(shifted, *repeated).reshape(n, _DEQUANTIZATION_POINTS)
+            values = torch.nan_to_num(values, nan=-torch.inf)
+            return (torch.logsumexp(values, dim=1) - np.log(_DEQUANTIZATION_POINTS))[:, None]
+
+        rows = max(1, self._chunk_size() // _DEQUANTIZATION_POINTS)
+        return self._map_rows(integrated, 1, X, *context, chunk=rows)[:, 0]
+
+    def _set_discrete_features(self, X, reset):
+        """Set ``discrete_features_`` at a first fit; check integer values; return a 0/1 mask."""
+        if reset:
+            self.discrete_features_ = _discrete_mask(self.discrete_features, X)
+        discrete = self.discrete_features_
+        if discrete.shape[0] != X.shape[1]:
+            raise ValueError(
+                f"discrete_features_ covers {discrete.shape[0]} features, X has {X.shape[1]}."
+            )
+        not_integer = discrete & ~np.all(X == np.floor(X), axis=0)
+        if not_integer.any():
+            raise ValueError(
+                f"Features {np.flatnonzero(not_integer).tolist()} are declared discrete "
+                "but hold non-integer values."
+            )
+        self._check_within_bounds(X)
+        if discrete.any():  # the dequantised cell [k, k + 1) must lie inside the bounds too
+            self._check_within_bounds(X + 0.999999 * discrete)
+        return discrete.astype(np.float64)
+
+    @limit_torch_threads()
     def sample(self, n_samples=1, random_state=None):
         """Draw rows from the fitted density.
 
@@ -246,11 +382,22 @@ class _BaseMAF(BaseEstimator):
                 rows = min(chunk, n_samples - start)
                 x = self.module_.sample(rows, generator=generator)
                 out[start : start + rows] = x.cpu().numpy()
-        return out
+        return self._floor_discrete(out)
+
+    def _floor_discrete(self, X):
+        """Map dequantised values back to integers on the discrete columns."""
+        X[:, self.discrete_features_] = np.floor(X[:, self.discrete_features_])
+        return X
 
     # ----------------------------------------------------------------- helpers
 
-    def _build_module(self, loc, scale, generator, n_context=0):
+    def _build_module(self, X, sample_weight, generator, n_context=0):
+        """A new flow whose fixed first layers are fitted to the training rows ``X``."""
+        bounds = self._bounds(X.shape[1])
+        Y = X
+        if bounds is not None:
+            Y = Bounded(*map(torch.as_tensor, bounds))(torch.as_tensor(X))[0].numpy()
+        loc, scale = _weighted_loc_scale(Y, sample_weight)
         return MAF(
             torch.as_tensor(loc),
             torch.as_tensor(scale),
@@ -263,9 +410,40 @@ class _BaseMAF(BaseEstimator):
             n_context=n_context,
             base=self.base,
             n_components=self.n_components,
+            bounds=bounds,
             generator=generator,
             dtype=torch.float64,
         )
+
+    def _bounds(self, n_features):
+        """``bounds`` as two float64 arrays (low, high), or None when unbounded."""
+        if self.bounds is None:
+            return None
+        bounds = np.asarray(self.bounds, dtype=np.float64)
+        if bounds.shape != (n_features, 2) or np.isnan(bounds).any():
+            raise ValueError(
+                "bounds must have shape (n_features, 2) = "
+                f"({n_features}, 2) with no NaN, got shape {bounds.shape}."
+            )
+        low, high = bounds.T
+        if np.any(low >= high):
+            raise ValueError(
+                f"bounds must have low < high for every feature; features "
+                f"{np.flatnonzero(low >= high).tolist()} do not."
+            )
+        return low, high
+
+    def _check_within_bounds(self, X):
+        bounds = self._bounds(X.shape[1])
+        if bounds is None:
+            return
+        outside = (X <= bounds[0]) | (X >= bounds[1])
+        if outside.any():
+            features = np.flatnonzero(outside.any(axis=0)).tolist()
+            raise ValueError(
+                f"{int(outside.any(axis=1).sum())} training rows lie on or outside the "
+                f"open interval given by bounds, in features {features}."
+            )
 
     def _split(self, n_samples, rng):
         """Indices of the training rows and of the validation rows (or None)."""
@@ -305,7 +483,8 @@ class _BaseMAF(BaseEstimator):
         check_is_fitted(self)
         return validate_data(self, X, dtype=np.float64, reset=False)
 
-    def _map_rows(self, function, n_outputs, *arrays):
+    @limit_torch_threads()
+    def _map_rows(self, function, n_outputs, *arrays, chunk=None):
         """Apply a float64 torch ``function`` to chunks of rows of ``arrays``; numpy out.
 
         ``function`` receives one tensor per array, all for the same rows, and
@@ -314,7 +493,7 @@ class _BaseMAF(BaseEstimator):
         n_rows = arrays[0].shape[0]
         out = np.empty((n_rows, n_outputs))
         device = _module_device(self.module_)
-        chunk = self._chunk_size()
+        chunk = chunk or self._chunk_size()
         with torch.inference_mode(), _cyclic_gc_paused():
             for start in range(0, n_rows, chunk):
                 tensors = [
@@ -325,12 +504,10 @@ class _BaseMAF(BaseEstimator):
         return out
 
 
-
 def _weighted_loc_scale(X, weight):
     """Weighted per-feature mean and standard deviation; constant features raise."""
-    loc = np.average(X, axis=0, weights=weight)
-    scale = np.sqrt(np.average((X - loc) ** 2, axis=0, weights=weight))
-    constant = np.flatnonzero(scale <= 4 * np.finfo(np.float64).eps * np.abs(loc))
+    loc, scale = _weighted_moments(X, weight)
+    constant = _constant_features(loc, scale)
     if constant.size:
         raise ValueError(
             f"Feature(s) {constant.tolist()} are constant on the training rows: a "
@@ -340,12 +517,54 @@ def _weighted_loc_scale(X, weight):
     return loc, scale
 
 
+def _weighted_moments(X, weight):
+    """Weighted per-feature mean and standard deviation."""
+    loc = np.average(X, axis=0, weights=weight)
+    return loc, np.sqrt(np.average((X - loc) ** 2, axis=0, weights=weight))
+
+
+def _constant_features(loc, scale):
+    """Indices of the features whose spread is at the round-off level of their mean."""
+    return np.flatnonzero(scale <= 4 * np.finfo(np.float64).eps * np.abs(loc))
+
+
 def _check_weight_total(sample_weight, rows, name):
     if not sample_weight[rows].sum() > 0:
         raise ValueError(
             f"The sample weights of the {name} rows sum to zero; at least one "
             "row needs a positive weight."
         )
+
+
+def _discrete_mask(discrete_features, X):
+    """``discrete_features`` (None, "auto", indices or a mask) -> boolean mask."""
+    n_features = X.shape[1]
+    if discrete_features is None:
+        return np.zeros(n_features, dtype=bool)
+    if isinstance(discrete_features, str):  # "auto": columns that hold only integers
+        return np.all(X == np.floor(X), axis=0)
+    given = np.asarray(discrete_features)
+    if given.dtype == bool:
+        if given.shape != (n_features,):
+            raise ValueError(
+                f"A boolean discrete_features must have shape ({n_features},), got {given.shape}."
+            )
+        return given.copy()
+    if given.ndim != 1 or not np.issubdtype(given.dtype, np.integer):
+        raise ValueError("discrete_features must be 'auto', a boolean mask or integer indices.")
+    if np.any((given < 0) | (given >= n_features)):
+        raise ValueError(
+            f"discrete_features indices must be in [0, {n_features}), got {given.tolist()}."
+        )
+    mask = np.zeros(n_features, dtype=bool)
+    mask[given] = True
+    return mask
+
+
+def _sobol_points(n_points, n_dims):
+    """Fixed scrambled-Sobol points in [0, 1)^n_dims, float64 (no global RNG)."""
+    engine = torch.quasirandom.SobolEngine(n_dims, scramble=True, seed=0)
+    return engine.draw(n_points, dtype=torch.float64).numpy()
 
 
 def _module_device(module):

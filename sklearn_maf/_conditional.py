@@ -14,7 +14,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from ._base import _BaseMAF, _module_device
+from ._base import _BaseMAF, _module_device, _sobol_points
 
 
 class MAFConditionalDensity(_BaseMAF):
@@ -50,10 +50,32 @@ class MAFConditionalDensity(_BaseMAF):
     n_components : int, default=10
         Mixture components per conditional of the MoG base; ignored when
         ``base="gaussian"``.
+    bounds : array-like of shape (n_features, 2), default=None
+        Support ``(low, high)`` of each modelled feature (of ``y``, for this
+        estimator), with ``-np.inf`` /
+        ``np.inf`` for an open side. A bounded feature goes through a fixed
+        logit (both sides finite) or log (one side finite) layer, with its
+        log-determinant, before the standardisation: the model puts no mass
+        outside the bounds, :meth:`sample` stays inside them, and
+        :meth:`score_samples` is still a density in the units of the data
+        (``-inf`` for rows outside). Training rows must lie strictly inside.
+    discrete_features : "auto", array-like of int or bool, default=None
+        Integer-valued features (indices or a boolean mask; "auto": every
+        feature whose training values are all integers). They are dequantised:
+        training adds fresh uniform noise in ``[0, 1)`` to them at every epoch,
+        :meth:`score_samples` returns the log of the *probability* of the
+        integer values times the density of the continuous ones (the model's
+        density integrated over each unit cell with 32 fixed quasi-random
+        points per row), and :meth:`sample` returns integers there. Without
+        this, a density fitted to integers piles up mass on them and its scores
+        are not comparable with a continuous density's.
     alpha : float, default=1e-6
-        L2 penalty on the weight matrices.
+        L2 penalty on the MADE weight matrices, applied as Adam weight decay:
+        each step adds ``alpha * W`` to the gradient of the mean per-row loss
+        (scikit-learn's MLP divides its penalty by the batch size instead).
     batch_size : int, default=256
-        Rows per mini-batch.
+        Rows per mini-batch; at least 2, so batch normalisation never sees the
+        statistics of one row.
     learning_rate_init : float, default=1e-3
         Adam's learning rate.
     max_iter : int, default=200
@@ -88,11 +110,13 @@ class MAFConditionalDensity(_BaseMAF):
         Names of the context features, when ``X`` has string feature names.
     n_targets_ : int
         Number of target columns.
-    context_mean_ : ndarray of shape (n_features_in_,)
+    context_mean_ : ndarray of shape (`n_features_in_`,)
         Weighted mean of each context feature on the data of the first fit.
-    context_scale_ : ndarray of shape (n_features_in_,)
+    context_scale_ : ndarray of shape (`n_features_in_`,)
         Weighted standard deviation of each context feature (1 for a constant
         feature).
+    discrete_features_ : ndarray of shape (n_features,), dtype bool
+        Which modelled features are treated as integer-valued.
     loss_curve_ : list of float
         Mean training negative conditional log-likelihood per epoch.
     validation_scores_ : list of float or None
@@ -111,9 +135,10 @@ class MAFConditionalDensity(_BaseMAF):
     Notes
     -----
     :meth:`predict` returns the conditional mean ``E[y | x]``, estimated by
-    pushing the same ``n_draws`` scrambled-Sobol quasi-random points of the base
-    density through the inverse flow for every row and averaging: the result is
-    deterministic and does not depend on which other rows are predicted with it.
+    turning the same ``n_draws`` scrambled-Sobol quasi-random points into draws
+    of the base density (standard normal or MoG) and through the inverse flow
+    for every row, and averaging: the result is deterministic and does not
+    depend on which other rows are predicted with it.
 
     Examples
     --------
@@ -183,7 +208,8 @@ class MAFConditionalDensity(_BaseMAF):
             self.context_mean_ = np.average(X, axis=0, weights=sample_weight)
             scale = np.sqrt(np.average((X - self.context_mean_) ** 2, axis=0, weights=sample_weight))
             self.context_scale_ = np.where(scale > 0, scale, 1.0)
-        return self._train(Y, sample_weight, self._context(X), continuing=continuing)
+        self._train(Y, sample_weight, self._context(X), continuing=continuing)
+        return self
 
     def score_samples(self, X, y):
         """Conditional log-density ``log p(y | x)`` of each row, in the units of ``y``.
@@ -212,10 +238,7 @@ class MAFConditionalDensity(_BaseMAF):
                 f"y has {Y.shape[1]} targets, but {type(self).__name__} is expecting "
                 f"{self.n_targets_} targets as input."
             )
-        log_density = self._map_rows(
-            lambda y, c: self.module_.log_prob(y, c)[:, None], 1, Y, C
-        )[:, 0]
-        return np.where(np.isnan(log_density), -np.inf, log_density)
+        return self._log_mass(lambda y, c: self.module_.log_prob(y, c), Y, C)
 
     def score(self, X, y, sample_weight=None):
         """Total conditional log-likelihood ``sum log p(y | x)``.
@@ -264,7 +287,7 @@ class MAFConditionalDensity(_BaseMAF):
             self.n_targets_,
             C,
         )
-        return self._shape_like_y(draws)
+        return self._shape_like_y(self._floor_discrete(draws))
 
     @validate_params(
         {"n_draws": [Interval(Integral, 1, None, closed="left")]},
@@ -288,12 +311,14 @@ class MAFConditionalDensity(_BaseMAF):
             :meth:`fit`.
         """
         C = self._validated_context(X)
-        u = _normal_points(n_draws, self.n_targets_)
-        u = u.to(_module_device(self.module_))
+        base = self.module_.base
+        noise = torch.as_tensor(_sobol_points(n_draws, base.n_noise))
+        noise = noise.to(_module_device(self.module_))
 
         def conditional_mean(c):
             repeated = c.repeat_interleave(n_draws, dim=0)
-            y = self.module_.inverse(u.repeat(c.shape[0], 1), repeated)[0]
+            u = base.from_uniform(noise.repeat(c.shape[0], 1), repeated)
+            y = self.module_.inverse(u, repeated)[0]
             return y.reshape(c.shape[0], n_draws, -1).mean(dim=1)
 
         rows = max(1, self._chunk_size() // n_draws)
@@ -313,11 +338,3 @@ class MAFConditionalDensity(_BaseMAF):
 
     def _shape_like_y(self, Y):
         return Y[:, 0] if self._y_1d else Y
-
-
-def _normal_points(n_points, n_dims):
-    """Fixed scrambled-Sobol points mapped to the standard normal, float64."""
-    engine = torch.quasirandom.SobolEngine(n_dims, scramble=True, seed=0)
-    uniform = engine.draw(n_points, dtype=torch.float64)
-    uniform = uniform.clamp(1e-12, 1 - 1e-12)
-    return torch.special.ndtri(uniform)

@@ -47,10 +47,31 @@ class MAFDensity(DensityMixin, _BaseMAF):
     n_components : int, default=10
         Mixture components per conditional of the MoG base; ignored when
         ``base="gaussian"``.
+    bounds : array-like of shape (n_features, 2), default=None
+        Support ``(low, high)`` of each modelled feature, with ``-np.inf`` /
+        ``np.inf`` for an open side. A bounded feature goes through a fixed
+        logit (both sides finite) or log (one side finite) layer, with its
+        log-determinant, before the standardisation: the model puts no mass
+        outside the bounds, :meth:`sample` stays inside them, and
+        :meth:`score_samples` is still a density in the units of the data
+        (``-inf`` for rows outside). Training rows must lie strictly inside.
+    discrete_features : "auto", array-like of int or bool, default=None
+        Integer-valued features (indices or a boolean mask; "auto": every
+        feature whose training values are all integers). They are dequantised:
+        training adds fresh uniform noise in ``[0, 1)`` to them at every epoch,
+        :meth:`score_samples` returns the log of the *probability* of the
+        integer values times the density of the continuous ones (the model's
+        density integrated over each unit cell with 32 fixed quasi-random
+        points per row), and :meth:`sample` returns integers there. Without
+        this, a density fitted to integers piles up mass on them and its scores
+        are not comparable with a continuous density's.
     alpha : float, default=1e-6
-        L2 penalty on the weight matrices.
+        L2 penalty on the MADE weight matrices, applied as Adam weight decay:
+        each step adds ``alpha * W`` to the gradient of the mean per-row loss
+        (scikit-learn's MLP divides its penalty by the batch size instead).
     batch_size : int, default=256
-        Rows per mini-batch (capped at the number of training rows).
+        Rows per mini-batch (capped at the number of training rows); at least
+        2, so batch normalisation never sees the statistics of one row.
     learning_rate_init : float, default=1e-3
         Adam's learning rate.
     max_iter : int, default=200
@@ -92,6 +113,8 @@ class MAFDensity(DensityMixin, _BaseMAF):
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during :term:`fit`, when ``X`` has string
         feature names.
+    discrete_features_ : ndarray of shape (n_features,), dtype bool
+        Which modelled features are treated as integer-valued.
     loss_curve_ : list of float
         Mean training negative log-likelihood per epoch (nats per row), across
         warm starts.
@@ -161,7 +184,37 @@ class MAFDensity(DensityMixin, _BaseMAF):
         self : MAFDensity
             The fitted estimator.
         """
-        return self._fit(X, sample_weight)
+        self._fit(X, sample_weight)
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """Train for one epoch over ``X``, continuing from earlier calls.
+
+        For data that arrive in chunks or do not fit in memory, as
+        :meth:`sklearn.neural_network.MLPRegressor.partial_fit`: each call makes
+        one pass of shuffled mini-batches over ``X`` with the Adam state of the
+        previous calls. The first call fixes the standardisation layer from its
+        ``X`` (so give it a representative chunk); there is no validation split
+        or early stopping, and batch norm keeps running averages over the
+        batches seen. Calling :meth:`fit` afterwards starts over (or, with
+        ``warm_start=True``, continues the flow with a fresh optimizer).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            A chunk of training data (at least 2 rows).
+        y : None
+            Ignored; present for API consistency.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the rows' log-likelihoods.
+
+        Returns
+        -------
+        self : MAFDensity
+            The updated estimator.
+        """
+        return self._partial_fit(X, sample_weight)
 
     def score_samples(self, X):
         """Log-density of each row of ``X``, in the units of ``X``.
@@ -205,7 +258,8 @@ class MAFDensity(DensityMixin, _BaseMAF):
         With ``base="gaussian"`` the model is standard normal there. With
         ``base="mog"`` it is the MADE MoG base density, which is neither
         Gaussian nor independent across coordinates; the map is still the exact
-        bijection that :meth:`inverse_transform` undoes.
+        bijection that :meth:`inverse_transform` undoes. Discrete features
+        enter at the middle of their dequantisation cell, ``k + 0.5``.
 
         Parameters
         ----------
@@ -218,7 +272,7 @@ class MAFDensity(DensityMixin, _BaseMAF):
             Latent coordinates; for data drawn from a model with
             ``base="gaussian"`` they are independent standard normals.
         """
-        X = self._validate_fitted_input(X)
+        X = self._validate_fitted_input(X) + 0.5 * self.discrete_features_
         return self._map_rows(lambda x: self.module_(x)[0], self.n_features_in_, X)
 
     def fit_transform(self, X, y=None, sample_weight=None):
@@ -240,18 +294,33 @@ class MAFDensity(DensityMixin, _BaseMAF):
         """
         return self.fit(X, y, sample_weight=sample_weight).transform(X)
 
-    def inverse_transform(self, U):
+    def inverse_transform(self, X):
         """Map latent coordinates back to data space.
 
         Parameters
         ----------
-        U : array-like of shape (n_samples, n_features)
-            Latent coordinates.
+        X : array-like of shape (n_samples, n_features)
+            Latent coordinates, as returned by :meth:`transform` (named ``X``
+            as in scikit-learn's transformers, so it is not routed metadata).
 
         Returns
         -------
         X : ndarray of shape (n_samples, n_features), dtype float64
             Rows in data space; ``inverse_transform(transform(X))`` returns ``X``.
+            Discrete features are rounded down to their integer.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sklearn_maf import MAFDensity
+        >>> X = np.random.RandomState(0).normal(size=(200, 3))
+        >>> maf = MAFDensity(n_layers=2, hidden_units=8, max_iter=3, random_state=0)
+        >>> U = maf.fit(X).transform(X)
+        >>> U.shape
+        (200, 3)
+        >>> bool(np.allclose(maf.inverse_transform(U), X))
+        True
         """
-        U = self._validate_fitted_input(U)
-        return self._map_rows(lambda u: self.module_.inverse(u)[0], self.n_features_in_, U)
+        U = self._validate_fitted_input(X)
+        X = self._map_rows(lambda u: self.module_.inverse(u)[0], self.n_features_in_, U)
+        return self._floor_discrete(X)

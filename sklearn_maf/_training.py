@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-__all__ = ["TrainingHistory", "train_flow", "mean_log_prob"]
+__all__ = ["TrainingHistory", "make_optimizer", "mean_log_prob", "train_flow"]
 
 
 @dataclass
@@ -81,6 +81,11 @@ def _parameter_groups(module, alpha):
         {"params": decayed, "weight_decay": alpha},
         {"params": other, "weight_decay": 0.0},
     ]
+
+
+def make_optimizer(module, learning_rate, alpha):
+    """Adam (fused: one kernel per parameter group) with L2 ``alpha`` on the weights."""
+    return _adam(_parameter_groups(module, alpha), learning_rate)
 
 
 class _FusedAdam:
@@ -201,6 +206,9 @@ def train_flow(
     n_iter_no_change,
     generator,
     verbose=False,
+    optimizer=None,
+    warn_not_converged=True,
+    dequantize=None,
 ):
     """Fit ``module`` (in place) by maximum likelihood with Adam.
 
@@ -226,20 +234,37 @@ def train_flow(
         Source of the batch shuffling.
     verbose : bool
         Print one line per epoch.
+    optimizer : torch.optim.Optimizer, optional
+        An optimizer of ``module`` to continue with (its moment estimates
+        carry over, as in ``partial_fit``); by default a fresh one from
+        :func:`make_optimizer`.
+    dequantize : torch.Tensor of shape (n_features,), optional
+        1 for integer-valued columns: each batch gets fresh uniform noise in
+        ``[0, 1)`` on them (uniform dequantisation), drawn from ``generator``.
+    warn_not_converged : bool, default=True
+        Warn with a ``ConvergenceWarning`` when ``max_iter`` epochs end without
+        convergence; ``partial_fit`` runs one epoch on purpose and does not.
 
     Returns
     -------
     history : TrainingHistory
     """
     history = TrainingHistory()
-    optimizer = _adam(_parameter_groups(module, alpha), learning_rate)
+    if optimizer is None:
+        optimizer = make_optimizer(module, learning_rate, alpha)
     best_state = _snapshot(module)
     no_improvement = 0
     module.train()
 
     for epoch in range(max_iter):
         start = time.perf_counter()
-        loss, n_steps = _epoch(module, optimizer, X, weight, context, batch_size, generator)
+        if validation is None:
+            # The weights after an epoch have not been scored yet; those it starts
+            # from gave a finite loss on its first batch if its loss is finite.
+            epoch_start_state = _snapshot(module)
+        loss, n_steps = _epoch(
+            module, optimizer, X, weight, context, batch_size, generator, dequantize
+        )
         history.n_steps += n_steps
         if not math.isfinite(loss):
             history.non_finite = True
@@ -263,7 +288,7 @@ def train_flow(
                 best_state = _snapshot(module)
         else:
             improved = loss < history.best_loss - tol
-            best_state = _snapshot(module)
+            best_state = epoch_start_state
         history.best_loss = min(history.best_loss, loss)
         no_improvement = 0 if improved else no_improvement + 1
 
@@ -279,7 +304,7 @@ def train_flow(
 
     if validation is not None:
         module.load_state_dict(best_state)
-    if not history.stopped_early and not history.non_finite and max_iter > 0:
+    if warn_not_converged and not history.stopped_early and not history.non_finite:
         warnings.warn(
             f"Stochastic optimizer: maximum iterations ({max_iter}) reached and "
             "the optimization hasn't converged yet.",
@@ -289,7 +314,7 @@ def train_flow(
     return history
 
 
-def _epoch(module, optimizer, X, weight, context, batch_size, generator):
+def _epoch(module, optimizer, X, weight, context, batch_size, generator, dequantize=None):
     """One pass over shuffled batches: ``(mean batch loss, number of steps)``.
 
     Losses stay on the device and are read once per epoch, so that a GPU is
@@ -304,6 +329,9 @@ def _epoch(module, optimizer, X, weight, context, batch_size, generator):
         for index in batches:
             batch_weight = _select(weight, index)
             x, batch_context = _select(X, index), _select(context, index)
+            if dequantize is not None:
+                noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+                x = x + noise * dequantize
             losses.append(_step(module, optimizer, params, x, batch_weight, batch_context))
             sizes.append(index.numel() if weight is None else batch_weight.sum())
     losses = torch.stack(losses).double()

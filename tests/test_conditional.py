@@ -135,3 +135,12 @@ def test_weighted_context_scaling_equals_repetition(rng):
     repeated = _small(**params).fit(X.repeat(weight, axis=0), y.repeat(weight))
     np.testing.assert_allclose(weighted.context_mean_, repeated.context_mean_)
     np.testing.assert_allclose(weighted.score_samples(X, y), repeated.score_samples(X, y), atol=1e-9)
+
+
+def test_predict_with_a_mog_base_is_the_mixture_mean(rng):
+    """predict draws through the MoG base, not a standard normal (a bug caught by eye)."""
+    X = rng.uniform(-1, 1, size=(3000, 1))
+    branch = rng.randint(2, size=3000)
+    y = np.where(branch, 2.0, -1.0) + 0.1 * rng.normal(size=3000)  # mean 0.5 whatever x
+    model = _small(base="mog", n_components=3, max_iter=60, hidden_units=32).fit(X, y)
+    np.testing.assert_allclose(model.predict(X[:20]), 0.5, atol=0.1)

@@ -381,3 +381,123 @@ def test_cuda_model_pickles_with_cpu_tensors_and_reloads_on_cuda(rng):
     loaded = pickle.loads(payload)
     assert next(loaded.module_.parameters()).device.type == "cuda"
     np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
+
+
+def test_partial_fit_over_chunks_comes_close_to_a_full_fit(rng):
+    """Many passes of partial_fit over chunks reach a full fit's held-out likelihood."""
+    X, X_test = _mixture(3000, rng), _mixture(1000, rng)
+    params = dict(n_layers=3, hidden_units=32, random_state=0)
+    full = MAFDensity(max_iter=30, early_stopping=False, **params).fit(X)
+    streamed = MAFDensity(**params)
+    for _ in range(30):
+        for chunk in np.array_split(X, 6):
+            streamed.partial_fit(chunk)
+    assert streamed.n_iter_ == 180
+    gap = full.score_samples(X_test).mean() - streamed.score_samples(X_test).mean()
+    assert gap < 0.05
+
+
+def test_partial_fit_keeps_the_first_standardisation_and_checks_features(rng):
+    X = _mixture(200, rng)
+    model = _small().partial_fit(X[:100])
+    loc = model.module_.transforms[0].loc.clone()
+    model.partial_fit(X[100:] + 100.0)
+    torch.testing.assert_close(model.module_.transforms[0].loc, loc)
+    with pytest.raises(ValueError, match="X has 3 features, but MAFDensity is expecting 2"):
+        model.partial_fit(np.ones((5, 3)))
+
+
+def test_partial_fit_is_reproducible_and_pickles_without_optimizer_state(rng):
+    X = _mixture(200, rng)
+    first, second = _small(), _small()
+    for chunk in np.array_split(X, 4):
+        first.partial_fit(chunk)
+        second.partial_fit(chunk)
+    np.testing.assert_array_equal(first.score_samples(X), second.score_samples(X))
+    loaded = pickle.loads(pickle.dumps(first))
+    assert not hasattr(loaded, "_partial_state")
+    np.testing.assert_array_equal(loaded.score_samples(X), first.score_samples(X))
+    loaded.partial_fit(X)  # continues, with a fresh optimizer
+    assert loaded.n_iter_ == first.n_iter_ + 1
+
+
+def test_batch_of_one_row_is_rejected():
+    """Batch norm must never train on the statistics of a single row."""
+    with pytest.raises(ValueError, match="'batch_size' parameter of MAFDensity must be an int in the range \\[2, inf\\)"):
+        _small(batch_size=1).fit(np.random.RandomState(0).normal(size=(20, 2)))
+
+
+def test_bounded_features_keep_a_true_density(rng):
+    """Logit / log layers: mass only inside the bounds, integrating to one there."""
+    X = np.c_[rng.beta(2, 5, size=2000), rng.exponential(2.0, size=2000) + 1.0]
+    bounds = [[0.0, 1.0], [1.0, np.inf]]
+    model = _small(bounds=bounds, max_iter=60).fit(X)
+    samples = model.sample(2000, random_state=0)
+    assert np.all((samples[:, 0] > 0) & (samples[:, 0] < 1) & (samples[:, 1] > 1))
+    assert model.score_samples(np.array([[1.5, 2.0], [0.5, 0.5]])).tolist() == [-np.inf, -np.inf]
+    # integrates to one over the support: midpoint rule on (0, 1) x (1, 1 + 40)
+    a = (np.arange(400) + 0.5) / 400
+    b = 1 + (np.arange(2000) + 0.5) * 0.02
+    grid = np.array(np.meshgrid(a, b)).reshape(2, -1).T
+    mass = np.exp(model.score_samples(grid)).sum() * (1 / 400) * 0.02
+    assert mass == pytest.approx(1.0, abs=0.02)
+    # and beats the unbounded model on held-out rows near the edges
+    X_test = np.c_[rng.beta(2, 5, size=1000), rng.exponential(2.0, size=1000) + 1.0]
+    unbounded = _small(max_iter=60).fit(X)
+    assert model.score_samples(X_test).mean() > unbounded.score_samples(X_test).mean()
+    np.testing.assert_allclose(model.inverse_transform(model.transform(X_test)), X_test, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "bounds, X, message",
+    [
+        ([[0.0, 1.0]], np.c_[np.linspace(0.1, 0.9, 10), np.arange(10.0)], r"bounds must have shape \(n_features, 2\) = \(2, 2\)"),
+        ([[1.0, 0.0], [-np.inf, np.inf]], np.c_[np.linspace(0.1, 0.9, 10), np.arange(10.0)], r"features \[0\] do not"),
+        ([[0.0, 1.0], [-np.inf, np.inf]], np.c_[np.linspace(0.0, 0.9, 10), np.arange(10.0)], r"1 training rows lie on or outside .* features \[0\]"),
+    ],
+)
+def test_bad_bounds_are_rejected(bounds, X, message):
+    with pytest.raises(ValueError, match=message):
+        _small(bounds=bounds).fit(X)
+
+
+def test_discrete_features_give_probabilities_that_sum_to_one(rng):
+    """Dequantised counts: P(k) over the integers sums to 1 and matches the true pmf."""
+    counts = rng.poisson(4.0, size=3000)
+    X = np.c_[counts, counts + rng.normal(size=3000)]
+    model = _small(discrete_features="auto", max_iter=60, hidden_units=32).fit(X)
+    np.testing.assert_array_equal(model.discrete_features_, [True, False])
+    samples = model.sample(500, random_state=0)
+    np.testing.assert_array_equal(samples[:, 0], np.floor(samples[:, 0]))
+    # sum over k of the integral over the continuous feature of p(k, x)
+    k = np.arange(0, 25)
+    x = np.linspace(-10, 35, 901)
+    grid = np.array(np.meshgrid(k, x, indexing="ij")).reshape(2, -1).T
+    mass = np.exp(model.score_samples(grid)).sum() * (x[1] - x[0])
+    assert mass == pytest.approx(1.0, abs=0.02)
+    # the marginal of the counts is close to the true Poisson pmf (in nats per row)
+    marginal = np.log(np.exp(model.score_samples(grid)).reshape(25, -1).sum(1) * (x[1] - x[0]))
+    truth = stats.poisson(4.0).logpmf(counts).mean()
+    assert truth - marginal[counts].mean() < 0.05
+
+
+def test_discrete_scores_are_batch_independent(rng):
+    X = np.c_[rng.poisson(3.0, size=300), rng.normal(size=300)]
+    model = _small(discrete_features=[0], max_iter=3).fit(X)
+    whole = model.score_samples(X)
+    np.testing.assert_allclose(np.concatenate([model.score_samples(X[i : i + 7]) for i in range(0, 300, 7)]), whole, atol=1e-10)
+    np.testing.assert_array_equal(model.inverse_transform(model.transform(X))[:, 0], X[:, 0])
+
+
+@pytest.mark.parametrize(
+    "discrete_features, message",
+    [
+        ([1], r"Features \[1\] are declared discrete but hold non-integer values"),
+        ([5], r"discrete_features indices must be in \[0, 2\)"),
+        (np.array([True]), r"A boolean discrete_features must have shape \(2,\)"),
+    ],
+)
+def test_bad_discrete_features_are_rejected(rng, discrete_features, message):
+    X = np.c_[rng.poisson(3.0, size=50), rng.normal(size=50)]
+    with pytest.raises(ValueError, match=message):
+        _small(discrete_features=discrete_features).fit(X)

@@ -75,8 +75,9 @@ def test_affine_inverse_equals_one_made_pass_per_feature(
 
 def _mog_sample_one_pass_per_feature(mog, n_samples, context, generator):
     shape = (n_samples, mog.n_features)
-    noise = torch.randn(shape, generator=generator, dtype=DTYPE)
-    uniform = torch.rand(shape, generator=generator, dtype=DTYPE)
+    both = torch.rand(n_samples, 2 * mog.n_features, generator=generator, dtype=DTYPE)
+    noise = torch.special.ndtri(both[:, : mog.n_features])  # the layout of from_uniform
+    uniform = both[:, mog.n_features :]
     u = torch.zeros(shape, dtype=DTYPE)
     for _ in range(mog.n_features):
         log_weights, means, log_scales = mog._mixture(u, context)
@@ -116,7 +117,7 @@ def test_fitted_model_samples_are_the_inverse_of_transform(rng):
     np.testing.assert_allclose(model.inverse_transform(model.transform(X)), X, atol=1e-9)
     generator = torch.Generator().manual_seed(int(np.random.RandomState(7).randint(np.iinfo(np.int32).max)))
     with torch.no_grad():
-        u = torch.randn(64, 5, generator=generator, dtype=DTYPE)
+        u = torch.special.ndtri(torch.rand(64, 5, generator=generator, dtype=DTYPE))
         expected = u
         for transform in reversed(model.module_.transforms):
             if isinstance(transform, AffineMADE):

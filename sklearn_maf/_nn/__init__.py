@@ -1,6 +1,7 @@
 """Pure-torch building blocks of the flows; nothing here imports scikit-learn."""
 
 from .base import MADEMoG, StandardNormal
+from .bounds import Bounded
 from .flow import MAF, AffineMADE, BatchNorm, Standardize, soft_clamp
 from .made import MADE, MaskedLinear, hidden_degrees, input_degrees
 
@@ -10,6 +11,7 @@ __all__ = [
     "MAF",
     "AffineMADE",
     "BatchNorm",
+    "Bounded",
     "MaskedLinear",
     "Standardize",
     "StandardNormal",

@@ -1,7 +1,10 @@
 """Base densities under the flow: a standard normal, or the paper's MADE MoG.
 
-Each has ``log_prob(u, context)`` and ``sample(n_samples, context, generator)``
-for points ``u`` in the space where the last MAF layer ends.
+Each has ``log_prob(u, context)`` for points ``u`` in the space where the last
+MAF layer ends, and draws from uniform noise: ``from_uniform(noise, context)``
+maps ``n_noise`` uniforms per row to a draw, so a sample is a deterministic
+function of its noise (``sample`` draws the noise from a generator; quasi-Monte
+Carlo averages pass fixed points instead).
 """
 
 import math
@@ -17,22 +20,36 @@ __all__ = ["MADEMoG", "StandardNormal"]
 _LOG_2PI = math.log(2 * math.pi)
 
 
-class StandardNormal(nn.Module):
+def _open_unit(uniform):
+    """Keep uniforms strictly inside (0, 1), where the normal quantile is finite."""
+    tiny = torch.finfo(uniform.dtype).eps / 2
+    return uniform.clamp(tiny, 1 - tiny)
+
+
+class _UniformNoiseBase(nn.Module):
+    """Shared ``sample``: draw ``n_noise`` uniforms per row, then ``from_uniform``."""
+
+    def sample(self, n_samples, context=None, generator=None, like=None):
+        noise = torch.rand(n_samples, self.n_noise, generator=generator, dtype=like.dtype)
+        return self.from_uniform(noise.to(like.device), context)
+
+
+class StandardNormal(_UniformNoiseBase):
     """N(0, I) in ``n_features`` dimensions."""
 
     def __init__(self, n_features):
         super().__init__()
         self.n_features = n_features
+        self.n_noise = n_features
 
     def log_prob(self, u, context=None):
         return -0.5 * (u.square().sum(dim=-1) + u.shape[-1] * _LOG_2PI)
 
-    def sample(self, n_samples, context=None, generator=None, like=None):
-        u = torch.randn(n_samples, self.n_features, generator=generator, dtype=like.dtype)
-        return u.to(like.device)
+    def from_uniform(self, noise, context=None):
+        return torch.special.ndtri(_open_unit(noise))
 
 
-class MADEMoG(nn.Module):
+class MADEMoG(_UniformNoiseBase):
     """MADE whose every conditional is a mixture of Gaussians (the paper's MADE MoG).
 
     ``p(u) = prod_i sum_k pi_ik N(u_i; m_ik, exp(a_ik)^2)``, where ``pi``, ``m``
@@ -54,6 +71,7 @@ class MADEMoG(nn.Module):
     def __init__(self, degrees, n_components, *, log_scale_bound=5.0, **made_params):
         super().__init__()
         self.n_features = degrees.numel()
+        self.n_noise = 2 * self.n_features  # a normal and a component choice per feature
         self.n_components = n_components
         self.log_scale_bound = log_scale_bound
         self.made = MADE(degrees, n_params=3 * n_components, **made_params)
@@ -82,17 +100,16 @@ class MADEMoG(nn.Module):
         component = -0.5 * (z.square() + _LOG_2PI) - log_scales
         return torch.logsumexp(log_weights + component, dim=-1).sum(dim=-1)
 
-    def sample(self, n_samples, context=None, generator=None, like=None):
-        """Draw feature by feature, all randomness drawn up front.
+    def from_uniform(self, noise, context=None):
+        """Draw feature by feature: the first half of ``noise`` gives the standard
+        normals, the second half the component choices.
 
         :meth:`MADE.solve` computes every hidden unit once, as soon as the
         features it depends on are drawn, rather than running the whole MADE
         once per feature.
         """
-        dtype, device = like.dtype, like.device
-        shape = (n_samples, self.n_features)
-        noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
-        uniform = torch.rand(shape, generator=generator, dtype=dtype).to(device)
+        normal = torch.special.ndtri(_open_unit(noise[:, : self.n_features]))
+        uniform = noise[:, self.n_features :]
 
         def step(features, params):
             log_weights, means, log_scales = self._mixture_of(params)
@@ -101,6 +118,6 @@ class MADEMoG(nn.Module):
             choice = choice.clamp(max=self.n_components - 1)
             mean = torch.gather(means, -1, choice).squeeze(-1)
             log_scale = torch.gather(log_scales, -1, choice).squeeze(-1)
-            return mean + torch.exp(log_scale) * noise[:, features]
+            return mean + torch.exp(log_scale) * normal[:, features]
 
-        return self.made.solve(step, n_samples, context, like=like)[0]
+        return self.made.solve(step, noise.shape[0], context, like=normal)[0]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .base import MADEMoG, StandardNormal
+from .bounds import Bounded
 from .made import MADE, input_degrees
 
 __all__ = ["MAF", "AffineMADE", "BatchNorm", "Standardize", "soft_clamp"]
@@ -188,6 +189,10 @@ class MAF(nn.Module):
         next variable order of the alternation.
     n_components : int, default=10
         Components per conditional of the MADE MoG base.
+    bounds : tuple (low, high) of tensors of shape (n_features,), optional
+        Support of each feature (``-inf`` / ``inf`` for an open side): a fixed
+        :class:`Bounded` layer then comes first, and ``loc`` / ``scale`` are
+        those of its output.
     generator : torch.Generator, optional
         Source of all randomness at construction (weights, random orders).
     """
@@ -206,6 +211,7 @@ class MAF(nn.Module):
         n_context=0,
         base="gaussian",
         n_components=10,
+        bounds=None,
         log_scale_bound=5.0,
         generator=None,
         dtype=None,
@@ -215,6 +221,8 @@ class MAF(nn.Module):
         self.n_features = n_features
         self.n_context = n_context
         transforms = [Standardize(loc.to(dtype), scale.to(dtype))]
+        if bounds is not None:
+            transforms.insert(0, Bounded(*(torch.as_tensor(b, dtype=dtype) for b in bounds)))
         natural = torch.arange(n_features)
 
         def degrees(index):
@@ -271,7 +279,7 @@ class MAF(nn.Module):
 
     def sample(self, n_samples, context=None, generator=None):
         """Draw ``n_samples`` rows (one per context row when a context is given)."""
-        u = self.base.sample(n_samples, context, generator, like=self.transforms[0].loc)
+        u = self.base.sample(n_samples, context, generator, like=next(self.parameters()))
         return self.inverse(u, context)[0]
 
     @torch.no_grad()

@@ -40,7 +40,7 @@ def input_degrees(order):
     return degrees
 
 
-def hidden_degrees(n_features, hidden_units):
+def hidden_degrees(n_features, hidden_units, n_context=0):
     """Degrees of one hidden layer, cycling through ``1 .. n_features - 1``.
 
     Cycling (rather than drawing at random) gives every degree the same number of
@@ -48,10 +48,14 @@ def hidden_degrees(n_features, hidden_units):
     ``hidden_units >= n_features - 1``. With one feature there is nothing to
     condition on: hidden units get degree 0 and see no input, and the layer's
     shift and log-scale are learned constants (a 1-D MAF is a Gaussian).
+
+    With a context (``n_context > 0``) the cycle starts at 0: units of degree 0
+    see the context and no input, and they are the only path from the context
+    to the first output in the order. Every input then reaches every later
+    output whenever ``hidden_units >= n_features``.
     """
-    if n_features == 1:
-        return torch.zeros(hidden_units, dtype=torch.long)
-    return torch.arange(hidden_units) % (n_features - 1) + 1
+    lowest = 0 if n_context or n_features == 1 else 1
+    return torch.arange(hidden_units) % (n_features - lowest) + lowest
 
 
 class MaskedLinear(nn.Module):
@@ -113,7 +117,8 @@ class MADE(nn.Module):
     activation : {"relu", "tanh"}
         Non-linearity between layers.
     n_context : int, default=0
-        Number of context features fed, unmasked, into the first layer.
+        Number of context features fed, unmasked, into the first layer; hidden
+        units of degree 0 carry them to every output (see :func:`hidden_degrees`).
     n_params : int, default=2
         Outputs per feature; the output layout is ``n_params`` blocks of
         ``n_features`` columns (for the affine layer: shift, then log-scale).
@@ -143,7 +148,7 @@ class MADE(nn.Module):
         layers = []
         previous = degrees
         for index in range(n_hidden_layers):
-            current = hidden_degrees(n_features, hidden_units)
+            current = hidden_degrees(n_features, hidden_units, n_context)
             mask = current[:, None] >= previous[None, :]
             if index == 0 and n_context:
                 mask = torch.cat([mask, torch.ones(hidden_units, n_context, dtype=torch.bool)], 1)

@@ -1,0 +1,200 @@
+"""Densities with exact log-densities, for benchmarking density estimators.
+
+Each :class:`Density` draws rows with a ``numpy.random.Generator`` and scores
+rows with its exact log-density, so the gap between a model and the truth,
+``mean(log p_true(x) - log p_model(x))`` over held-out rows, is a Monte-Carlo
+estimate of ``KL(p_true || p_model)``: 0 is the physical limit.
+
+Every density's parameters are fixed (any random parameters come from a fixed
+seed), so the same name always means the same distribution.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+from scipy.special import logsumexp
+
+__all__ = ["DENSITIES", "Density"]
+
+
+@dataclass(frozen=True)
+class Density:
+    """A named distribution: ``sample(n, rng) -> (n, dim)``, ``log_prob(X) -> (n,)``."""
+
+    name: str
+    family: str
+    dim: int
+    description: str
+    sample: Callable
+    log_prob: Callable
+
+
+def _norm_logpdf(x, mean, std):
+    return stats.norm.logpdf(x, loc=mean, scale=std)
+
+
+# ------------------------------------------------------------------ curved
+
+
+def _banana(x1_std=1.5, noise=0.5):
+    def sample(n, rng):
+        x1 = rng.normal(0.0, x1_std, n)
+        x2 = rng.normal(x1**2 / 2, noise)
+        return np.column_stack([x1, x2])
+
+    def log_prob(X):
+        return _norm_logpdf(X[:, 0], 0.0, x1_std) + _norm_logpdf(X[:, 1], X[:, 0] ** 2 / 2, noise)
+
+    return Density(
+        "banana-2d",
+        "curved",
+        2,
+        f"x1 ~ N(0, {x1_std}^2), x2 | x1 ~ N(x1^2/2, {noise}^2)",
+        sample,
+        log_prob,
+    )
+
+
+def _sine_chain(dim=8, noise=0.3):
+    def sample(n, rng):
+        X = np.empty((n, dim))
+        X[:, 0] = rng.normal(0.0, 1.0, n)
+        for i in range(1, dim):
+            X[:, i] = rng.normal(np.sin(2 * X[:, i - 1]), noise)
+        return X
+
+    def log_prob(X):
+        out = _norm_logpdf(X[:, 0], 0.0, 1.0)
+        return out + _norm_logpdf(X[:, 1:], np.sin(2 * X[:, :-1]), noise).sum(axis=1)
+
+    return Density(
+        f"sine-chain-{dim}d",
+        "curved",
+        dim,
+        f"x1 ~ N(0, 1), x_i | x_(i-1) ~ N(sin(2 x_(i-1)), {noise}^2)",
+        sample,
+        log_prob,
+    )
+
+
+# ------------------------------------------------------------ heavy tails
+
+
+def _student_t(dim, df=3.0, rho=0.7):
+    """Multivariate t; scale matrix with correlations rho^|i-j| and scales 0.5 .. 3."""
+    index = np.arange(dim)
+    correlation = rho ** np.abs(index[:, None] - index[None, :])
+    scales = np.geomspace(0.5, 3.0, dim)
+    shape = correlation * np.outer(scales, scales)
+    dist = stats.multivariate_t(loc=np.zeros(dim), shape=shape, df=df)
+
+    def sample(n, rng):
+        return dist.rvs(size=n, random_state=rng).reshape(n, dim)
+
+    def log_prob(X):
+        return np.atleast_1d(dist.logpdf(X))
+
+    return Density(
+        f"student-t-{dim}d",
+        "heavy-tailed",
+        dim,
+        f"multivariate t, df={df:g}, correlations {rho}^|i-j|, scales 0.5..3",
+        sample,
+        log_prob,
+    )
+
+
+# ------------------------------------------------------------ multi-modal
+
+
+def _gaussian_mixture(name, description, means, covariances, weights=None):
+    means = np.asarray(means, dtype=float)
+    k, dim = means.shape
+    weights = np.full(k, 1.0 / k) if weights is None else np.asarray(weights, dtype=float)
+    components = [stats.multivariate_normal(m, c) for m, c in zip(means, covariances)]
+    cholesky = [np.linalg.cholesky(c) for c in covariances]
+
+    def sample(n, rng):
+        labels = rng.choice(k, size=n, p=weights)
+        z = rng.standard_normal((n, dim))
+        X = np.empty((n, dim))
+        for j in range(k):
+            rows = labels == j
+            X[rows] = means[j] + z[rows] @ cholesky[j].T
+        return X
+
+    def log_prob(X):
+        per_component = np.column_stack([c.logpdf(X) for c in components]).reshape(len(X), k)
+        return logsumexp(per_component + np.log(weights), axis=1)
+
+    return Density(name, "multi-modal", dim, description, sample, log_prob)
+
+
+def _ring(n_modes=8, radius=4.0, std=0.4):
+    angles = 2 * np.pi * np.arange(n_modes) / n_modes
+    means = radius * np.column_stack([np.cos(angles), np.sin(angles)])
+    covariances = [std**2 * np.eye(2)] * n_modes
+    return _gaussian_mixture(
+        f"ring-{n_modes}-2d",
+        f"{n_modes} equal Gaussians (std {std}) on a circle of radius {radius}",
+        means,
+        covariances,
+    )
+
+
+def _random_mixture(dim=8, n_modes=5, spread=2.5, seed=1):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0.0, spread, (n_modes, dim))
+    covariances = []
+    for _ in range(n_modes):
+        A = rng.normal(0.0, 1.0, (dim, dim)) / np.sqrt(dim)
+        covariances.append(0.5 * (A @ A.T) + 0.1 * np.eye(dim))
+    weights = rng.dirichlet(np.full(n_modes, 5.0))
+    return _gaussian_mixture(
+        f"mixture-{dim}d",
+        f"{n_modes} Gaussians, random means N(0, {spread}^2), random full covariances",
+        means,
+        covariances,
+        weights,
+    )
+
+
+# ---------------------------------------------------------------- funnel
+
+
+def _funnel(dim=4, v_std=3.0):
+    """Neal's funnel: v ~ N(0, v_std^2), x_j | v ~ N(0, exp(v)) for j = 2..dim."""
+
+    def sample(n, rng):
+        v = rng.normal(0.0, v_std, n)
+        x = rng.normal(0.0, 1.0, (n, dim - 1)) * np.exp(v / 2)[:, None]
+        return np.column_stack([v, x])
+
+    def log_prob(X):
+        v = X[:, 0]
+        return _norm_logpdf(v, 0.0, v_std) + _norm_logpdf(X[:, 1:], 0.0, np.exp(v / 2)[:, None]).sum(axis=1)
+
+    return Density(
+        f"funnel-{dim}d",
+        "funnel",
+        dim,
+        f"Neal's funnel: v ~ N(0, {v_std:g}^2), x_j | v ~ N(0, e^v), j = 1..{dim - 1}",
+        sample,
+        log_prob,
+    )
+
+
+DENSITIES = {
+    density.name: density
+    for density in [
+        _banana(),
+        _sine_chain(),
+        _student_t(2),
+        _student_t(8),
+        _ring(),
+        _random_mixture(),
+        _funnel(),
+    ]
+}

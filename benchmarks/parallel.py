@@ -1,0 +1,207 @@
+"""Parallel model selection: GridSearchCV with n_jobs=1, n_jobs=2 and on a Dask cluster.
+
+One search (4 candidates, 3 folds, fixed ``random_state``) is run in several
+configurations, side by side in one process:
+
+- ``n_jobs=1``: the fits one after another in this process, torch at its own
+  width (all cores);
+- ``n_jobs=1, 1 thread``: the same within ``threadpool_limits(1)``, the
+  baseline of pure process parallelism;
+- ``n_jobs=2``: two loky workers; joblib gives each ``cpu_count() // 2`` threads
+  and the estimator keeps torch within that;
+- ``n_jobs=2, oversubscribed``: the same, but with joblib told to give each
+  worker all the cores (``inner_max_num_threads=cpu_count()``), to show what the
+  thread limit avoids;
+- ``dask``: joblib's Dask backend on a ``LocalCluster`` of two worker processes
+  with one thread each (cluster start-up not timed).
+
+Every configuration is run ``--repeat`` times after one warm-up run (which
+starts the workers); the table gives the best wall-clock time, its ratio to
+``n_jobs=1``, the torch threads each worker used, and whether the
+``cv_results_`` scores are bit-identical to those of ``n_jobs=1``. Timings are
+only meaningful on an otherwise idle machine; the header records the load.
+
+Usage::
+
+    python benchmarks/parallel.py [--quick] [--out FILE] [--repeat N] [--n-samples N] [--no-dask]
+"""
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import joblib
+import numpy as np
+import sklearn
+import threadpoolctl
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV
+
+from sklearn_maf import MAFDensity
+from sklearn_maf._threads import limit_torch_threads
+
+GRID = {"n_layers": [2, 4], "hidden_units": [32, 64]}
+
+
+def _data(n_samples, n_features=4, seed=0):
+    """Curved data: each feature a noisy function of the one before."""
+    rng = np.random.RandomState(seed)
+    X = np.empty((n_samples, n_features))
+    X[:, 0] = rng.normal(size=n_samples)
+    for j in range(1, n_features):
+        X[:, j] = np.sin(1.5 * X[:, j - 1]) + 0.3 * rng.normal(size=n_samples)
+    return X
+
+
+def _torch_threads(_=None):
+    """The thread count a fit would use here (in a worker, under its limits)."""
+    with limit_torch_threads() as n_threads:
+        return n_threads
+
+
+def _search(args, n_jobs):
+    estimator = MAFDensity(
+        max_iter=args.max_iter, early_stopping=False, batch_size=128, random_state=0
+    )
+    return GridSearchCV(estimator, GRID, cv=3, n_jobs=n_jobs)
+
+
+def _scores(search):
+    results = search.cv_results_
+    return np.array([results[f"split{k}_test_score"] for k in range(3)])
+
+
+def _time(args, X, n_jobs, parallel_config, limit=None):
+    """Best wall time of ``--repeat`` searches after a warm-up; scores; threads."""
+    with joblib.parallel_config(**parallel_config), threadpoolctl.threadpool_limits(limit):
+        search = _search(args, n_jobs).fit(X)  # warm-up: starts workers, imports
+        times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            search = _search(args, n_jobs).fit(X)
+            times.append(time.perf_counter() - start)
+        if n_jobs == 1:
+            threads = [_torch_threads()]
+        else:
+            threads = joblib.Parallel(n_jobs=2)(joblib.delayed(_torch_threads)(i) for i in range(2))
+    return min(times), _scores(search), sorted(set(threads))
+
+
+def _machine():
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return cpu, load
+
+
+def _versions():
+    parts = [
+        f"sklearn-maf {__import__('sklearn_maf').__version__}",
+        f"torch {torch.__version__}",
+        f"scikit-learn {sklearn.__version__}",
+        f"joblib {joblib.__version__}",
+        f"threadpoolctl {threadpoolctl.__version__}",
+        f"numpy {np.__version__}",
+    ]
+    try:
+        import dask
+        import distributed
+
+        parts += [f"dask {dask.__version__}", f"distributed {distributed.__version__}"]
+    except ImportError:
+        parts.append("dask not installed")
+    return ", ".join(parts) + f", Python {platform.python_version()}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: 600 rows, 3 epochs, 1 repeat")
+    parser.add_argument("--out", type=Path, help="also write the Markdown report to this file")
+    parser.add_argument("--repeat", type=int, help="timed runs per configuration (default 3; 1 with --quick)")
+    parser.add_argument("--n-samples", type=int, help="rows of data (default 2000; 600 with --quick)")
+    parser.add_argument("--no-dask", action="store_true", help="skip the Dask LocalCluster run")
+    args = parser.parse_args(argv)
+    n_samples = args.n_samples or (600 if args.quick else 2000)
+    args.max_iter = 3 if args.quick else 10
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    warnings.simplefilter("ignore", ConvergenceWarning)
+
+    X = _data(n_samples)
+    n_cpus = joblib.cpu_count()
+    configurations = [
+        ("n_jobs=1", 1, {}, None),
+        ("n_jobs=1, 1 thread", 1, {}, 1),
+        ("n_jobs=2", 2, {"backend": "loky"}, None),
+        ("n_jobs=2, oversubscribed", 2, {"backend": "loky", "inner_max_num_threads": n_cpus}, None),
+    ]
+    results = []
+    for name, n_jobs, config, limit in configurations:
+        results.append((name, *_time(args, X, n_jobs, config, limit)))
+        print(f"{name}: {results[-1][1]:.2f} s", file=sys.stderr, flush=True)
+
+    cluster_note = ""
+    if not args.no_dask:
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError:
+            cluster_note = "Dask run skipped: dask.distributed is not installed (`pip install sklearn-maf[dask]`)."
+        else:
+            start = time.perf_counter()
+            with LocalCluster(
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",
+                silence_logs=logging.ERROR,
+            ) as cluster, Client(cluster):
+                startup = time.perf_counter() - start
+                results.append(("dask LocalCluster(2 workers x 1 thread)", *_time(args, X, 2, {"backend": "dask"})))
+            cluster_note = f"Dask LocalCluster start-up (not in the table): {startup:.1f} s."
+            print(f"dask: {results[-1][1]:.2f} s", file=sys.stderr, flush=True)
+
+    reference_time, reference_scores = results[0][1], results[0][2]
+    cpu, load = _machine()
+    lines = [
+        "## Parallel GridSearchCV (4 candidates x 3 folds)",
+        "",
+        f"- command: `python {' '.join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])}`",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- machine: nproc={os.cpu_count()} (joblib.cpu_count()={n_cpus}), CPU: {cpu}, load average: {load}",
+        f"- versions: {_versions()}",
+        (
+            f"- data: {n_samples} rows x {X.shape[1]} features; grid {GRID}; "
+            f"max_iter={args.max_iter}, early_stopping=False, batch_size=128; "
+            f"best of {args.repeat} after a warm-up run"
+        ),
+        "",
+        "| configuration | wall time (s) | speed-up vs n_jobs=1 | torch threads per worker | scores identical to n_jobs=1 |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for name, seconds, scores, threads in results:
+        identical = "yes" if np.array_equal(scores, reference_scores) else "NO"
+        lines.append(
+            f"| {name} | {seconds:.2f} | {reference_time / seconds:.2f}x | "
+            f"{', '.join(map(str, threads))} | {identical} |"
+        )
+    if cluster_note:
+        lines += ["", cluster_note]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()

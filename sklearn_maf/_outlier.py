@@ -1,0 +1,561 @@
+"""MAFOutlierDetector: outlier and novelty detection with a Masked Autoregressive Flow."""
+
+from numbers import Real
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+from sklearn.base import OutlierMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import _check_sample_weight
+
+from ._base import _BaseMAF, _constant_features, _weighted_moments
+
+# MAFDensity's parameters that the detector does not take: its own preprocessing
+# (dequantize, preprocessing="quantile") handles discrete and bounded features.
+_NOT_PARAMETERS = {"bounds", "discrete_features"}
+
+# contamination="auto": the fraction of held-out rows scored below the threshold.
+_AUTO_FRACTION = 0.01
+
+# At most about twice this many knots per feature describe its marginal transform,
+# so the fitted detector stays small on any number of rows (as QuantileTransformer's
+# n_quantiles does).
+_MAX_QUANTILES = 1000
+
+
+class MAFOutlierDetector(OutlierMixin, _BaseMAF):
+    """Outlier and novelty detection with a Masked Autoregressive Flow.
+
+    The detector learns the density of the training rows with a MAF
+    (Papamakarios, Pavlakou & Murray, 2017), as
+    :class:`~sklearn_maf.MAFDensity` does, and calls a row an outlier when its
+    log-density is low. It follows :class:`~sklearn.ensemble.IsolationForest`
+    and :class:`~sklearn.neighbors.LocalOutlierFactor` with ``novelty=True``:
+    :meth:`score_samples` is higher for more typical rows,
+    :meth:`decision_function` is ``score_samples - offset_`` (negative for
+    outliers) and :meth:`predict` returns +1 for inliers and -1 for outliers,
+    on the training rows (outlier detection) or on new rows (novelty
+    detection).
+
+    Before the flow, each feature is prepared in three steps, all fitted on the
+    training rows:
+
+    1. Features that take a single value on the training rows have no density
+       and are dropped (listed in ``constant_features_``); they are ignored at
+       scoring time, so a new row is not penalised for a different value there
+       (with no spread on the training rows there is no scale to measure the
+       difference on). :class:`~sklearn_maf.MAFDensity` raises on such
+       features instead.
+    2. ``dequantize=True`` spreads each training value uniformly over its
+       *cell*, the interval that reaches halfway to the neighbouring observed
+       values of the feature. Integer-valued and other discrete features, and
+       values repeated many times, otherwise hand the flow point masses of
+       unbounded density, which rank rows by how many of their values sit on
+       such a spike instead of by how typical they are. Continuous features,
+       whose cells are tiny, are left practically unchanged.
+    3. ``preprocessing="quantile"`` maps each feature through its (weighted)
+       empirical distribution function, linear between the cell boundaries, and
+       the standard-normal quantile function, as
+       :class:`~sklearn.preprocessing.QuantileTransformer` with
+       ``output_distribution="normal"`` does; the smallest and largest training
+       values map to about -5.2 and 5.2 (the normal quantiles of 1e-7), and
+       values beyond the training range continue linearly, so rows further
+       out keep scoring lower. The flow then learns the dependence between
+       features on a common scale, and heavy tails and skew no longer dominate
+       the score. :meth:`score_samples` is the log-density of the transformed
+       row (not a density in the units of ``X``). With
+       ``preprocessing=None`` the flow sees the features as they are and
+       :meth:`score_samples` is a log-density in the units of ``X``.
+
+    Parameters
+    ----------
+    contamination : "auto" or float, default="auto"
+        The proportion of outliers in the training data. A float in (0, 0.5]
+        sets ``offset_`` so that :meth:`predict` flags at most that
+        (weighted) fraction of the training rows: exactly that fraction when
+        it is a whole number of rows and the scores are distinct. With
+        "auto", ``offset_`` is the score below which 1% of held-out rows
+        fall: the rows of the validation split when ``early_stopping=True``,
+        which the flow was not trained on, so that about 1% of new rows from
+        the training distribution are flagged (a threshold taken on the
+        training rows themselves would flag more, since a flexible model
+        scores its own training rows higher); the training rows when
+        ``early_stopping=False``.
+    preprocessing : {"quantile"} or None, default="quantile"
+        Map each feature to a standard normal through its empirical
+        distribution before the flow (see above), or None to model the
+        features as they are.
+    dequantize : bool, default=True
+        Spread each training value uniformly over its cell before the flow,
+        with noise drawn from ``random_state`` (see above). Scoring uses the
+        rows as they are. As the noise differs from row to row, a weight of 2
+        is not the same as two copies of a row drawn with their own noise.
+    n_layers : int, default=5
+        Number of MAF layers (MADEs).
+    hidden_units : int, default=100
+        Width of each hidden layer of each MADE.
+    n_hidden_layers : int, default=2
+        Number of hidden layers in each MADE.
+    activation : {"relu", "tanh"}, default="relu"
+        Non-linearity of the MADE hidden layers.
+    batch_norm : bool, default=True
+        Batch normalisation (with its log-determinant) after each MAF layer.
+    order : {"reverse", "random"}, default="reverse"
+        Variable order of the layers: alternating natural and reversed, or a
+        random permutation per layer drawn from ``random_state``.
+    base : {"gaussian", "mog"}, default="gaussian"
+        Base density under the MAF layers: a standard normal, or the paper's
+        "MAF MoG" base, a MADE whose every conditional is a mixture of
+        ``n_components`` Gaussians.
+    n_components : int, default=10
+        Mixture components per conditional of the MoG base; ignored when
+        ``base="gaussian"``.
+    alpha : float, default=1e-6
+        L2 penalty on the MADE weight matrices, applied as Adam weight decay.
+    batch_size : int, default=256
+        Rows per mini-batch (capped at the number of training rows); at least 2.
+    learning_rate_init : float, default=1e-3
+        Adam's learning rate.
+    max_iter : int, default=200
+        Maximum number of epochs.
+    tol : float, default=1e-4
+        Minimum improvement, in nats per row, of the validation log-likelihood
+        (or, without early stopping, of the training loss) that resets the
+        patience counter.
+    n_iter_no_change : int, default=10
+        Patience: epochs without an improvement of at least ``tol`` before
+        training stops.
+    early_stopping : bool, default=True
+        Hold out ``validation_fraction`` of the rows, stop when their mean
+        log-likelihood stops improving, and restore the best weights. The
+        held-out rows also set ``offset_`` when ``contamination="auto"``.
+    validation_fraction : float, default=0.1
+        Fraction of the rows held out for early stopping.
+    precision : {"float32", "float64"}, default="float32"
+        Floating-point precision of training; scoring always runs in float64.
+    device : str, default="cpu"
+        Torch device for training and inference, e.g. "cpu" or "cuda".
+    random_state : int, RandomState instance or None, default=None
+        Seeds weight initialisation, random orders, the validation split, batch
+        shuffling and the dequantization noise; torch's global random state is
+        never used.
+    verbose : bool, default=False
+        Print the loss (and validation log-likelihood) after each epoch.
+    warm_start : bool, default=False
+        Continue training the fitted flow on the next call to :meth:`fit`; the
+        dropped features and the marginal transform stay those fitted first.
+
+    Attributes
+    ----------
+    offset_ : float
+        The threshold on :meth:`score_samples`: ``decision_function(X) =
+        score_samples(X) - offset_``, negative for outliers.
+    constant_features_ : ndarray of shape (n_constant_features,), dtype int
+        Indices of the features that were constant on the training rows and
+        are ignored.
+    module_ : sklearn_maf._nn.MAF
+        The fitted flow, over the features that are not constant, in float64
+        and eval mode.
+    n_features_in_ : int
+        Number of features seen during :term:`fit`, constant ones included.
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
+        Names of features seen during :term:`fit`, when ``X`` has string
+        feature names.
+    loss_curve_ : list of float
+        Mean training negative log-likelihood per epoch (nats per row).
+    validation_scores_ : list of float or None
+        Mean validation log-likelihood per epoch; None without early stopping.
+    best_validation_score_ : float or None
+        Best of ``validation_scores_``, whose weights were restored.
+    best_loss_ : float
+        Lowest training loss.
+    n_iter_ : int
+        Number of epochs run, across warm starts.
+
+    See Also
+    --------
+    sklearn_maf.MAFDensity : The density estimator underneath.
+    sklearn.ensemble.IsolationForest : Outlier detection with random trees.
+    sklearn.neighbors.LocalOutlierFactor : Outlier detection by local density.
+    sklearn.svm.OneClassSVM : Novelty detection with a kernel boundary.
+
+    Notes
+    -----
+    :class:`~sklearn_maf.MAFDensity`'s ``bounds`` and ``discrete_features``
+    are not parameters of the detector: ``dequantize`` handles discrete
+    features (on any grid, not only integers) and the quantile preprocessing
+    bounded ones.
+
+    The features are dropped and transformed, and the noise is drawn, on the
+    training split only (never on validation rows), after the split itself, so
+    that with ``preprocessing=None``, ``dequantize=False`` and no constant
+    feature the detector's :meth:`score_samples` equals that of a
+    :class:`~sklearn_maf.MAFDensity` with the same parameters.
+
+    References
+    ----------
+    G. Papamakarios, T. Pavlakou and I. Murray, "Masked Autoregressive Flow for
+    Density Estimation", NeurIPS 2017, arXiv:1705.07057.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_maf import MAFOutlierDetector
+    >>> rng = np.random.RandomState(0)
+    >>> X = np.vstack([rng.normal(size=(300, 2)), [[6.0, 6.0], [-7.0, 5.0]]])
+    >>> detector = MAFOutlierDetector(
+    ...     n_layers=2, hidden_units=16, max_iter=20, contamination=0.01, random_state=0
+    ... ).fit(X)
+    >>> detector.score_samples(X[:3]).shape
+    (3,)
+    >>> detector.predict(X[-2:])
+    array([-1, -1])
+    """
+
+    _parameter_constraints: dict = {
+        **{
+            name: constraint
+            for name, constraint in _BaseMAF._parameter_constraints.items()
+            if name not in _NOT_PARAMETERS
+        },
+        "contamination": [StrOptions({"auto"}), Interval(Real, 0, 0.5, closed="right")],
+        "preprocessing": [StrOptions({"quantile"}), None],
+        "dequantize": ["boolean"],
+    }
+
+    def __init__(
+        self,
+        *,
+        contamination="auto",
+        preprocessing="quantile",
+        dequantize=True,
+        n_layers=5,
+        hidden_units=100,
+        n_hidden_layers=2,
+        activation="relu",
+        batch_norm=True,
+        order="reverse",
+        base="gaussian",
+        n_components=10,
+        alpha=1e-6,
+        batch_size=256,
+        learning_rate_init=1e-3,
+        max_iter=200,
+        tol=1e-4,
+        n_iter_no_change=10,
+        early_stopping=True,
+        validation_fraction=0.1,
+        precision="float32",
+        device="cpu",
+        random_state=None,
+        verbose=False,
+        warm_start=False,
+    ):
+        super().__init__(
+            n_layers=n_layers,
+            hidden_units=hidden_units,
+            n_hidden_layers=n_hidden_layers,
+            activation=activation,
+            batch_norm=batch_norm,
+            order=order,
+            base=base,
+            n_components=n_components,
+            alpha=alpha,
+            batch_size=batch_size,
+            learning_rate_init=learning_rate_init,
+            max_iter=max_iter,
+            tol=tol,
+            n_iter_no_change=n_iter_no_change,
+            early_stopping=early_stopping,
+            validation_fraction=validation_fraction,
+            precision=precision,
+            device=device,
+            random_state=random_state,
+            verbose=verbose,
+            warm_start=warm_start,
+        )
+        self.contamination = contamination
+        self.preprocessing = preprocessing
+        self.dequantize = dequantize
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, sample_weight=None):
+        """Fit the flow to ``X`` and set the threshold ``offset_``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training data.
+        y : None
+            Ignored; present for API consistency.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights: each row counts ``sample_weight`` times, in
+            training, in the marginal transform and in the quantile that sets
+            ``offset_``.
+
+        Returns
+        -------
+        self : MAFOutlierDetector
+            The fitted estimator.
+        """
+        train, validation = self._fit(X, sample_weight)
+        scores = self.score_samples(X)
+        weight = _check_sample_weight(sample_weight, scores, dtype=np.float64)
+        if self.contamination == "auto":
+            rows = train if validation is None else validation
+            fraction = _AUTO_FRACTION
+        else:
+            rows = np.arange(scores.shape[0])
+            fraction = self.contamination
+        self.offset_ = _weighted_threshold(scores[rows], weight[rows], fraction)
+        return self
+
+    def score_samples(self, X):
+        """Log-density of each row under the fitted flow; higher is more typical.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to score.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,), dtype float64
+            The log-density of each row after the preprocessing (with
+            ``preprocessing=None``, in the units of ``X``). Rows so extreme that
+            the density underflows get ``-inf``, never NaN.
+        """
+        return self._log_density(X)
+
+    def decision_function(self, X):
+        """Shifted score: negative for outliers, positive for inliers.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to score.
+
+        Returns
+        -------
+        decision : ndarray of shape (n_samples,), dtype float64
+            ``score_samples(X) - offset_``.
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """Label each row as an inlier (+1) or an outlier (-1).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to label.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,), dtype int
+            -1 where ``decision_function(X) < 0``, +1 elsewhere.
+        """
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def sample(self, n_samples=1, random_state=None):
+        """Draw rows from the fitted density, in the units of the training data.
+
+        Parameters
+        ----------
+        n_samples : int, default=1
+            Number of rows to draw.
+        random_state : int, RandomState instance or None, default=None
+            Seeds the draw; the same value gives the same rows.
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features), dtype float64
+            The drawn rows, mapped back through the marginal transform, with
+            the constant features at their training value. After
+            dequantization the rows are continuous: discrete features take
+            values anywhere in their cells.
+        """
+        Z = super().sample(n_samples, random_state)
+        X = np.empty((Z.shape[0], self.n_features_in_))
+        X[:, self.constant_features_] = self._constant_values
+        X[:, self._modelled] = self._marginals.inverse_transform(Z)
+        return X
+
+    # ----------------------------------------------------------------- helpers
+
+    def _flow_features(self, X, sample_weight, train, rng, continuing):
+        """Drop constant features, dequantize and transform the others (the hook of ``_fit``)."""
+        if not continuing:
+            rows = train[sample_weight[train] > 0]
+            loc, scale = _weighted_moments(X[rows], sample_weight[rows])
+            constant = _constant_features(loc, scale)
+            if constant.size == X.shape[1]:
+                raise ValueError(
+                    f"All {X.shape[1]} features are constant on the training rows: "
+                    "there is no density to learn."
+                )
+            self.constant_features_ = constant
+            self._constant_values = X[rows[0], constant]
+            self._modelled = np.setdiff1d(np.arange(X.shape[1]), constant)
+            self._marginals = _Marginals(self.preprocessing == "quantile").fit(
+                X[rows][:, self._modelled], sample_weight[rows]
+            )
+        X = X[:, self._modelled]
+        if self.dequantize:
+            X = _dequantize(X, X[train[sample_weight[train] > 0]], rng)
+        return self._marginals.transform(X)
+
+    def _validate_fitted_input(self, X):
+        X = super()._validate_fitted_input(X)
+        return self._marginals.transform(X[:, self._modelled])
+
+
+class _Marginals:
+    """Per-feature map to a standard normal through the empirical distribution.
+
+    With ``gaussianize=False`` the map is the identity. Otherwise the
+    distribution function of each feature is that of its training values
+    spread over their cells (linear between the cell boundaries), shrunk
+    towards 1/2 by 1e-7 so that it never reaches 0 or 1, and composed with the
+    standard-normal quantile function; beyond the training range the map
+    continues linearly with the slope of the straight line from the median to
+    the end knot.
+    """
+
+    def __init__(self, gaussianize):
+        self.gaussianize = gaussianize
+
+    def fit(self, X, weight):
+        if not self.gaussianize:
+            return self
+        self.knots, self.levels, self.slopes = [], [], []
+        for column in X.T:
+            boundaries, cumulative = _cells(column, weight)
+            total = cumulative[-1]
+            levels = (cumulative + 1e-7 * total) / (total * (1 + 2e-7))
+            keep = _thin(levels)
+            boundaries, levels = boundaries[keep], levels[keep]
+            z = ndtri(levels)
+            median = np.interp(0.5, levels, boundaries)
+            self.knots.append(boundaries)
+            self.levels.append(levels)
+            self.slopes.append((-z[0] / (median - boundaries[0]), z[-1] / (boundaries[-1] - median)))
+        return self
+
+    def transform(self, X):
+        if not self.gaussianize:
+            return X
+        Z = np.empty_like(X)
+        for j, (knots, levels, (low, high)) in enumerate(zip(self.knots, self.levels, self.slopes)):
+            x = X[:, j]
+            z = ndtri(np.interp(x, knots, levels))
+            z_low, z_high = ndtri(levels[0]), ndtri(levels[-1])
+            z = np.where(x < knots[0], z_low + (x - knots[0]) * low, z)
+            Z[:, j] = np.where(x > knots[-1], z_high + (x - knots[-1]) * high, z)
+        return Z
+
+    def inverse_transform(self, Z):
+        if not self.gaussianize:
+            return Z
+        X = np.empty_like(Z)
+        for j, (knots, levels, (low, high)) in enumerate(zip(self.knots, self.levels, self.slopes)):
+            z = Z[:, j]
+            x = np.interp(ndtr(z), levels, knots)
+            z_low, z_high = ndtri(levels[0]), ndtri(levels[-1])
+            x = np.where(z < z_low, knots[0] + (z - z_low) / low, x)
+            X[:, j] = np.where(z > z_high, knots[-1] + (z - z_high) / high, x)
+        return X
+
+
+def _cells(values, weight):
+    """Cell boundaries of the distinct values and the weight below each boundary.
+
+    A value's cell reaches halfway to its neighbours; the outer cells are as
+    wide on the outside as on the inside. Needs at least two distinct values.
+    """
+    distinct, index = np.unique(values, return_inverse=True)
+    mass = np.bincount(index.ravel(), weights=weight, minlength=distinct.size)
+    return _boundaries(distinct), np.concatenate([[0.0], np.cumsum(mass)])
+
+
+def _boundaries(distinct):
+    """Boundaries of the cells of increasing distinct values (at least two)."""
+    gaps = np.diff(distinct)
+    return np.concatenate(
+        [[distinct[0] - gaps[0] / 2], distinct[:-1] + gaps / 2, [distinct[-1] + gaps[-1] / 2]]
+    )
+
+
+def _thin(levels):
+    """Indices of at most about ``2 * _MAX_QUANTILES`` knots of an increasing CDF.
+
+    Keeps, for each of ``_MAX_QUANTILES`` evenly spaced levels, both ends of
+    the interval that holds it: a cell with a large mass stays exact.
+    """
+    if levels.size <= 2 * _MAX_QUANTILES:
+        return np.arange(levels.size)
+    upper = np.searchsorted(levels, np.linspace(levels[0], levels[-1], _MAX_QUANTILES))
+    upper = np.clip(upper, 1, levels.size - 1)
+    return np.unique(np.concatenate([[0, levels.size - 1], upper - 1, upper]))
+
+
+def _dequantize(X, reference, rng):
+    """Spread each value of ``X`` uniformly over its cell among the values of ``reference``.
+
+    A value beyond the cells gets noise as wide as the outer cell, centred on
+    it, so that it stays as far out as it was.
+    """
+    X = X.copy()
+    for j in range(X.shape[1]):
+        distinct = np.unique(reference[:, j])
+        if distinct.size < 2:
+            continue  # a feature found constant on later rows of a warm start
+        boundaries = _boundaries(distinct)
+        x = X[:, j]
+        cell = np.clip(np.searchsorted(boundaries, x, side="right") - 1, 0, boundaries.size - 2)
+        start, width = boundaries[cell], boundaries[cell + 1] - boundaries[cell]
+        outside = (x < boundaries[0]) | (x >= boundaries[-1])
+        start = np.where(outside, x - width / 2, start)
+        X[:, j] = start + rng.uniform(size=x.shape[0]) * width
+    return X
+
+
+def _weighted_threshold(scores, weight, fraction):
+    """A threshold that puts at most ``fraction`` of the weight strictly below it.
+
+    The distinct scores are taken in increasing order while their cumulative
+    weight stays within ``fraction`` of the total; the threshold lies halfway
+    between the last score taken and the next one, never on a score, so that
+    round-off cannot move a row across it. Rows of equal score (or repeated
+    rows, whose scores may differ in the last bits) fall on the same side, and
+    an integer weight acts as that many copies of the row.
+    """
+    positive = weight > 0
+    distinct, mass = _merge_ties(scores[positive], weight[positive])
+    cumulative = np.cumsum(mass)
+    # a relative tolerance, so that 0.1 * 300 rows flags 30 despite round-off
+    taken = int(np.searchsorted(cumulative, fraction * cumulative[-1] * (1 + 1e-12), side="right"))
+    taken = min(taken, distinct.size - 1)
+    above = distinct[taken]
+    if taken == 0:
+        below = distinct[0] - (distinct[1] - distinct[0] if distinct.size > 1 else 1.0)
+    else:
+        below = distinct[taken - 1]
+    if not np.isfinite(below):
+        return float(above - 1.0)
+    return float((below + above) / 2)
+
+
+def _merge_ties(values, weight, rtol=1e-9):
+    """Distinct values, merging those equal up to ``rtol``, and the weight of each.
+
+    A row scored twice, or two copies of a row, can differ in the last bits
+    (the order of floating-point sums depends on the batch): they count as one.
+    """
+    order = np.argsort(values, kind="stable")
+    values, weight = values[order], weight[order]
+    with np.errstate(invalid="ignore"):  # -inf - -inf: NaN, not a new value
+        gap = np.diff(values) > rtol * np.maximum(1.0, np.abs(values[1:]))
+    new = np.concatenate([[True], gap])
+    group = np.cumsum(new) - 1
+    return values[new], np.bincount(group, weights=weight)

@@ -1,0 +1,119 @@
+"""How many threads torch may use: never more than the limits already in force.
+
+``GridSearchCV(MAFDensity(), grid, n_jobs=k)`` runs ``k`` fits at once. If each
+fit also ran torch's intra-op thread pool at full width, ``k`` processes would
+fight over the same cores (oversubscription), and ``n_jobs=2`` could be slower
+than ``n_jobs=1``. Other libraries are kept in line by limits on their thread
+pools, and torch should follow the same limits:
+
+- joblib's loky backend starts its workers with ``OMP_NUM_THREADS`` (and the
+  BLAS variables) set to ``cpu_count() // n_jobs`` (its ``inner_max_num_threads``),
+  unless the user set them; Dask's nanny starts its workers with
+  ``OMP_NUM_THREADS=1``;
+- :func:`threadpoolctl.threadpool_limits` sets the OpenMP and BLAS pools of the
+  running process.
+
+torch reads ``OMP_NUM_THREADS`` once, when its pool starts, and so follows
+joblib in a fresh worker on its own. It does not follow the limits in two
+cases: once ``torch.set_num_threads`` has been called (by the user or by
+other code in a reused worker), and in threads other than the one that
+entered ``threadpool_limits`` (OpenMP's thread count is per thread; a Dask or
+joblib thread starts at the full width). :func:`limit_torch_threads` closes
+both: while it is active, torch runs with::
+
+    min(torch.get_num_threads(), OMP_NUM_THREADS, MKL_NUM_THREADS,
+        the thread count of every OpenMP and BLAS pool threadpoolctl sees
+        from the calling thread)
+
+threads, and the previous count is restored on exit. It only ever lowers the
+count, so a fit outside joblib with no limit set still uses all of torch's
+threads. The estimators wrap their training, scoring and sampling in it.
+
+The thread count is not meant to change results: tests/test_parallel.py
+checks that a search gives bit-identical ``cv_results_`` scores with
+``n_jobs=1`` (torch at full width) and ``n_jobs=2`` (one thread per worker).
+"""
+
+import os
+import threading
+from contextlib import contextmanager
+
+import torch
+from threadpoolctl import ThreadpoolController
+
+__all__ = ["limit_torch_threads", "thread_limit"]
+
+# Environment variables torch itself reads for its default thread count.
+_ENV_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+_controller = None
+_controller_lock = threading.Lock()
+
+
+def _pools():
+    """The thread pools threadpoolctl finds, scanned once per process.
+
+    Scanning the loaded libraries takes about 10 ms, too long to repeat on
+    every call of ``score_samples``; the pools that matter (torch's OpenMP,
+    numpy's and scipy's BLAS) are loaded by the time the first model is fitted.
+    """
+    global _controller
+    with _controller_lock:
+        if _controller is None:
+            _controller = ThreadpoolController()
+        return _controller.lib_controllers
+
+
+def _env_limit(name):
+    """Positive int of an ``OMP_NUM_THREADS``-like variable, or None.
+
+    ``OMP_NUM_THREADS`` may list one count per nesting level ("4,2"); the
+    first is the outer one, the only one torch uses.
+    """
+    value = os.environ.get(name, "").split(",")[0].strip()
+    try:
+        limit = int(value)
+    except ValueError:
+        return None
+    return limit if limit > 0 else None
+
+
+def thread_limit():
+    """The smallest thread limit in force for the calling thread, or None.
+
+    Returns
+    -------
+    limit : int or None
+        The minimum of ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and the thread
+        counts of the OpenMP and BLAS pools seen by threadpoolctl; None when
+        none of them gives a positive count.
+    """
+    limits = [_env_limit(name) for name in _ENV_VARIABLES]
+    limits += [pool.num_threads for pool in _pools()]
+    limits = [limit for limit in limits if isinstance(limit, int) and limit > 0]
+    return min(limits) if limits else None
+
+
+@contextmanager
+def limit_torch_threads():
+    """Run torch with no more intra-op threads than :func:`thread_limit`.
+
+    Also a decorator (``@limit_torch_threads()``). The previous count is
+    restored on exit, also when the body raises. Nothing changes when the
+    limit is not below ``torch.get_num_threads()``.
+
+    Yields
+    ------
+    n_threads : int
+        The number of threads torch uses inside the block.
+    """
+    previous = torch.get_num_threads()
+    limit = thread_limit()
+    if limit is None or limit >= previous:
+        yield previous
+        return
+    torch.set_num_threads(limit)
+    try:
+        yield limit
+    finally:
+        torch.set_num_threads(previous)

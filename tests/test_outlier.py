@@ -1,0 +1,296 @@
+"""Behaviour of MAFOutlierDetector beyond scikit-learn's common checks."""
+
+import pickle
+import re
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.base import clone
+
+from sklearn_maf import MAFDensity, MAFOutlierDetector
+from sklearn_maf._outlier import _dequantize, _Marginals, _weighted_threshold
+
+
+def _small(**params):
+    defaults = dict(n_layers=2, hidden_units=16, max_iter=20, random_state=0)
+    return MAFOutlierDetector(**{**defaults, **params})
+
+
+def _blobs(n, rng):
+    """Two correlated 2-D Gaussian clusters."""
+    centres = np.array([[-2.0, 0.0], [2.0, 1.0]])
+    noise = rng.normal(size=(n, 2)) @ np.array([[0.6, 0.0], [0.3, 0.5]])
+    return centres[rng.randint(2, size=n)] + noise
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A detector of the two clusters, shared by the tests that only read it."""
+    rng = np.random.RandomState(0)
+    X = _blobs(600, rng)
+    return _small(contamination=0.05).fit(X), X
+
+
+@pytest.mark.parametrize("contamination", [0.01, 0.05, 0.1, 0.5])
+def test_contamination_is_the_fraction_flagged_on_the_training_rows(contamination, rng):
+    X = _blobs(400, rng)
+    detector = _small(contamination=contamination).fit(X)
+    assert np.sum(detector.predict(X) == -1) == round(contamination * 400)
+
+
+def test_weighted_contamination_counts_weight_not_rows(rng):
+    """With weights, the flagged rows hold at most, and about, `contamination` of the weight."""
+    X = _blobs(400, rng)
+    weight = rng.uniform(0.5, 3.0, size=400)
+    detector = _small(contamination=0.1).fit(X, sample_weight=weight)
+    flagged = detector.predict(X) == -1
+    share = weight[flagged].sum() / weight.sum()
+    assert 0.1 - weight.max() / weight.sum() < share <= 0.1
+    # the threshold is a weighted quantile: the unweighted one differs
+    unweighted = _small(contamination=0.1).fit(X)
+    assert detector.offset_ != unweighted.offset_
+
+
+def test_decision_function_is_score_samples_minus_offset(fitted):
+    detector, X = fitted
+    np.testing.assert_array_equal(detector.decision_function(X), detector.score_samples(X) - detector.offset_)
+
+
+def test_predict_is_the_sign_of_the_decision_function(fitted):
+    detector, X = fitted
+    labels = detector.predict(X)
+    assert labels.dtype.kind == "i" and set(np.unique(labels)) == {-1, 1}
+    np.testing.assert_array_equal(labels == -1, detector.decision_function(X) < 0)
+
+
+def test_fit_predict_equals_fit_then_predict(rng):
+    X = _blobs(300, rng)
+    np.testing.assert_array_equal(_small().fit_predict(X), _small().fit(X).predict(X))
+
+
+def test_far_rows_are_outliers_and_typical_rows_are_not(rng):
+    """Novelty detection: rows far from both clusters get -1, new rows from them get +1."""
+    detector = _small(max_iter=60).fit(_blobs(1000, rng))
+    far = np.array([[0.0, 8.0], [-9.0, -6.0], [10.0, 1.0], [0.0, -7.0]])
+    assert np.all(detector.predict(far) == -1)
+    # contamination="auto" flags about 1% of new rows from the training distribution
+    assert np.mean(detector.predict(_blobs(2000, rng)) == -1) < 0.05
+
+
+def test_without_preprocessing_the_valley_between_clusters_scores_low(rng):
+    """preprocessing=None scores by the density in the units of X, valleys included.
+
+    (The quantile preprocessing does not see a gap inside one feature's range:
+    the point between the clusters sits at the middle of both marginals.)
+    """
+    detector = _small(preprocessing=None, n_layers=5, hidden_units=32, max_iter=200).fit(_blobs(600, rng))
+    centre, between = detector.score_samples(np.array([[-2.0, 0.0], [0.0, 0.5]]))
+    assert centre > between + 0.5
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(contamination=0.7), "The 'contamination' parameter"),
+        (dict(contamination=0.0), "The 'contamination' parameter"),
+        (dict(contamination="high"), "The 'contamination' parameter"),
+        (dict(preprocessing="robust"), "The 'preprocessing' parameter"),
+        (dict(dequantize="yes"), "The 'dequantize' parameter"),
+        (dict(n_layers=0), "The 'n_layers' parameter"),
+    ],
+)
+def test_bad_parameters_are_rejected(params, message, rng):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _small(**params).fit(_blobs(50, rng))
+
+
+@pytest.mark.parametrize(
+    "round_trip",
+    [lambda model: pickle.loads(pickle.dumps(model)), clone],
+    ids=["pickle", "clone"],
+)
+def test_round_trips_give_identical_results(round_trip, rng):
+    X = np.c_[_blobs(200, rng), np.full(200, 4.0), rng.poisson(3, size=200)]
+    detector = _small(contamination=0.1).fit(X)
+    copy = round_trip(detector)
+    if not hasattr(copy, "offset_"):  # clone gives an unfitted copy: fit it the same way
+        copy.fit(X)
+    assert copy.offset_ == detector.offset_
+    np.testing.assert_array_equal(copy.constant_features_, detector.constant_features_)
+    np.testing.assert_array_equal(copy.score_samples(X), detector.score_samples(X))
+    np.testing.assert_array_equal(copy.predict(X), detector.predict(X))
+
+
+def test_same_scores_as_mafdensity_without_preprocessing(rng):
+    """The detector shares the model of MAFDensity, not a copy of it."""
+    X = _blobs(300, rng)
+    detector = _small(preprocessing=None, dequantize=False).fit(X)
+    density = MAFDensity(n_layers=2, hidden_units=16, max_iter=20, random_state=0).fit(X)
+    np.testing.assert_array_equal(detector.score_samples(X), density.score_samples(X))
+
+
+def test_constant_features_are_dropped_and_ignored(rng):
+    """Raw data with constant columns must not crash the detector (MAFDensity raises)."""
+    X = _blobs(300, rng)
+    with_constants = np.c_[np.full(300, 7.0), X[:, 0], np.zeros(300), X[:, 1]]
+    detector = _small(contamination=0.1).fit(with_constants)
+    np.testing.assert_array_equal(detector.constant_features_, [0, 2])
+    assert detector.n_features_in_ == 4 and detector.module_.n_features == 2
+    reference = _small(contamination=0.1).fit(X)
+    np.testing.assert_array_equal(detector.score_samples(with_constants), reference.score_samples(X))
+    # the constant features are ignored at scoring time
+    moved = with_constants.copy()
+    moved[:, [0, 2]] = [100.0, -3.0]
+    np.testing.assert_array_equal(detector.score_samples(moved), reference.score_samples(X))
+    samples = detector.sample(5, random_state=0)
+    np.testing.assert_array_equal(samples[:, [0, 2]], [[7.0, 0.0]] * 5)
+    with pytest.raises(ValueError, match="X has 2 features, but MAFOutlierDetector is expecting 4"):
+        detector.score_samples(X)
+
+
+def test_constant_on_the_training_split_only(rng):
+    """A feature that varies only in rows held out for validation is dropped too."""
+    X = np.c_[_blobs(100, rng), np.zeros(100)]
+    X[0, 2] = 1.0
+
+    class FirstRowHeldOut(MAFOutlierDetector):
+        def _split(self, n_samples, rng):
+            return np.arange(1, n_samples), np.array([0])
+
+    detector = FirstRowHeldOut(n_layers=2, hidden_units=8, max_iter=3, random_state=0).fit(X)
+    np.testing.assert_array_equal(detector.constant_features_, [2])
+
+
+def test_all_features_constant_is_a_clear_error():
+    with pytest.raises(ValueError, match="All 2 features are constant on the training rows"):
+        _small().fit(np.ones((20, 2)))
+
+
+def test_dequantized_training_rows_have_no_ties(rng):
+    """Integer-valued features reach the flow spread over their unit cells, without ties."""
+    counts = rng.randint(0, 6, size=(500, 2)).astype(float)
+    seen = []
+
+    class Recording(MAFOutlierDetector):
+        def _flow_features(self, *args):
+            seen.append(super()._flow_features(*args))
+            return seen[-1]
+
+    Recording(preprocessing=None, n_layers=2, hidden_units=8, max_iter=2, random_state=0).fit(counts)
+    flow_input = seen[-1]
+    assert np.all(np.abs(flow_input - counts) <= 0.5)
+    assert all(np.unique(column).size == 500 for column in flow_input.T)
+    Recording(preprocessing=None, dequantize=False, n_layers=2, hidden_units=8, max_iter=2).fit(counts)
+    np.testing.assert_array_equal(seen[-1], counts)
+
+
+def test_dequantize_stays_in_the_cells(rng):
+    integers = rng.poisson(4, size=(500, 1)).astype(float)
+    continuous = rng.normal(size=(500, 1))
+    X = np.c_[integers, continuous]
+    noisy = _dequantize(X, X, np.random.RandomState(0))
+    # integers spread over (k - 1/2, k + 1/2): a uniform within each cell
+    assert np.all(np.abs(noisy[:, 0] - integers[:, 0]) <= 0.5)
+    residual = noisy[:, 0] - integers[:, 0]
+    assert stats.kstest(residual, stats.uniform(-0.5, 1).cdf).pvalue > 0.01
+    # continuous values move by less than the gaps to their neighbours
+    distinct = np.sort(continuous[:, 0])
+    assert np.max(np.abs(noisy[:, 1] - continuous[:, 0])) <= np.max(np.diff(distinct))
+    # values beyond the reference's cells stay as far out
+    far = _dequantize(np.array([[40.0, 30.0]]), X, np.random.RandomState(0))
+    np.testing.assert_allclose(far, [[40.0, 30.0]], atol=0.6)
+    # the noise comes from the given random state alone
+    np.testing.assert_array_equal(noisy, _dequantize(X, X, np.random.RandomState(0)))
+
+
+def test_marginal_transform_is_standard_normal_monotone_and_invertible(rng):
+    X = np.c_[rng.standard_cauchy(size=3000), rng.exponential(size=3000)]
+    marginals = _Marginals(gaussianize=True).fit(X, np.ones(3000))
+    Z = marginals.transform(X)
+    for column in Z.T:
+        assert stats.kstest(column, "norm").pvalue > 0.01
+    grid = np.linspace(-1e4, 1e4, 20001)[:, None].repeat(2, axis=1)
+    assert np.all(np.diff(marginals.transform(grid), axis=0) > 0)
+    np.testing.assert_allclose(marginals.inverse_transform(marginals.transform(grid)), grid, atol=1e-6)
+
+
+def test_marginal_transform_is_thinned_on_many_rows(rng, monkeypatch):
+    """The fitted detector stays small: a few knots stand for many distinct values."""
+    X = rng.normal(size=(5000, 1))
+    monkeypatch.setattr("sklearn_maf._outlier._MAX_QUANTILES", 5000)
+    exact = _Marginals(gaussianize=True).fit(X, np.ones(5000))
+    monkeypatch.setattr("sklearn_maf._outlier._MAX_QUANTILES", 50)
+    thinned = _Marginals(gaussianize=True).fit(X, np.ones(5000))
+    assert exact.knots[0].size == 5001 and thinned.knots[0].size <= 102
+    # exact at the knots it keeps, within 1/50 in probability in between
+    np.testing.assert_allclose(thinned.transform(thinned.knots[0][:, None]), exact.transform(thinned.knots[0][:, None]))
+    difference = stats.norm.cdf(thinned.transform(X)) - stats.norm.cdf(exact.transform(X))
+    assert np.max(np.abs(difference)) < 1 / 50
+
+
+def test_rows_further_out_score_lower(fitted):
+    detector, _ = fitted
+    scores = detector.score_samples(np.array([[0.0, 5.0], [0.0, 10.0], [0.0, 100.0], [0.0, 1e300]]))
+    assert np.all(np.diff(scores) < 0)
+    assert not np.any(np.isnan(scores))
+
+
+def test_auto_threshold_comes_from_the_validation_rows(rng):
+    """contamination="auto" takes the 1% quantile of held-out rows, not of training rows."""
+    X = _blobs(400, rng)
+    held_out = np.arange(0, 400, 4)
+
+    class KnownSplit(MAFOutlierDetector):
+        def _split(self, n_samples, rng):
+            return np.setdiff1d(np.arange(n_samples), held_out), held_out
+
+    detector = KnownSplit(n_layers=2, hidden_units=16, max_iter=20, random_state=0).fit(X)
+    expected = _weighted_threshold(detector.score_samples(X[held_out]), np.ones(held_out.size), 0.01)
+    assert detector.offset_ == expected
+    no_validation = _small(early_stopping=False).fit(X)
+    assert np.sum(no_validation.predict(X) == -1) == 4
+
+
+def test_weighted_threshold_treats_weights_as_repetitions(rng):
+    scores = rng.normal(size=30)
+    weight = rng.randint(0, 4, size=30).astype(float)
+    repeated = np.repeat(scores, weight.astype(int))
+    # copies of a row may differ in the last bits: they still count as one value
+    jitter = repeated * (1 + 1e-14 * rng.uniform(-1, 1, size=repeated.size))
+    for fraction in (0.01, 0.1, 0.25, 0.5):
+        threshold = _weighted_threshold(scores, weight, fraction)
+        assert threshold == pytest.approx(_weighted_threshold(jitter, np.ones(repeated.size), fraction), rel=1e-12)
+        assert threshold not in scores
+        assert weight[scores < threshold].sum() <= fraction * weight.sum()
+
+
+def test_weighted_threshold_edge_cases():
+    # ties fall on the same side; nothing can be flagged when the lowest weighs too much
+    assert _weighted_threshold(np.array([1.0, 1.0, 1.0, 5.0]), np.ones(4), 0.5) == -1.0
+    # -inf scores (density underflow) give a finite threshold above them
+    threshold = _weighted_threshold(np.array([-np.inf, 0.0, 1.0]), np.ones(3), 0.4)
+    assert threshold == -1.0
+    assert _weighted_threshold(np.array([2.0, 2.0]), np.ones(2), 0.1) == 1.5
+
+
+def test_sample_is_in_the_units_of_the_data(rng):
+    X = np.c_[rng.normal(loc=100.0, scale=10.0, size=2000), rng.exponential(scale=5.0, size=2000)]
+    detector = _small(max_iter=40).fit(X)
+    samples = detector.sample(2000, random_state=0)
+    assert samples.shape == (2000, 2)
+    np.testing.assert_allclose(samples.mean(axis=0), X.mean(axis=0), rtol=0.1)
+    assert np.all(samples[:, 1] > -1.0)
+
+
+def test_warm_start_keeps_the_preprocessing(rng):
+    X = np.c_[_blobs(300, rng), np.full(300, 2.0)]
+    detector = _small(max_iter=3, warm_start=True)
+    detector.fit(X)
+    marginals = detector._marginals
+    detector.fit(X + [1.0, 0.0, 0.0])
+    assert detector._marginals is marginals and detector.n_iter_ == 6
+    np.testing.assert_array_equal(detector.constant_features_, [2])
+    # a modelled feature that is constant on the new rows is no error either
+    X[:, 0] = 1.0
+    assert np.all(np.isfinite(detector.fit(X).score_samples(X)))

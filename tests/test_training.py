@@ -1,0 +1,340 @@
+"""Property tests for sklearn_maf._training: batches, history, early stopping, failures, weights."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from sklearn_maf._nn import MAF
+from sklearn_maf._training import _batches, _parameter_groups, mean_log_prob, train_flow
+
+DTYPE = torch.float64
+
+
+def _generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _flow(*, batch_norm=True, seed=0):
+    """A small float64 2-D MAF: two MAF layers, one batch norm between them when asked."""
+    return MAF(
+        torch.zeros(2, dtype=DTYPE),
+        torch.ones(2, dtype=DTYPE),
+        n_layers=2,
+        hidden_units=6,
+        n_hidden_layers=1,
+        batch_norm=batch_norm,
+        generator=_generator(seed),
+        dtype=DTYPE,
+    )
+
+
+def _data(n_samples=40, seed=1, shift=0.0):
+    """Rows of a curved 2-D density, something for the flow to learn."""
+    z = torch.randn(n_samples, 2, generator=_generator(seed), dtype=DTYPE)
+    return torch.stack([z[:, 0], z[:, 0] ** 2 / 2 + 0.5 * z[:, 1]], dim=1) + shift
+
+
+def _train(module, X, weight=None, validation=None, **params):
+    """:func:`train_flow` with small defaults (never stopping early); ``params`` override them."""
+    options = dict(
+        batch_size=16,
+        learning_rate=1e-2,
+        alpha=0.0,
+        max_iter=4,
+        tol=0.0,
+        n_iter_no_change=1000,
+        generator=_generator(2),
+    )
+    options.update(params)
+    return train_flow(module, X, weight, validation=validation, **options)
+
+
+def _max_iter_warning(max_iter):
+    return pytest.warns(ConvergenceWarning, match=rf"maximum iterations \({max_iter}\) reached")
+
+
+def _state(module):
+    return {name: tensor.clone() for name, tensor in module.state_dict().items()}
+
+
+def _assert_states_equal(first, second, rtol=0.0, atol=0.0):
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(
+            first[name],
+            second[name],
+            rtol=rtol,
+            atol=atol,
+            msg=lambda message: f"{name}: {message}",
+        )
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 16, 100])
+@pytest.mark.parametrize("n_rows", [2, 3, 7, 16, 17, 33])
+def test_batches_cover_every_row_once_and_never_end_with_a_single_row(n_rows, batch_size):
+    batches = _batches(n_rows, batch_size, _generator(0))
+    assert torch.equal(torch.sort(torch.cat(batches)).values, torch.arange(n_rows))
+    assert all(batch.numel() == batch_size for batch in batches[:-1])
+    assert 2 <= batches[-1].numel() <= batch_size + 1
+    again = _batches(n_rows, batch_size, _generator(0))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+
+
+def test_batches_are_reshuffled_every_epoch():
+    generator = _generator(0)
+    first, second = (torch.cat(_batches(30, 8, generator)) for _ in range(2))
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("with_validation", [False, True])
+def test_train_flow_returns_its_history(with_validation):
+    module = _flow()
+    validation = (_data(10, seed=3), None, None) if with_validation else None
+    with _max_iter_warning(4):
+        history = _train(module, _data(), validation=validation)
+
+    assert history.n_iter == len(history.loss_curve) == 4
+    assert history.n_steps == 4 * 3  # 40 rows in batches of 16, 16 and 8
+    assert all(math.isfinite(loss) for loss in history.loss_curve)
+    assert history.loss_curve[-1] < history.loss_curve[0]
+    assert history.best_loss == min(history.loss_curve)
+    assert not history.stopped_early and not history.non_finite
+    assert not module.training
+    if with_validation:
+        assert len(history.validation_scores) == 4
+        assert history.best_validation_score == max(history.validation_scores)
+    else:
+        assert history.validation_scores == []
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_epoch_loss_is_the_weighted_mean_over_all_rows_whatever_the_batches(weighted):
+    """Batches of unequal weight count by their weight, not their number of rows."""
+    module = _flow(batch_norm=False)
+    X = _data(37)
+    weight = torch.rand(37, generator=_generator(5), dtype=DTYPE) * 4 if weighted else None
+    with torch.no_grad():
+        log_prob = module.log_prob(X)
+    expected = -(log_prob.mean() if weight is None else (log_prob * weight).sum() / weight.sum())
+    with _max_iter_warning(1):
+        # Steps of 1e-300 leave every weight as it is: each batch is scored by the initial flow.
+        history = _train(module, X, weight, learning_rate=1e-300, batch_size=8, max_iter=1)
+    assert history.n_steps == 5  # 8, 8, 8, 8 and 5 rows
+    assert history.loss_curve[0] == pytest.approx(float(expected), rel=1e-12)
+
+
+@pytest.mark.parametrize("max_iter", [1, 3])
+def test_convergence_warning_when_max_iter_is_reached(max_iter):
+    with _max_iter_warning(max_iter):
+        history = _train(_flow(), _data(), max_iter=max_iter)
+    assert history.n_iter == max_iter and not history.stopped_early
+
+
+@pytest.mark.parametrize("n_iter_no_change", [1, 3])
+@pytest.mark.parametrize("with_validation", [False, True])
+def test_patience_counts_epochs_without_an_improvement_of_tol(with_validation, n_iter_no_change):
+    """With an unreachable tol only the first epoch improves: training stops after 1 + patience."""
+    validation = (_data(10, seed=3), None, None) if with_validation else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        history = _train(
+            _flow(),
+            _data(),
+            validation=validation,
+            tol=1e9,
+            n_iter_no_change=n_iter_no_change,
+            max_iter=50,
+        )
+    assert history.stopped_early
+    assert history.n_iter == 1 + n_iter_no_change
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_early_stopping_restores_the_best_validation_weights(batch_norm):
+    """The returned module scores exactly best_validation_score, from an epoch before the last."""
+    module = _flow(batch_norm=batch_norm)
+    validation = (_data(12, seed=3, shift=1.0), None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        history = _train(
+            module,
+            _data(),
+            validation=validation,
+            learning_rate=5e-2,
+            n_iter_no_change=3,
+            max_iter=200,
+        )
+
+    scores = history.validation_scores
+    best_epoch = max(range(len(scores)), key=scores.__getitem__)
+    assert history.stopped_early
+    assert history.n_iter == best_epoch + 1 + 3
+    assert history.best_validation_score == scores[best_epoch] != scores[-1]
+    # The snapshot holds the batch-norm running statistics too, so the check is exact.
+    assert mean_log_prob(module, *validation) == history.best_validation_score
+
+
+@pytest.mark.parametrize("with_validation", [False, True])
+@pytest.mark.parametrize("cause", ["learning_rate", "infinite_row"])
+def test_non_finite_loss_stops_training_and_keeps_good_weights(cause, with_validation):
+    """A non-finite loss stops training with a warning and leaves weights whose loss is finite."""
+    module = _flow()
+    initial = _state(module)
+    X = _data()
+    finite_rows = X.clone()
+    if cause == "infinite_row":
+        X[3, 0] = math.inf
+    validation = (_data(10, seed=3), None, None) if with_validation else None
+    learning_rate = 1e30 if cause == "learning_rate" else 1e-2
+    with pytest.warns(ConvergenceWarning, match="became non-finite") as record:
+        history = _train(
+            module,
+            X,
+            validation=validation,
+            learning_rate=learning_rate,
+            batch_size=40,
+            max_iter=10,
+        )
+
+    assert not any("maximum iterations" in str(warning.message) for warning in record)
+    assert history.non_finite and history.n_iter == len(history.loss_curve) < 10
+    assert all(math.isfinite(loss) for loss in history.loss_curve)
+    assert all(torch.isfinite(tensor).all() for tensor in module.state_dict().values())
+    if cause == "infinite_row":
+        _assert_states_equal(_state(module), initial)
+    for training in [False, True]:
+        module.train(training)
+        with torch.no_grad():
+            assert torch.isfinite(module.log_prob(finite_rows)).all(), (
+                "the kept weights do not give a finite loss"
+            )
+
+
+def test_weight_decay_groups_hold_exactly_the_weight_matrices():
+    module = _flow()
+    decayed, other = _parameter_groups(module, 0.25)
+    assert decayed["weight_decay"] == 0.25 and other["weight_decay"] == 0.0
+    names = {id(param): name for name, param in module.named_parameters()}
+    decayed_names = {names[id(param)] for param in decayed["params"]}
+    other_names = {names[id(param)] for param in other["params"]}
+    assert decayed_names == {name for name in names.values() if name.endswith(".weight")}
+    assert decayed_names | other_names == set(names.values()) and not decayed_names & other_names
+    assert any(name.endswith(".bias") for name in other_names)
+    assert any(name.endswith(".log_gamma") for name in other_names)
+
+
+def _reference_training_with_l2(module, X, *, alpha, learning_rate, n_epochs):
+    """Full-batch Adam on the mean negative log-likelihood plus ``alpha / 2 * ||W||^2``.
+
+    The penalty is written into the loss and covers only the parameters named
+    ``*.weight``; Adam itself has no weight decay.
+    """
+    weights = [param for name, param in module.named_parameters() if name.endswith(".weight")]
+    optimizer = torch.optim.Adam(module.parameters(), lr=learning_rate)
+    module.train()
+    for _ in range(n_epochs):
+        penalty = sum(weight.square().sum() for weight in weights)
+        loss = -module.log_prob(X).mean() + alpha / 2 * penalty
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    module.eval()
+
+
+def test_weight_decay_is_an_l2_penalty_on_the_weight_matrices_only():
+    """Training with alpha is Adam on the loss plus alpha/2 times the squared weight matrices."""
+    X = _data()
+    module, reference, undecayed = _flow(), _flow(), _flow()
+    with _max_iter_warning(3):
+        _train(module, X, alpha=0.5, batch_size=40, max_iter=3)
+    with _max_iter_warning(3):
+        _train(undecayed, X, alpha=0.0, batch_size=40, max_iter=3)
+    _reference_training_with_l2(reference, X, alpha=0.5, learning_rate=1e-2, n_epochs=3)
+
+    # Shifts feeding the batch norm have a zero gradient up to round-off, which Adam
+    # scales up to about learning_rate * round-off / eps per step: hence atol.
+    _assert_states_equal(_state(module), _state(reference), rtol=1e-10, atol=1e-9)
+    assert not torch.allclose(
+        module.transforms[1].made.layers[0].weight, undecayed.transforms[1].made.layers[0].weight
+    )
+
+
+@pytest.mark.parametrize("with_validation", [False, True])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_integer_weights_equal_repeated_rows_in_full_batch(batch_norm, with_validation):
+    """Weights count rows: in the loss, the batch-norm moments and the validation score."""
+    X = _data(20)
+    weight = torch.randint(0, 4, (20,), generator=_generator(5)).to(DTYPE)
+    repeated = X.repeat_interleave(weight.long(), dim=0)
+    weighted_validation = repeated_validation = None
+    if with_validation:
+        X_val = _data(8, seed=3)
+        weight_val = torch.randint(1, 4, (8,), generator=_generator(6)).to(DTYPE)
+        weighted_validation = (X_val, weight_val, None)
+        repeated_validation = (X_val.repeat_interleave(weight_val.long(), dim=0), None, None)
+
+    weighted_module, repeated_module = _flow(batch_norm=batch_norm), _flow(batch_norm=batch_norm)
+    batch_size = repeated.shape[0]
+    with _max_iter_warning(4):
+        weighted = _train(weighted_module, X, weight, weighted_validation, batch_size=batch_size)
+    with _max_iter_warning(4):
+        plain = _train(repeated_module, repeated, None, repeated_validation, batch_size=batch_size)
+
+    torch.testing.assert_close(weighted.loss_curve, plain.loss_curve, rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        weighted.validation_scores, plain.validation_scores, rtol=1e-10, atol=0
+    )
+    _assert_states_equal(_state(weighted_module), _state(repeated_module), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("with_validation", [False, True])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_same_generator_seed_gives_bit_identical_training(batch_norm, with_validation):
+    validation = (_data(10, seed=3), None, None) if with_validation else None
+
+    def run(generator_seed):
+        module = _flow(batch_norm=batch_norm)
+        with _max_iter_warning(3):
+            history = _train(
+                module,
+                _data(),
+                validation=validation,
+                max_iter=3,
+                generator=_generator(generator_seed),
+            )
+        return module, history
+
+    first, first_history = run(2)
+    second, second_history = run(2)
+    _, other_history = run(3)
+    _assert_states_equal(_state(first), _state(second))
+    assert first_history == second_history
+    assert first_history.loss_curve != other_history.loss_curve, (
+        "the shuffling ignores the generator"
+    )
+    assert not torch.equal(
+        first.transforms[1].made.layers[0].weight, _flow().transforms[1].made.layers[0].weight
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [3, 1000])
+def test_mean_log_prob_is_the_weighted_mean_in_eval_mode(chunk_size):
+    module = _flow()
+    with _max_iter_warning(2):
+        _train(module, _data(), max_iter=2)
+    module.train()
+    X = _data(11, seed=4)
+    weight = torch.rand(11, generator=_generator(7), dtype=DTYPE)
+    module.eval()
+    with torch.no_grad():
+        log_prob = module.log_prob(X)
+    module.train()
+    score = mean_log_prob(module, X, weight, chunk_size=chunk_size)
+    assert module.training
+    assert score == pytest.approx(float((log_prob * weight).sum() / weight.sum()), rel=1e-13)
+    assert mean_log_prob(module, X, chunk_size=chunk_size) == pytest.approx(
+        float(log_prob.mean()), rel=1e-13
+    )
