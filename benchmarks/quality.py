@@ -15,6 +15,10 @@ Models, each fitted on the same training rows:
   of the standardisation is added back so scores are log-densities in the
   units of the data.
 
+The notes give each model's worst row, the largest per-row gap: on
+heavy-tailed data one far row can dominate the mean gap of a model whose tails
+are too light.
+
 Fit time includes model selection (BIC sweep, cross-validation). Timings are
 wall-clock (``time.perf_counter``) and only meaningful on an otherwise idle
 machine; the header records the load average.
@@ -137,6 +141,7 @@ def evaluate(density, n_train, n_test, models):
             note += f"; {n_bad} non-finite test scores"
         finite = np.isfinite(log_p)
         diff = true[finite] - log_p[finite]
+        note += f"; worst row {diff.max():.1f}"
         rows.append(
             {
                 "model": name,
