@@ -474,10 +474,9 @@ class _BaseMAF(BaseEstimator):
 
     def _chunk_size(self):
         width = max(self.hidden_units, getattr(self, "n_features_in_", 1), 1)
-        # A multiple of 256 rows: torch draws normal noise in blocks of 16 numbers,
-        # so drawing chunk by chunk gives the rows of one single draw (exactly so
-        # when n_samples * n_features is a multiple of 16).
-        return max(1024, _CHUNK_ELEMENTS // width // 256 * 256)
+        # Sampling chunk by chunk draws the same rows as one draw would: the
+        # bases turn uniform noise, which torch draws number by number, into rows.
+        return max(1024, _CHUNK_ELEMENTS // width)
 
     def _validate_fitted_input(self, X):
         check_is_fitted(self)
