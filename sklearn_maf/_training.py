@@ -33,13 +33,21 @@ class TrainingHistory:
     non_finite: bool = False
 
 
-def _batches(n_rows, batch_size, generator, device=None):
+def _batches(n_rows, batch_size, generator, device=None, weight=None):
     """Shuffled index batches; a trailing batch of one row joins the one before.
 
     Batch normalisation must never see the statistics of a single row, and no
-    row is left out of an epoch.
+    row is left out of an epoch. With sample weights, the batches are drawn
+    among the rows of positive weight only: a row of weight zero adds nothing
+    to a loss, and a batch made only of such rows would have the loss 0 / 0.
+    Where every weight is positive, the batches are those of unweighted data.
     """
-    batches = list(torch.randperm(n_rows, generator=generator).to(device).split(batch_size))
+    if weight is None or bool((weight > 0).all()):
+        order = torch.randperm(n_rows, generator=generator)
+    else:
+        rows = torch.nonzero(weight > 0).flatten().cpu()
+        order = rows[torch.randperm(rows.numel(), generator=generator)]
+    batches = list(order.to(device).split(batch_size))
     if len(batches) > 1 and batches[-1].numel() == 1:
         batches[-2] = torch.cat(batches[-2:])
         batches.pop()
@@ -324,7 +332,7 @@ def _epoch(module, optimizer, X, weight, context, batch_size, generator, dequant
     """
     params = [param for group in optimizer.param_groups for param in group["params"]]
     losses, sizes = [], []
-    batches = _batches(X.shape[0], batch_size, generator, X.device)
+    batches = _batches(X.shape[0], batch_size, generator, X.device, weight)
     with _cyclic_gc_paused():
         for index in batches:
             batch_weight = _select(weight, index)

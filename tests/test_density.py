@@ -275,16 +275,31 @@ def test_too_few_rows_for_early_stopping(rng):
     _small(early_stopping=False).fit(rng.normal(size=(2, 2)))
 
 
-def test_zero_weights_remove_rows(rng):
+@pytest.mark.parametrize("batch_size", [1000, 16])
+def test_zero_weights_remove_rows(rng, batch_size):
     """Rows of zero weight have no influence: not on training, scaling or batch norm."""
     X = _mixture(100, rng)
     outliers = rng.normal(scale=50.0, size=(30, 2))
-    params = dict(early_stopping=False, batch_size=1000, precision="float64", max_iter=5)
+    params = dict(early_stopping=False, batch_size=batch_size, precision="float64", max_iter=5)
     with_zeros = _small(**params).fit(
         np.vstack([X, outliers]), sample_weight=np.r_[np.ones(100), np.zeros(30)]
     )
-    # Full-batch training visits rows in a shuffled order, so only round-off may differ.
+    # Mini-batches are drawn among the rows of positive weight, so they are the
+    # batches of the data without those rows; only round-off may differ.
     np.testing.assert_allclose(with_zeros.score_samples(X), _small(**params).fit(X).score_samples(X), atol=1e-9)
+
+
+def test_few_positive_weights_among_many_rows_train_a_model(rng):
+    """Regression: mini-batches holding only zero-weight rows made the loss NaN in epoch 1,
+    and fit returned the untrained flow with a warning to lower the learning rate."""
+    X = _mixture(2000, rng)
+    weight = np.zeros(2000)
+    weight[rng.choice(2000, 40, replace=False)] = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        model = _small(batch_size=16, max_iter=200, n_iter_no_change=5).fit(X, sample_weight=weight)
+    assert model.n_iter_ > 5 and all(np.isfinite(model.loss_curve_))
+    assert model.loss_curve_[-1] < model.loss_curve_[0]
 
 
 def test_a_split_without_weight_is_rejected(rng):

@@ -83,6 +83,30 @@ def test_batches_cover_every_row_once_and_never_end_with_a_single_row(n_rows, ba
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
 
 
+def test_batches_skip_rows_of_zero_weight():
+    """Only rows of positive weight are batched; with none at zero, the batches are unchanged."""
+    weight = torch.zeros(50, dtype=DTYPE)
+    weight[[3, 17, 18, 40]] = 2.0
+    batches = _batches(50, 3, _generator(0), weight=weight)
+    assert torch.equal(torch.sort(torch.cat(batches)).values, torch.tensor([3, 17, 18, 40]))
+    positive = torch.rand(50, generator=_generator(1), dtype=DTYPE) + 0.1
+    weighted, unweighted = _batches(50, 8, _generator(0), weight=positive), _batches(50, 8, _generator(0))
+    assert all(torch.equal(a, b) for a, b in zip(weighted, unweighted))
+
+
+def test_sparse_positive_weights_train_without_a_non_finite_loss():
+    """Regression: a batch of zero-weight rows only gave the loss 0 / 0 = NaN in epoch 1."""
+    X = _data(400)
+    weight = torch.zeros(400, dtype=DTYPE)
+    weight[::10] = 1.0  # 40 rows count; most batches of 8 drawn from all rows would have none
+    module = _flow()
+    with _max_iter_warning(3):
+        history = _train(module, X, weight, batch_size=8, max_iter=3)
+    assert not history.non_finite and history.n_iter == 3
+    assert all(math.isfinite(loss) for loss in history.loss_curve)
+    assert history.n_steps == 3 * 5  # 40 weighted rows in batches of 8
+
+
 def test_batches_are_reshuffled_every_epoch():
     generator = _generator(0)
     first, second = (torch.cat(_batches(30, 8, generator)) for _ in range(2))
