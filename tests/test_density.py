@@ -434,6 +434,11 @@ def test_partial_fit_is_reproducible_and_pickles_without_optimizer_state(rng):
     np.testing.assert_array_equal(loaded.score_samples(X), first.score_samples(X))
     loaded.partial_fit(X)  # continues, with a fresh optimizer
     assert loaded.n_iter_ == first.n_iter_ + 1
+    # Regression: pickling dropped the optimizer state of the model it pickled,
+    # so that model's next partial_fit restarted Adam.
+    first.partial_fit(X)
+    second.partial_fit(X)
+    np.testing.assert_array_equal(first.score_samples(X), second.score_samples(X))
 
 
 def test_batch_of_one_row_is_rejected():
