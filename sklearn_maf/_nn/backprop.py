@@ -16,10 +16,9 @@ cost several times as much on a CPU. The soft clamp of the log-scale is
 written with a sigmoid, ``bound * tanh(y / bound) = bound * (2 sigmoid(2 y / bound) - 1)``,
 the same function (torch's CPU ``tanh`` is several times slower than ``sigmoid``).
 
-The masks are not applied in the forward pass: a :class:`MaskedLinear`'s
-weight is zero wherever its mask is (it is created so, and training multiplies
-every weight gradient by its mask, which keeps it so under Adam and an L2
-penalty), so ``x @ weight.T`` equals ``x @ (weight * mask).T`` exactly.
+The gradient of a masked weight is that of ``weight * mask``: the product
+with the input, then with the mask. The mask product is left to the caller,
+who can do it for all the layers in one operation (see :func:`masked_weights`).
 
 Only the common case has this path: a standard-normal base, no context, and
 the layers :class:`Standardize`, :class:`Bounded`,
@@ -113,26 +112,27 @@ def loss_and_grad(module, x, weight=None):
 def _affine_forward(layer, x):
     """One MAF layer: ``(u, log-det per row, cache)``."""
     made = layer.made
+    weights = [linear.weight * linear.mask for linear in made.layers]
     hidden = [x]
     h = x
-    for linear in made.layers[:-1]:
-        h = made._activation(torch.addmm(linear.bias, h, linear.weight.t()))
+    for linear, weight in zip(made.layers[:-1], weights):
+        h = made._activation(torch.addmm(linear.bias, h, weight.t()))
         hidden.append(h)
-    output, d = made.layers[-1], x.shape[1]
-    shift = torch.addmm(output.bias[:d], h, output.weight[:d].t())
-    raw_log_scale = torch.addmm(output.bias[d:], h, output.weight[d:].t())
+    output, weight, d = made.layers[-1], weights[-1], x.shape[1]
+    shift = torch.addmm(output.bias[:d], h, weight[:d].t())
+    raw_log_scale = torch.addmm(output.bias[d:], h, weight[d:].t())
     bound = layer.log_scale_bound
     # -alpha = bound * tanh(raw / -bound) = 2 bound * sigmoid(-2 raw / bound) - bound
     sigmoid = torch.sigmoid(raw_log_scale.mul_(-2.0 / bound))
     minus_log_scale = (sigmoid * (2.0 * bound)).sub_(bound)
     scale = torch.exp(minus_log_scale)
     u = (x - shift).mul_(scale)
-    return u, minus_log_scale.sum(dim=-1), (hidden, sigmoid, scale, u)
+    return u, minus_log_scale.sum(dim=-1), (hidden, weights, sigmoid, scale, u)
 
 
 def _affine_backward(layer, cache, grad_u, share, need_input_grad=True):
     """Gradients of one MAF layer's parameters; returns d loss / d (its input) or None."""
-    hidden, sigmoid, scale, u = cache
+    hidden, weights, sigmoid, scale, u = cache
     made = layer.made
     # u = (x - shift) exp(m), log-det = sum(m): d loss / d m = grad_u * u - share;
     # m = 2 bound sigmoid(-2 raw / bound) - bound: d m / d raw = -4 sigmoid (1 - sigmoid)
@@ -150,7 +150,8 @@ def _affine_backward(layer, cache, grad_u, share, need_input_grad=True):
     output.bias.grad = torch.cat([grad_shift.sum(dim=0), grad_raw.sum(dim=0)])
     if len(made.layers) == 1 and not need_input_grad:
         return None
-    grad_below = torch.addmm(grad_shift.mm(output.weight[:d]), grad_raw, output.weight[d:])
+    weight = weights[-1]
+    grad_below = torch.addmm(grad_shift.mm(weight[:d]), grad_raw, weight[d:])
 
     activation_backward = _threshold_backward if made.activation == "relu" else _tanh_backward
     for depth in range(len(made.layers) - 2, -1, -1):
@@ -160,7 +161,7 @@ def _affine_backward(layer, cache, grad_u, share, need_input_grad=True):
         linear.bias.grad = grad_out.sum(dim=0)
         if depth == 0 and not need_input_grad:
             return None
-        grad_below = grad_out.mm(linear.weight)
+        grad_below = grad_out.mm(weights[depth])
     return grad_x.add_(grad_below)
 
 

@@ -65,6 +65,11 @@ class MaskedLinear(nn.Module):
     uniformly in ``±scale / sqrt(fan_in)`` where ``fan_in`` counts the inputs
     the mask lets through.
 
+    The weight is zero wherever the mask is, from initialisation on, and
+    training keeps it so (the gradient of a masked entry is zero, and so is
+    its Adam step and L2 penalty); every forward pass applies the mask all the
+    same, so that the autoregressive structure never rests on that alone.
+
     Parameters
     ----------
     mask : torch.Tensor of shape (out_features, in_features)
@@ -164,9 +169,29 @@ class MADE(nn.Module):
     def forward(self, x, context=None):
         """Return the output blocks, each of shape (n_samples, n_features)."""
         h = x if context is None else torch.cat([x, context], dim=-1)
+        if not torch.is_grad_enabled():
+            return self._forward_inference(h)
         for layer in self.layers[:-1]:
             h = self._activation(layer(h))
         return self.layers[-1](h).chunk(self.n_params, dim=-1)
+
+    def _forward_inference(self, h):
+        """:meth:`forward` without autograd, as scoring runs it.
+
+        Activations work in place, and each output block is its own product, a contiguous tensor rather than a strided
+        slice of one: the element-wise work that follows is several times
+        cheaper on contiguous tensors. (Skipping the masked half of each
+        product, one product per group of units that read the same inputs,
+        was measured slower on a CPU: products with a dozen output columns
+        run far below the dense rate.)
+        """
+        activation = _ACTIVATIONS_INPLACE[self.activation]
+        for layer in self.layers[:-1]:
+            h = activation(torch.addmm(layer.bias, h, (layer.weight * layer.mask).t()))
+        output = self.layers[-1]
+        weight = output.weight * output.mask
+        weights, biases = weight.chunk(self.n_params), output.bias.chunk(self.n_params)
+        return tuple(torch.addmm(b, h, w.t()) for w, b in zip(weights, biases))
 
     def solve(self, step, n_samples, context=None, *, like):
         """Find ``x`` such that each feature is ``step`` of its own conditionals.
