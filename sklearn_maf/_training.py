@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
+from ._nn import backprop
+
 __all__ = ["TrainingHistory", "make_optimizer", "mean_log_prob", "train_flow"]
 
 
@@ -331,6 +333,10 @@ def _epoch(module, optimizer, X, weight, context, batch_size, generator, dequant
     sizes, so the loop keeps its own per-step work to the minimum.
     """
     params = [param for group in optimizer.param_groups for param in group["params"]]
+    # Hand-written back-propagation where the model allows it (same gradients,
+    # half the tensor operations); the masked weights' gradients are then masked
+    # here, all in one operation.
+    masked = backprop.masked_weights(module) if backprop.supports(module, weight, context) else None
     losses, sizes = [], []
     batches = _batches(X.shape[0], batch_size, generator, X.device, weight)
     with _cyclic_gc_paused():
@@ -340,7 +346,7 @@ def _epoch(module, optimizer, X, weight, context, batch_size, generator, dequant
             if dequantize is not None:
                 noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
                 x = x + noise * dequantize
-            losses.append(_step(module, optimizer, params, x, batch_weight, batch_context))
+            losses.append(_step(module, optimizer, params, x, batch_weight, batch_context, masked))
             sizes.append(index.numel() if weight is None else batch_weight.sum())
     losses = torch.stack(losses).double()
     if weight is None:
@@ -369,11 +375,23 @@ def _cyclic_gc_paused():
             gc.enable()
 
 
-def _step(module, optimizer, params, x, weight, context):
-    """One Adam step on one batch; returns the (detached) batch loss."""
-    loss = -_weighted_mean(module.log_prob(x, context, weight), weight)
-    for param in params:  # optimizer.zero_grad(set_to_none=True), without its overhead
-        param.grad = None
-    loss.backward()
+def _step(module, optimizer, params, x, weight, context, masked=None):
+    """One Adam step on one batch; returns the (detached) batch loss.
+
+    ``masked``, when given, is :func:`backprop.masked_weights` of ``module``:
+    the gradients then come from :func:`backprop.loss_and_grad` (which sets
+    every parameter's gradient), and each masked weight's gradient is
+    multiplied by its mask, which keeps the masked weights at zero.
+    """
+    if masked is not None:
+        loss = backprop.loss_and_grad(module, x, weight)
+        weights, masks = masked
+        torch._foreach_mul_([w.grad for w in weights], masks)
+    else:
+        loss = -_weighted_mean(module.log_prob(x, context, weight), weight)
+        for param in params:  # optimizer.zero_grad(set_to_none=True), without its overhead
+            param.grad = None
+        loss.backward()
+        loss = loss.detach()
     optimizer.step()
-    return loss.detach()
+    return loss

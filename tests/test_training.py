@@ -311,7 +311,10 @@ def test_integer_weights_equal_repeated_rows_in_full_batch(batch_norm, with_vali
     torch.testing.assert_close(
         weighted.validation_scores, plain.validation_scores, rtol=1e-10, atol=0
     )
-    _assert_states_equal(_state(weighted_module), _state(repeated_module), rtol=1e-9, atol=1e-10)
+    # Adam divides each step by the root of the squared gradient's average, which
+    # turns round-off in a near-zero gradient into a difference of up to ~1e-10
+    # after a few steps; a weight that did not count would differ by ~1e-2.
+    _assert_states_equal(_state(weighted_module), _state(repeated_module), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("with_validation", [False, True])

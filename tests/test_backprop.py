@@ -1,0 +1,115 @@
+"""The hand-written back-propagation of sklearn_maf._nn.backprop against autograd."""
+
+import itertools
+
+import pytest
+import torch
+
+from sklearn_maf._nn import MAF
+from sklearn_maf._nn.backprop import loss_and_grad, masked_weights, supports
+from sklearn_maf._nn.made import MaskedLinear
+from sklearn_maf._training import make_optimizer, train_flow
+
+DTYPE = torch.float64
+
+
+def _pair(n_features, seed=1, **params):
+    """Two identical float64 MAFs, their parameters moved off their initial values."""
+    X = torch.randn(64, n_features, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    noise = torch.Generator().manual_seed(seed + 100)
+    flows = []
+    for _ in range(2):
+        flow = MAF(
+            X.mean(0), X.std(0), generator=torch.Generator().manual_seed(seed), dtype=DTYPE,
+            **{"n_layers": 3, "hidden_units": 7, "n_hidden_layers": 2, **params},
+        )  # fmt: skip
+        flows.append(flow.train())
+    with torch.no_grad():
+        for first, second in zip(*(flow.parameters() for flow in flows)):
+            step = 0.3 * torch.randn(first.shape, generator=noise, dtype=DTYPE)
+            first.add_(step)
+            second.add_(step)
+        for flow in flows:
+            for layer in flow.modules():
+                if isinstance(layer, MaskedLinear):
+                    layer.weight.mul_(layer.mask)
+    return X * 2 + 1, flows
+
+
+def _manual(flow, X, weight=None):
+    loss = loss_and_grad(flow, X, weight)
+    weights, masks = masked_weights(flow)
+    torch._foreach_mul_([w.grad for w in weights], masks)
+    return loss
+
+
+def _autograd(flow, X, weight=None):
+    log_prob = flow.log_prob(X, weight=weight)
+    loss = -(log_prob.mean() if weight is None else (log_prob * weight).sum() / weight.sum())
+    loss.backward()
+    return loss.detach()
+
+
+def _assert_same(first, second, loss_first, loss_second):
+    torch.testing.assert_close(loss_first, loss_second, rtol=1e-12, atol=0)
+    for (name, a), b in zip(first.named_parameters(), second.parameters()):
+        scale = 1 + float(a.grad.abs().max())
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-11 * scale, msg=name)
+    for (name, a), b in zip(first.named_buffers(), second.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-13, msg=name)  # running averages
+
+
+@pytest.mark.parametrize(
+    "n_features, batch_norm, activation, n_hidden_layers, order",
+    list(itertools.product([1, 2, 5], [True, False], ["relu", "tanh"], [0, 1, 2], ["reverse", "random"])),
+)
+def test_gradients_equal_autograd(n_features, batch_norm, activation, n_hidden_layers, order):
+    X, (reference, manual) = _pair(
+        n_features, batch_norm=batch_norm, activation=activation,
+        n_hidden_layers=n_hidden_layers, order=order,
+    )  # fmt: skip
+    _assert_same(reference, manual, _autograd(reference, X), _manual(manual, X))
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_weighted_gradients_equal_autograd(batch_norm):
+    X, (reference, manual) = _pair(3, batch_norm=batch_norm)
+    weight = torch.rand(X.shape[0], generator=torch.Generator().manual_seed(3), dtype=DTYPE) * 3
+    _assert_same(reference, manual, _autograd(reference, X, weight), _manual(manual, X, weight))
+
+
+def test_bounded_inputs_equal_autograd():
+    X, _ = _pair(2)
+    X = torch.sigmoid(X)  # inside (0, 1)
+    bounds = (torch.zeros(2, dtype=DTYPE), torch.tensor([1.0, float("inf")], dtype=DTYPE))
+    flows = [
+        MAF(X.mean(0), X.std(0), n_layers=2, hidden_units=5, n_hidden_layers=1, bounds=bounds,
+            generator=torch.Generator().manual_seed(0), dtype=DTYPE).train()
+        for _ in range(2)
+    ]  # fmt: skip
+    assert supports(flows[1])
+    _assert_same(flows[0], flows[1], _autograd(flows[0], X), _manual(flows[1], X))
+
+
+def test_only_supported_models_take_the_fast_path():
+    X, (flow, _) = _pair(2)
+    assert supports(flow)
+    assert not supports(flow, context=X[:, :1])
+    mog = MAF(X.mean(0), X.std(0), n_layers=1, hidden_units=5, n_hidden_layers=1, base="mog",
+              n_components=2, generator=torch.Generator().manual_seed(0), dtype=DTYPE)  # fmt: skip
+    assert not supports(mog)
+    assert not supports(torch.nn.Identity())
+
+
+def test_training_keeps_masked_weights_at_zero():
+    """The forward pass skips the masks: training must keep masked weights exactly zero."""
+    X, (flow, _) = _pair(4, batch_norm=True)
+    history = train_flow(
+        flow, X, batch_size=16, learning_rate=1e-2, alpha=1e-3, max_iter=3, tol=0.0,
+        n_iter_no_change=100, generator=torch.Generator().manual_seed(0),
+        optimizer=make_optimizer(flow, 1e-2, 1e-3), warn_not_converged=False,
+    )  # fmt: skip
+    assert history.n_iter == 3
+    for weight, mask in zip(*masked_weights(flow)):
+        assert torch.all(weight[mask == 0] == 0)
+        assert torch.any(weight[mask == 1] != 0)
