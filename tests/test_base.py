@@ -118,8 +118,8 @@ def test_student_t_log_prob_is_the_sum_of_t_log_densities():
 def test_student_t_log_prob_keeps_float32_accuracy_at_large_df():
     """The lgamma normaliser is a small difference of large numbers at large df.
 
-    Computed in float32 it is off by tenths of a nat at df = 1e5; the base
-    computes it in float64 whatever the dtype of its input.
+    Computed in float32 it is off by about 4e-3 nats per feature at df = 1e5;
+    the base computes it in float64 whatever the dtype of its input.
     """
     df = np.array([1e3, 1e5])
     u = torch.linspace(-3, 3, 7, dtype=torch.float32)[:, None].expand(7, 2)
