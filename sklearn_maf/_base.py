@@ -50,7 +50,7 @@ class _BaseMAF(BaseEstimator):
         "activation": [StrOptions({"relu", "tanh"})],
         "batch_norm": ["boolean"],
         "order": [StrOptions({"reverse", "random"})],
-        "base": [StrOptions({"gaussian", "mog"})],
+        "base": [StrOptions({"gaussian", "mog", "student-t"})],
         "n_components": [Interval(Integral, 1, None, closed="left")],
         "bounds": ["array-like", None],
         "discrete_features": [StrOptions({"auto"}), "array-like", None],

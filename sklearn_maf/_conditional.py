@@ -43,13 +43,17 @@ class MAFConditionalDensity(_BaseMAF):
         in the fitted model.
     order : {"reverse", "random"}, default="reverse"
         Variable order of the target columns in successive layers.
-    base : {"gaussian", "mog"}, default="gaussian"
-        Base density under the MAF layers: a standard normal, or the paper's
+    base : {"gaussian", "mog", "student-t"}, default="gaussian"
+        Base density under the MAF layers: a standard normal; the paper's
         "MAF MoG" base, a MADE whose every conditional is a mixture of
-        ``n_components`` Gaussians, which suits strongly multi-modal data.
+        ``n_components`` Gaussians, which suits strongly multi-modal data; or
+        independent Student t's with one learned degrees of freedom per
+        feature (starting at 30, nearly normal; always above 1), which suits
+        heavy-tailed data, where a Gaussian base can give rows beyond the
+        training range log-densities far too low.
     n_components : int, default=10
-        Mixture components per conditional of the MoG base; ignored when
-        ``base="gaussian"``.
+        Mixture components per conditional of the MoG base; ignored by the
+        other bases.
     bounds : array-like of shape (n_features, 2), default=None
         Support ``(low, high)`` of each modelled feature (of ``y``, for this
         estimator), with ``-np.inf`` /
@@ -136,9 +140,12 @@ class MAFConditionalDensity(_BaseMAF):
     -----
     :meth:`predict` returns the conditional mean ``E[y | x]``, estimated by
     turning the same ``n_draws`` scrambled-Sobol quasi-random points into draws
-    of the base density (standard normal or MoG) and through the inverse flow
-    for every row, and averaging: the result is deterministic and does not
-    depend on which other rows are predicted with it.
+    of the base density (standard normal, MoG or Student t) and through the
+    inverse flow for every row, and averaging: the result is deterministic and
+    does not depend on which other rows are predicted with it. With
+    ``base="student-t"`` the mean exists (every learned degrees of freedom is
+    above 1), but where one falls to 2 or below the draws have no finite
+    variance and the average converges slowly in ``n_draws``.
 
     Examples
     --------

@@ -5,6 +5,7 @@ from sklearn.base import DensityMixin, _fit_context
 from sklearn.utils._tags import TransformerTags
 
 from ._base import _BaseMAF
+from ._nn import StudentT
 
 
 class MAFDensity(DensityMixin, _BaseMAF):
@@ -40,13 +41,17 @@ class MAFDensity(DensityMixin, _BaseMAF):
         Variable order of the layers: alternating natural and reversed, as in
         the paper, or a random permutation per layer drawn from
         ``random_state``.
-    base : {"gaussian", "mog"}, default="gaussian"
-        Base density under the MAF layers: a standard normal, or the paper's
+    base : {"gaussian", "mog", "student-t"}, default="gaussian"
+        Base density under the MAF layers: a standard normal; the paper's
         "MAF MoG" base, a MADE whose every conditional is a mixture of
-        ``n_components`` Gaussians, which suits strongly multi-modal data.
+        ``n_components`` Gaussians, which suits strongly multi-modal data; or
+        independent Student t's with one learned degrees of freedom per
+        feature (starting at 30, nearly normal; always above 1), which suits
+        heavy-tailed data, where a Gaussian base can give rows beyond the
+        training range log-densities far too low.
     n_components : int, default=10
-        Mixture components per conditional of the MoG base; ignored when
-        ``base="gaussian"``.
+        Mixture components per conditional of the MoG base; ignored by the
+        other bases.
     bounds : array-like of shape (n_features, 2), default=None
         Support ``(low, high)`` of each modelled feature, with ``-np.inf`` /
         ``np.inf`` for an open side. A bounded feature goes through a fixed
@@ -256,10 +261,14 @@ class MAFDensity(DensityMixin, _BaseMAF):
         """Map rows to the latent space: the output of the last MAF layer.
 
         With ``base="gaussian"`` the model is standard normal there. With
-        ``base="mog"`` it is the MADE MoG base density, which is neither
-        Gaussian nor independent across coordinates; the map is still the exact
-        bijection that :meth:`inverse_transform` undoes. Discrete features
-        enter at the middle of their dequantisation cell, ``k + 0.5``.
+        ``base="student-t"`` the output of the last layer, independent t's
+        under the model, is also mapped feature by feature through the t
+        distribution function and the normal quantile, so that the latents are
+        independent standard normals for this base too. With ``base="mog"`` it
+        is the MADE MoG base density, which is neither Gaussian nor independent
+        across coordinates. Either way the map is the exact bijection that
+        :meth:`inverse_transform` undoes. Discrete features enter at the middle
+        of their dequantisation cell, ``k + 0.5``.
 
         Parameters
         ----------
@@ -270,9 +279,13 @@ class MAFDensity(DensityMixin, _BaseMAF):
         -------
         U : ndarray of shape (n_samples, n_features), dtype float64
             Latent coordinates; for data drawn from a model with
-            ``base="gaussian"`` they are independent standard normals.
+            ``base="gaussian"`` or ``base="student-t"`` they are independent
+            standard normals.
         """
         X = self._validate_fitted_input(X) + 0.5 * self.discrete_features_
+        base = self.module_.base
+        if isinstance(base, StudentT):
+            return self._map_rows(lambda x: base.normal_scores(self.module_(x)[0]), self.n_features_in_, X)
         return self._map_rows(lambda x: self.module_(x)[0], self.n_features_in_, X)
 
     def fit_transform(self, X, y=None, sample_weight=None):
@@ -322,5 +335,8 @@ class MAFDensity(DensityMixin, _BaseMAF):
         True
         """
         U = self._validate_fitted_input(X)
+        base = self.module_.base
+        if isinstance(base, StudentT):
+            U = self._map_rows(base.from_normal_scores, self.n_features_in_, U)
         X = self._map_rows(lambda u: self.module_.inverse(u)[0], self.n_features_in_, U)
         return self._floor_discrete(X)

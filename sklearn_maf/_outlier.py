@@ -103,13 +103,15 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
     order : {"reverse", "random"}, default="reverse"
         Variable order of the layers: alternating natural and reversed, or a
         random permutation per layer drawn from ``random_state``.
-    base : {"gaussian", "mog"}, default="gaussian"
-        Base density under the MAF layers: a standard normal, or the paper's
+    base : {"gaussian", "mog", "student-t"}, default="gaussian"
+        Base density under the MAF layers: a standard normal; the paper's
         "MAF MoG" base, a MADE whose every conditional is a mixture of
-        ``n_components`` Gaussians.
+        ``n_components`` Gaussians; or independent Student t's with one learned
+        degrees of freedom per feature (starting at 30, nearly normal), for
+        heavy tails.
     n_components : int, default=10
-        Mixture components per conditional of the MoG base; ignored when
-        ``base="gaussian"``.
+        Mixture components per conditional of the MoG base; ignored by the
+        other bases.
     alpha : float, default=1e-6
         L2 penalty on the MADE weight matrices, applied as Adam weight decay.
     batch_size : int, default=256

@@ -144,3 +144,13 @@ def test_predict_with_a_mog_base_is_the_mixture_mean(rng):
     y = np.where(branch, 2.0, -1.0) + 0.1 * rng.normal(size=3000)  # mean 0.5 whatever x
     model = _small(base="mog", n_components=3, max_iter=60, hidden_units=32).fit(X, y)
     np.testing.assert_allclose(model.predict(X[:20]), 0.5, atol=0.1)
+
+
+def test_predict_with_a_student_t_base_is_the_conditional_mean(rng):
+    """predict draws through the t base (scipy's quantile, on fixed QMC noise)."""
+    X = rng.uniform(-1, 1, size=(3000, 1))
+    y = 2 * X[:, 0] + 0.3 * rng.standard_t(3, size=3000)  # mean 2x: the noise has mean 0
+    model = _small(base="student-t", max_iter=60, hidden_units=32).fit(X, y)
+    assert model.module_.base.df.item() < 10  # it did learn heavy tails
+    np.testing.assert_allclose(model.predict(X[:20]), 2 * X[:20, 0], atol=0.1)
+    np.testing.assert_array_equal(model.predict(X[:20]), model.predict(X[:20]))

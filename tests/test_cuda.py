@@ -50,6 +50,7 @@ def _on_gpu(model):
 CASES = {
     "gaussian": (MAFDensity, dict(), _data),
     "mog": (MAFDensity, dict(base="mog", n_components=3), _data),
+    "student-t": (MAFDensity, dict(base="student-t"), _data),
     "no batch norm, random order": (MAFDensity, dict(batch_norm=False, order="random"), _data),
     "bounds": (MAFDensity, dict(bounds=[[-np.inf, np.inf], [-np.inf, np.inf], [0.0, 1.0]]), _data),
     "discrete": (MAFDensity, dict(discrete_features=[2]), _integers),

@@ -1,6 +1,6 @@
 """Pure-torch building blocks of the flows; nothing here imports scikit-learn."""
 
-from .base import MADEMoG, StandardNormal
+from .base import MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
 from .flow import MAF, AffineMADE, BatchNorm, Standardize, soft_clamp
 from .made import MADE, MaskedLinear, hidden_degrees, input_degrees
@@ -15,6 +15,7 @@ __all__ = [
     "MaskedLinear",
     "Standardize",
     "StandardNormal",
+    "StudentT",
     "hidden_degrees",
     "input_degrees",
     "soft_clamp",

@@ -11,7 +11,7 @@ the sum of the log-determinants.
 import torch
 from torch import nn
 
-from .base import MADEMoG, StandardNormal
+from .base import MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
 from .made import MADE, input_degrees
 
@@ -158,7 +158,7 @@ class BatchNorm(nn.Module):
 
 
 class MAF(nn.Module):
-    """Masked Autoregressive Flow over a standard-normal or MADE MoG base density.
+    """Masked Autoregressive Flow over a standard-normal, MADE MoG or Student-t base density.
 
     ``Standardize -> AffineMADE -> [BatchNorm? -> AffineMADE] x (n_layers - 1) -> N(0, I)``.
 
@@ -183,10 +183,11 @@ class MAF(nn.Module):
         reverse, as in the paper; "random": a random order per layer.
     n_context : int, default=0
         Context features fed, unmasked, into every MADE (a conditional flow).
-    base : {"gaussian", "mog"}, default="gaussian"
+    base : {"gaussian", "mog", "student-t"}, default="gaussian"
         The base density: N(0, I), or a :class:`MADEMoG` whose conditionals are
         mixtures of ``n_components`` Gaussians (the paper's "MAF MoG"), with the
-        next variable order of the alternation.
+        next variable order of the alternation, or a :class:`StudentT`:
+        independent t's with learned degrees of freedom, for heavy tails.
     n_components : int, default=10
         Components per conditional of the MADE MoG base.
     bounds : tuple (low, high) of tensors of shape (n_features,), optional
@@ -249,6 +250,8 @@ class MAF(nn.Module):
             self.base = MADEMoG(
                 degrees(n_layers), n_components, log_scale_bound=log_scale_bound, **made_params
             )
+        elif base == "student-t":
+            self.base = StudentT(n_features, dtype=dtype)
         else:
             self.base = StandardNormal(n_features)
 
