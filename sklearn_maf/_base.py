@@ -56,6 +56,7 @@ class _BaseMAF(BaseEstimator):
         "discrete_features": [StrOptions({"auto"}), "array-like", None],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 2, None, closed="left")],
+        "learning_rate": [StrOptions({"constant", "adaptive"})],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
@@ -84,6 +85,7 @@ class _BaseMAF(BaseEstimator):
         discrete_features=None,
         alpha=1e-6,
         batch_size=256,
+        learning_rate="adaptive",
         learning_rate_init=1e-3,
         max_iter=200,
         tol=1e-4,
@@ -108,6 +110,7 @@ class _BaseMAF(BaseEstimator):
         self.discrete_features = discrete_features
         self.alpha = alpha
         self.batch_size = batch_size
+        self.learning_rate = learning_rate
         self.learning_rate_init = learning_rate_init
         self.max_iter = max_iter
         self.tol = tol
@@ -220,6 +223,7 @@ class _BaseMAF(BaseEstimator):
             generator=generator,
             verbose=self.verbose,
             dequantize=to_tensor(discrete) if discrete.any() else None,
+            adaptive=self.learning_rate == "adaptive",
         )
 
         module = module.to(torch.float64)

@@ -77,6 +77,14 @@ class MAFDensity(DensityMixin, _BaseMAF):
     batch_size : int, default=256
         Rows per mini-batch (capped at the number of training rows); at least
         2, so batch normalisation never sees the statistics of one row.
+    learning_rate : {"adaptive", "constant"}, default="adaptive"
+        Learning-rate schedule. "adaptive": start at ``learning_rate_init`` and
+        halve the rate each time 3 consecutive epochs fail to improve the
+        validation log-likelihood (or, without early stopping, the training
+        loss) by ``tol``, so that the weights settle before training stops (as
+        scikit-learn's MLP does for SGD, with its own constants). "constant":
+        ``learning_rate_init`` throughout. ``partial_fit`` always runs at
+        ``learning_rate_init``.
     learning_rate_init : float, default=1e-3
         Adam's learning rate.
     max_iter : int, default=200

@@ -116,6 +116,14 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
         L2 penalty on the MADE weight matrices, applied as Adam weight decay.
     batch_size : int, default=256
         Rows per mini-batch (capped at the number of training rows); at least 2.
+    learning_rate : {"adaptive", "constant"}, default="adaptive"
+        Learning-rate schedule. "adaptive": start at ``learning_rate_init`` and
+        halve the rate each time 3 consecutive epochs fail to improve the
+        validation log-likelihood (or, without early stopping, the training
+        loss) by ``tol``, so that the weights settle before training stops (as
+        scikit-learn's MLP does for SGD, with its own constants). "constant":
+        ``learning_rate_init`` throughout. ``partial_fit`` always runs at
+        ``learning_rate_init``.
     learning_rate_init : float, default=1e-3
         Adam's learning rate.
     max_iter : int, default=200
@@ -241,6 +249,7 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
         n_components=10,
         alpha=1e-6,
         batch_size=256,
+        learning_rate="adaptive",
         learning_rate_init=1e-3,
         max_iter=200,
         tol=1e-4,
@@ -264,6 +273,7 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
             n_components=n_components,
             alpha=alpha,
             batch_size=batch_size,
+            learning_rate=learning_rate,
             learning_rate_init=learning_rate_init,
             max_iter=max_iter,
             tol=tol,

