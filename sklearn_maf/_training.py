@@ -201,15 +201,21 @@ def _snapshot(module):
     return copy.deepcopy(module.state_dict())
 
 
-# learning_rate="adaptive": the learning rate halves after this many epochs in a
-# row without an improvement. Measured on 20,000 x 8 rows of a Gaussian mixture
+# learning_rate="adaptive": the learning rate halves after ADAPTIVE_EPOCHS epochs
+# in a row without an improvement, once they hold ADAPTIVE_STEPS steps. Measured on 20,000 x 8 rows of a Gaussian mixture
 # (benchmarks/speed.py's data), against the constant rate at the default
 # patience of 10: held-out log-likelihood -9.556 against -9.626 (halving after
 # 2 epochs: -9.586; a patience of 20 at a constant rate: -9.540 in 1.3 times
 # the epochs). Adam at a constant rate keeps the weights moving at about the
 # learning rate per step, and the validation score jumps by 0.1-0.5 nats
 # from epoch to epoch; a smaller rate lets them settle into the optimum.
+# On small data sets an epoch is a handful of steps, and a few epochs without
+# an improvement say little: halving the rate then stalled training early (600
+# rows: 3 steps per epoch); the step count keeps the schedule to data sets with
+# tens of steps per epoch (at batch 256: 10,000 rows and more halve after 3
+# epochs, 5,000 rows after 6), and smaller ones train at the constant rate.
 ADAPTIVE_EPOCHS = 3
+ADAPTIVE_STEPS = 100
 
 
 def _scale_learning_rate(optimizer, factor):
@@ -276,8 +282,9 @@ def train_flow(
         convergence; ``partial_fit`` runs one epoch on purpose and does not.
     adaptive : bool, default=False
         Halve the learning rate each time :data:`ADAPTIVE_EPOCHS` consecutive
-        epochs go without an improvement of ``tol`` (the ``learning_rate="adaptive"``
-        schedule of the estimators).
+        epochs, of :data:`ADAPTIVE_STEPS` steps or more in all, go without an
+        improvement of ``tol`` (the ``learning_rate="adaptive"`` schedule of
+        the estimators).
 
     Returns
     -------
@@ -288,6 +295,7 @@ def train_flow(
         optimizer = make_optimizer(module, learning_rate, alpha)
     best_state = _snapshot(module)
     no_improvement = 0
+    stall_epochs = stall_steps = 0  # since the last improvement or halving of the rate
     module.train()
 
     for epoch in range(max_iter):
@@ -325,8 +333,10 @@ def train_flow(
             best_state = epoch_start_state
         history.best_loss = min(history.best_loss, loss)
         no_improvement = 0 if improved else no_improvement + 1
-        if adaptive and no_improvement and no_improvement % ADAPTIVE_EPOCHS == 0:
+        stall_epochs, stall_steps = (0, 0) if improved else (stall_epochs + 1, stall_steps + n_steps)
+        if adaptive and stall_epochs >= ADAPTIVE_EPOCHS and stall_steps >= ADAPTIVE_STEPS:
             _scale_learning_rate(optimizer, 0.5)
+            stall_epochs = stall_steps = 0
 
         if verbose:
             line = f"Epoch {epoch + 1}: loss {loss:.5f}"

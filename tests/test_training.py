@@ -286,19 +286,30 @@ def test_weight_decay_is_an_l2_penalty_on_the_weight_matrices_only():
     )
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_adaptive_learning_rate_halves_after_three_epochs_without_improvement(adaptive):
-    """With an unreachable tol, epochs 2 onwards fail to improve: 7 of them halve the rate twice."""
+@pytest.mark.parametrize(
+    "adaptive, batch_size, factor",
+    [
+        (False, 2, 1.0),
+        # 20 steps per epoch: 100 steps take 5 epochs; 10 epochs without improvement halve twice
+        (True, 2, 0.25),
+        # 3 steps per epoch: 10 epochs hold 30 steps, too few to halve the rate
+        (True, 16, 1.0),
+    ],
+)
+def test_adaptive_learning_rate_halves_after_epochs_and_steps_without_improvement(
+    adaptive, batch_size, factor
+):
+    """With an unreachable tol, every epoch after the first fails to improve."""
     module = _flow()
     optimizer = make_optimizer(module, 1e-2, 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         history = _train(
-            module, _data(), tol=1e9, n_iter_no_change=7, max_iter=50,
+            module, _data(), tol=1e9, n_iter_no_change=10, max_iter=50, batch_size=batch_size,
             optimizer=optimizer, adaptive=adaptive,
         )  # fmt: skip
-    assert history.n_iter == 8
-    assert optimizer.lr == pytest.approx(1e-2 * (0.25 if adaptive else 1.0), rel=1e-15)
+    assert history.n_iter == 11
+    assert optimizer.lr == pytest.approx(1e-2 * factor, rel=1e-15)
 
 
 @pytest.mark.parametrize("with_validation", [False, True])
