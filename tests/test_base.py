@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 from scipy import special, stats
+from scipy.special import logsumexp
 from sklearn.exceptions import ConvergenceWarning
 
 from sklearn_maf import MAFDensity
 from sklearn_maf._nn import MADEMoG, StandardNormal, StudentT, input_degrees
-from sklearn_maf._nn.base import _DF_RATE
+from sklearn_maf._nn.base import _DF_RATE, _OFFSET_GAIN
 from sklearn_maf._training import _parameter_groups
 
 
@@ -23,8 +24,11 @@ def _mog(n_features, n_components=3, n_context=0, seed=0):
         generator=generator, dtype=torch.float64,
     )
     with torch.no_grad():  # make the mixture far from trivial
-        for param in base.parameters():
+        for param in base.made.parameters():
             param.add_(torch.randn(param.shape, generator=generator, dtype=torch.float64) * 0.3)
+        # the offset enters the mixture times its gain: move the mixture by as much
+        noise = torch.randn(base.offset.shape, generator=generator, dtype=torch.float64)
+        base.offset.add_(noise * 0.3 / _OFFSET_GAIN)
     return base
 
 
@@ -93,6 +97,49 @@ def test_maf_mog_fits_a_multimodal_density_better(rng):
     gaussian = MAFDensity(**params).fit(X).score_samples(X_test).mean()
     mog = MAFDensity(base="mog", n_components=5, **params).fit(X).score_samples(X_test).mean()
     assert mog > gaussian + 0.1
+
+
+def test_mog_starts_close_to_a_standard_normal():
+    """The initial mixture is about N(0, 1) per feature, of components as wide as their spacing."""
+    generator = torch.Generator().manual_seed(0)
+    base = MADEMoG(
+        input_degrees(torch.arange(2)), 10, hidden_units=8, n_hidden_layers=1,
+        generator=generator, dtype=torch.float64,
+    )
+    u = torch.randn(5, 2, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        log_weights, means, log_scales = base._mixture(u, None)
+    weights = log_weights.exp()
+    mean = (weights * means).sum(-1)
+    variance = (weights * (log_scales.exp().square() + means.square())).sum(-1) - mean.square()
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=0.05, rtol=0)
+    torch.testing.assert_close(variance, torch.ones_like(variance), atol=0.2, rtol=0)
+    spacing = means[..., 1:] - means[..., :-1]
+    torch.testing.assert_close(log_scales[..., 1:].exp(), spacing, atol=0.02, rtol=0)
+
+
+def test_maf_mog_fits_a_ring_of_narrow_modes():
+    """Guards issue #6: MAF MoG must resolve modes much narrower than the data.
+
+    Eight Gaussians of std 0.4 on a circle of radius 4 are about 0.14 wide after
+    standardisation. With the mixture components starting at unit width, and
+    the first feature's mixture moving only through a bias that Adam moves by
+    the learning rate per step, MAF MoG stayed 0.65 nats below the true
+    held-out log-likelihood here; now about 0.22.
+    """
+    rng = np.random.RandomState(0)
+    angles = 2 * np.pi * np.arange(8) / 8
+    centres = 4 * np.column_stack([np.cos(angles), np.sin(angles)])
+
+    def draw(n):
+        return centres[rng.randint(8, size=n)] + 0.4 * rng.normal(size=(n, 2))
+
+    X, X_test = draw(2000), draw(1000)
+    squared = ((X_test[:, None, :] - centres) ** 2).sum(-1)
+    true = logsumexp(-squared / (2 * 0.16), axis=1) - np.log(8 * 2 * np.pi * 0.16)
+    model = MAFDensity(base="mog", n_layers=2, hidden_units=32, random_state=0).fit(X)
+    gap = np.mean(true - model.score_samples(X_test))
+    assert gap < 0.35
 
 
 def _student_t(df, dtype=torch.float64):

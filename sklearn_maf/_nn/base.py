@@ -21,6 +21,10 @@ from .made import MADE
 __all__ = ["MADEMoG", "StandardNormal", "StudentT"]
 
 _LOG_2PI = math.log(2 * math.pi)
+# Initial component means of the MADE MoG are evenly spaced in (-spread, spread).
+_MEAN_SPREAD = 1.5
+# Scale of the input-independent part of the MADE MoG's conditionals (see MADEMoG).
+_OFFSET_GAIN = 10.0
 
 # StudentT learns log(df - 1) / _DF_RATE. Adam moves every parameter by about
 # its learning rate per step, whatever the parameter's scale; on the plain log
@@ -63,8 +67,11 @@ class MADEMoG(_UniformNoiseBase):
     """MADE whose every conditional is a mixture of Gaussians (the paper's MADE MoG).
 
     ``p(u) = prod_i sum_k pi_ik N(u_i; m_ik, exp(a_ik)^2)``, where ``pi``, ``m``
-    and ``a`` for feature ``i`` come from a MADE of the features before ``i``.
-    The log-scales ``a`` are soft-clamped to ``(-bound, bound)``.
+    and ``a`` for feature ``i`` come from a MADE of the features before ``i``,
+    plus a learned offset that does not depend on them (with the MADE's
+    output bias, all there is to the first feature's mixture). The log-scales ``a`` are soft-clamped to
+    ``(-bound, bound)``. The components start with evenly spaced means in
+    ``(-1.5, 1.5)``, each as wide as the spacing.
 
     Parameters
     ----------
@@ -85,23 +92,41 @@ class MADEMoG(_UniformNoiseBase):
         self.n_components = n_components
         self.log_scale_bound = log_scale_bound
         self.made = MADE(degrees, n_params=3 * n_components, **made_params)
-        # Spread the initial means so the components start apart rather than identical.
-        with torch.no_grad():
-            spread = torch.linspace(-1.5, 1.5, n_components) if n_components > 1 else torch.zeros(1)
-            bias = self.made.layers[-1].bias.view(3 * n_components, self.n_features)
-            bias[n_components : 2 * n_components] += spread.to(bias.dtype)[:, None]
+        # The mixture starts as K components at evenly spaced means, each as wide
+        # as the spacing: together about N(0, 1) (what the standardised data and
+        # the near-identity MAF layers deliver at first), yet each narrow enough to
+        # settle on one mode. Components of unit width would have to shrink ~7x
+        # before they could tell apart modes as narrow as those of a ring of
+        # Gaussians (std ~0.14 after standardisation), which takes Adam hundreds
+        # of epochs on a few thousand rows.
+        if n_components > 1:
+            means = torch.linspace(-_MEAN_SPREAD, _MEAN_SPREAD, n_components)
+            log_scale = math.log(2 * _MEAN_SPREAD / (n_components - 1))
+        else:
+            means, log_scale = torch.zeros(1), 0.0
+        start = torch.zeros(3 * n_components, self.n_features, dtype=self.made.layers[-1].bias.dtype)
+        start[n_components : 2 * n_components] = means.to(start.dtype)[:, None]
+        start[2 * n_components :] = log_scale
+        # The part of each conditional that does not depend on the inputs,
+        # stored divided by _OFFSET_GAIN. The first feature in the order has
+        # nothing to condition on: its mixture is this offset (plus the output
+        # bias of the MADE) alone, and Adam moves a parameter by about the
+        # learning rate per step whatever its gradient, so unscaled it would
+        # need thousands of steps to reach modes narrower than its start. The
+        # gain makes it move as fast as the conditional parts, which many
+        # hidden units drive at once.
+        self.offset = nn.Parameter(start / _OFFSET_GAIN)
 
     def _mixture(self, u, context):
         """Component log-weights, means and log-scales, each (n, n_features, K)."""
         return self._mixture_of(self.made(u, context))
 
-    def _mixture_of(self, blocks):
-        """The mixture given the MADE's output blocks, for all or some features."""
-        k = self.n_components
-        stack = lambda parts: torch.stack(parts, dim=-1)  # noqa: E731
-        logits = stack(blocks[:k])
-        means = stack(blocks[k : 2 * k])
-        log_scales = self.log_scale_bound * torch.tanh(stack(blocks[2 * k :]) / self.log_scale_bound)
+    def _mixture_of(self, blocks, features=slice(None)):
+        """The mixture given the MADE's output blocks, for all or some ``features``."""
+        # (n, n_features, 3K): what the MADE computes plus the input-independent part
+        raw = torch.stack(blocks, dim=-1) + _OFFSET_GAIN * self.offset[:, features].t()
+        logits, means, raw_log_scales = raw.split(self.n_components, dim=-1)
+        log_scales = self.log_scale_bound * torch.tanh(raw_log_scales / self.log_scale_bound)
         return F.log_softmax(logits, dim=-1), means, log_scales
 
     def log_prob(self, u, context=None):
@@ -122,7 +147,7 @@ class MADEMoG(_UniformNoiseBase):
         uniform = noise[:, self.n_features :]
 
         def step(features, params):
-            log_weights, means, log_scales = self._mixture_of(params)
+            log_weights, means, log_scales = self._mixture_of(params, features)
             cumulative = torch.cumsum(torch.exp(log_weights), dim=-1)
             choice = (uniform[:, features].unsqueeze(-1) > cumulative).sum(dim=-1, keepdim=True)
             choice = choice.clamp(max=self.n_components - 1)
