@@ -373,6 +373,11 @@ def _epoch(module, optimizer, X, weight, context, batch_size, generator, dequant
     # half the tensor operations); the masked weights' gradients are then masked
     # here, all in one operation.
     masked = backprop.masked_weights(module) if backprop.supports(module, weight, context) else None
+    if masked is not None:
+        # Zero the masked entries once (they are zero unless someone set them);
+        # masked gradients keep them zero, so the steps can skip the masks.
+        with torch.no_grad():
+            torch._foreach_mul_(*masked)
     losses, sizes = [], []
     batches = _batches(X.shape[0], batch_size, generator, X.device, weight)
     with _cyclic_gc_paused():
@@ -420,7 +425,7 @@ def _step(module, optimizer, params, x, weight, context, masked=None):
     multiplied by its mask, which keeps the masked weights at zero.
     """
     if masked is not None:
-        loss = backprop.loss_and_grad(module, x, weight)
+        loss = backprop.loss_and_grad(module, x, weight, assume_masked=True)
         weights, masks = masked
         torch._foreach_mul_([w.grad for w in weights], masks)
     else:

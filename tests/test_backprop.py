@@ -31,8 +31,8 @@ def _pair(n_features, seed=1, **params):
     return X * 2 + 1, flows
 
 
-def _manual(flow, X, weight=None):
-    loss = loss_and_grad(flow, X, weight)
+def _manual(flow, X, weight=None, assume_masked=False):
+    loss = loss_and_grad(flow, X, weight, assume_masked)
     weights, masks = masked_weights(flow)
     torch._foreach_mul_([w.grad for w in weights], masks)
     return loss
@@ -110,3 +110,12 @@ def test_training_keeps_masked_weights_at_zero():
     for weight, mask in zip(*masked_weights(flow)):
         assert torch.all(weight[mask == 0] == 0)
         assert torch.any(weight[mask == 1] != 0)
+
+
+def test_masked_weights_zeroed_once_give_the_same_gradients():
+    """``assume_masked`` skips the masks once their entries are zero, with the same results."""
+    X, (reference, manual) = _pair(4, batch_norm=True)
+    with torch.no_grad():
+        for flow in (reference, manual):
+            torch._foreach_mul_(*masked_weights(flow))
+    _assert_same(reference, manual, _manual(reference, X), _manual(manual, X, assume_masked=True))

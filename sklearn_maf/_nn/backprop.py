@@ -19,6 +19,10 @@ the same function (torch's CPU ``tanh`` is several times slower than ``sigmoid``
 The gradient of a masked weight is that of ``weight * mask``: the product
 with the input, then with the mask. The mask product is left to the caller,
 who can do it for all the layers in one operation (see :func:`masked_weights`).
+A caller that has zeroed the masked entries of the weights (and masks every
+gradient, which keeps them zero under Adam and an L2 penalty) can also skip
+the masks in the forward pass, ``assume_masked=True``: ``weight`` then equals
+``weight * mask`` exactly.
 
 Only the common case has this path: a standard-normal base, no context, and
 the layers :class:`Standardize`, :class:`Bounded`,
@@ -61,7 +65,7 @@ def masked_weights(module):
     return [layer.weight for layer in layers], [layer.mask for layer in layers]
 
 
-def loss_and_grad(module, x, weight=None):
+def loss_and_grad(module, x, weight=None, assume_masked=False):
     """Mean negative log-likelihood of the rows ``x``; sets every parameter's ``.grad``.
 
     The same value and gradients as ``-module.log_prob(x, weight=weight)``
@@ -69,7 +73,8 @@ def loss_and_grad(module, x, weight=None):
     :func:`supports` accepts, including the update of the batch-norm running
     averages in training mode (weighted moments when weights are given).
     Gradients of masked weights are *not* masked here (the caller masks them
-    all at once).
+    all at once). With ``assume_masked``, the masked entries of the weights
+    must be zero (see the module docstring).
 
     Returns
     -------
@@ -83,13 +88,14 @@ def loss_and_grad(module, x, weight=None):
     caches = []
     log_det = 0.0
     with torch.no_grad():
-        learned = [t for t in module.transforms if isinstance(t, (AffineMADE, BatchNorm))]
-        for transform in module.transforms[: len(module.transforms) - len(learned)]:
+        transforms = _children(module.transforms)
+        learned = [t for t in transforms if isinstance(t, (AffineMADE, BatchNorm))]
+        for transform in transforms[: len(transforms) - len(learned)]:
             x, ld = transform(x)  # fixed layers: no parameters, a log-det of x alone
             log_det = log_det + ld
         for transform in learned:
             if isinstance(transform, AffineMADE):
-                x, ld, cache = _affine_forward(transform, x)
+                x, ld, cache = _affine_forward(transform, x, assume_masked)
             else:
                 x, ld, cache = _batch_norm_forward(transform, x, share)
             caches.append(cache)
@@ -109,16 +115,20 @@ def loss_and_grad(module, x, weight=None):
     return loss
 
 
-def _affine_forward(layer, x):
+def _affine_forward(layer, x, assume_masked=False):
     """One MAF layer: ``(u, log-det per row, cache)``."""
     made = layer.made
-    weights = [linear.weight * linear.mask for linear in made.layers]
+    layers = _children(made.layers)
+    if assume_masked:
+        weights = [linear.weight for linear in layers]
+    else:
+        weights = [linear.weight * linear.mask for linear in layers]
     hidden = [x]
     h = x
-    for linear, weight in zip(made.layers[:-1], weights):
+    for linear, weight in zip(layers[:-1], weights):
         h = made._activation(torch.addmm(linear.bias, h, weight.t()))
         hidden.append(h)
-    output, weight, d = made.layers[-1], weights[-1], x.shape[1]
+    output, weight, d = layers[-1], weights[-1], x.shape[1]
     shift = torch.addmm(output.bias[:d], h, weight[:d].t())
     raw_log_scale = torch.addmm(output.bias[d:], h, weight[d:].t())
     bound = layer.log_scale_bound
@@ -142,27 +152,33 @@ def _affine_backward(layer, cache, grad_u, share, need_input_grad=True):
     grad_shift = -grad_x
 
     # the output layer, block by block (shift rows first, as in its layout)
-    output, below, d = made.layers[-1], hidden[-1], grad_x.shape[1]
+    layers = _children(made.layers)
+    output, below, d = layers[-1], hidden[-1], grad_x.shape[1]
     weight_grad = torch.empty_like(output.weight)
     torch.mm(grad_shift.t(), below, out=weight_grad[:d])
     torch.mm(grad_raw.t(), below, out=weight_grad[d:])
     output.weight.grad = weight_grad
     output.bias.grad = torch.cat([grad_shift.sum(dim=0), grad_raw.sum(dim=0)])
-    if len(made.layers) == 1 and not need_input_grad:
+    if len(layers) == 1 and not need_input_grad:
         return None
     weight = weights[-1]
     grad_below = torch.addmm(grad_shift.mm(weight[:d]), grad_raw, weight[d:])
 
     activation_backward = _threshold_backward if made.activation == "relu" else _tanh_backward
-    for depth in range(len(made.layers) - 2, -1, -1):
+    for depth in range(len(layers) - 2, -1, -1):
         grad_out = activation_backward(grad_below, hidden[depth + 1])
-        linear, below = made.layers[depth], hidden[depth]
+        linear, below = layers[depth], hidden[depth]
         linear.weight.grad = grad_out.t().mm(below)
         linear.bias.grad = grad_out.sum(dim=0)
         if depth == 0 and not need_input_grad:
             return None
         grad_below = grad_out.mm(weights[depth])
     return grad_x.add_(grad_below)
+
+
+def _children(module_list):
+    """The modules of a ``ModuleList`` as a list (slicing a ``ModuleList`` builds a new one)."""
+    return list(module_list._modules.values())
 
 
 def _threshold_backward(grad, output):
