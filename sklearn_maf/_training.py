@@ -202,13 +202,14 @@ def _snapshot(module):
 
 
 # learning_rate="adaptive": the learning rate halves after ADAPTIVE_EPOCHS epochs
-# in a row without an improvement, once they hold ADAPTIVE_STEPS steps. Measured on 20,000 x 8 rows of a Gaussian mixture
-# (benchmarks/speed.py's data), against the constant rate at the default
-# patience of 10: held-out log-likelihood -9.556 against -9.626 (halving after
-# 2 epochs: -9.586; a patience of 20 at a constant rate: -9.540 in 1.3 times
-# the epochs). Adam at a constant rate keeps the weights moving at about the
-# learning rate per step, and the validation score jumps by 0.1-0.5 nats
-# from epoch to epoch; a smaller rate lets them settle into the optimum.
+# in a row without an improvement, once they hold ADAPTIVE_STEPS steps.
+# Measured on 20,000 x 8 rows of a Gaussian mixture (benchmarks/speed.py's
+# data), against the constant rate at the default patience of 10: held-out
+# log-likelihood -9.556 against -9.626 (halving after 2 epochs: -9.586; a
+# patience of 20 at a constant rate: -9.540 in 1.3 times the epochs). Adam at a
+# constant rate keeps the weights moving at about the learning rate per step,
+# and the validation score jumps by 0.1-0.5 nats from epoch to epoch; a smaller
+# rate lets them settle into the optimum.
 # On small data sets an epoch is a handful of steps, and a few epochs without
 # an improvement say little: halving the rate then stalled training early (600
 # rows: 3 steps per epoch); the step count keeps the schedule to data sets with

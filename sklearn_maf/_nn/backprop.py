@@ -88,7 +88,7 @@ def loss_and_grad(module, x, weight=None, assume_masked=False):
     caches = []
     log_det = 0.0
     with torch.no_grad():
-        transforms = _children(module.transforms)
+        transforms = list(module.transforms)
         learned = [t for t in transforms if isinstance(t, (AffineMADE, BatchNorm))]
         for transform in transforms[: len(transforms) - len(learned)]:
             x, ld = transform(x)  # fixed layers: no parameters, a log-det of x alone
@@ -97,7 +97,7 @@ def loss_and_grad(module, x, weight=None, assume_masked=False):
             if isinstance(transform, AffineMADE):
                 x, ld, cache = _affine_forward(transform, x, assume_masked)
             else:
-                x, ld, cache = _batch_norm_forward(transform, x, share)
+                x, ld, cache = _batch_norm_forward(transform, x, weight)
             caches.append(cache)
             log_det = log_det + ld
         base = -0.5 * (x.square().sum(dim=-1) + x.shape[-1] * _LOG_2PI)
@@ -118,7 +118,7 @@ def loss_and_grad(module, x, weight=None, assume_masked=False):
 def _affine_forward(layer, x, assume_masked=False):
     """One MAF layer: ``(u, log-det per row, cache)``."""
     made = layer.made
-    layers = _children(made.layers)
+    layers = list(made.layers)  # a list: slicing a ModuleList builds a new ModuleList
     if assume_masked:
         weights = [linear.weight for linear in layers]
     else:
@@ -137,13 +137,12 @@ def _affine_forward(layer, x, assume_masked=False):
     minus_log_scale = (sigmoid * (2.0 * bound)).sub_(bound)
     scale = torch.exp(minus_log_scale)
     u = (x - shift).mul_(scale)
-    return u, minus_log_scale.sum(dim=-1), (hidden, weights, sigmoid, scale, u)
+    return u, minus_log_scale.sum(dim=-1), (layers, hidden, weights, sigmoid, scale, u)
 
 
 def _affine_backward(layer, cache, grad_u, share, need_input_grad=True):
     """Gradients of one MAF layer's parameters; returns d loss / d (its input) or None."""
-    hidden, weights, sigmoid, scale, u = cache
-    made = layer.made
+    layers, hidden, weights, sigmoid, scale, u = cache
     # u = (x - shift) exp(m), log-det = sum(m): d loss / d m = grad_u * u - share;
     # m = 2 bound sigmoid(-2 raw / bound) - bound: d m / d raw = -4 sigmoid (1 - sigmoid)
     grad_m = torch.mul(grad_u, u).sub_(share)
@@ -152,7 +151,6 @@ def _affine_backward(layer, cache, grad_u, share, need_input_grad=True):
     grad_shift = -grad_x
 
     # the output layer, block by block (shift rows first, as in its layout)
-    layers = _children(made.layers)
     output, below, d = layers[-1], hidden[-1], grad_x.shape[1]
     weight_grad = torch.empty_like(output.weight)
     torch.mm(grad_shift.t(), below, out=weight_grad[:d])
@@ -164,7 +162,7 @@ def _affine_backward(layer, cache, grad_u, share, need_input_grad=True):
     weight = weights[-1]
     grad_below = torch.addmm(grad_shift.mm(weight[:d]), grad_raw, weight[d:])
 
-    activation_backward = _threshold_backward if made.activation == "relu" else _tanh_backward
+    activation_backward = _threshold_backward if layer.made.activation == "relu" else _tanh_backward
     for depth in range(len(layers) - 2, -1, -1):
         grad_out = activation_backward(grad_below, hidden[depth + 1])
         linear, below = layers[depth], hidden[depth]
@@ -174,11 +172,6 @@ def _affine_backward(layer, cache, grad_u, share, need_input_grad=True):
             return None
         grad_below = grad_out.mm(weights[depth])
     return grad_x.add_(grad_below)
-
-
-def _children(module_list):
-    """The modules of a ``ModuleList`` as a list (slicing a ``ModuleList`` builds a new one)."""
-    return list(module_list._modules.values())
 
 
 def _threshold_backward(grad, output):
@@ -191,17 +184,10 @@ def _tanh_backward(grad, output):
     return torch.ops.aten.tanh_backward(grad, output)
 
 
-def _batch_norm_forward(layer, x, share):
+def _batch_norm_forward(layer, x, weight):
     """Batch norm with (weighted) batch statistics; updates the running ones."""
-    if isinstance(share, float):
-        var, mean = torch.var_mean(x, dim=0, correction=0)
-        centred = x - mean
-    else:
-        mean = (share * x).sum(dim=0)
-        centred = x - mean
-        var = (share * centred.square()).sum(dim=0)
-    layer.running_mean.lerp_(mean, layer.momentum)
-    layer.running_var.lerp_(var, layer.momentum)
+    mean, var = layer._statistics(x, weight)  # the layer's own, running averages included
+    centred = x - mean
     log_scale = layer.log_gamma - 0.5 * torch.log(var + layer.eps)
     scale = torch.exp(log_scale)
     y = torch.addcmul(layer.beta, centred, scale)
