@@ -66,6 +66,7 @@ import numpy as np
 import scipy
 import sklearn
 import torch
+from _machine import cpu_model  # benchmarks/ is on sys.path when a script runs
 from sklearn.ensemble import IsolationForest
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -204,14 +205,7 @@ def describe(X):
 
 
 def machine_header(argv):
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
+    cpu = cpu_model()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return [
         f"- command: `{shlex.join(argv)}`",

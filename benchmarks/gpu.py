@@ -30,15 +30,22 @@ to the host, and the comparators' times end with ``torch.cuda.synchronize()``.
 import argparse
 import os
 import sys
-import time
-import warnings
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import BATCH, Report, header, mixture, ours, peers  # noqa: E402
+from speed import (  # noqa: E402
+    BATCH,
+    Report,
+    _no_grad,
+    best_times,
+    fit_quietly,
+    header,
+    mixture,
+    ours,
+    peers,
+)
 
 
 def synchronized(function):
@@ -50,22 +57,6 @@ def synchronized(function):
         return result
 
     return run
-
-
-def best_times(functions, repeats):
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.min(values)) for name, values in times.items()}
-
-
-def fit_quietly(model, X):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return model.fit(X)
 
 
 def train_peer(peer, X, epochs, batch_size):
@@ -119,11 +110,6 @@ def same_architecture(report, args):
         for peer in others:
             head += [peer.name, f"{peer.name} / ours"]
         report.table(head, rows)
-
-
-def _no_grad(function, *args):
-    with torch.no_grad():
-        return function(*args)
 
 
 def cpu_vs_gpu(report, args):

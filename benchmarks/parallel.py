@@ -44,6 +44,7 @@ import numpy as np
 import sklearn
 import threadpoolctl
 import torch
+from _machine import cpu_model  # benchmarks/ is on sys.path when a script runs
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV
 
@@ -99,12 +100,7 @@ def _time(args, X, n_jobs, parallel_config, limit=None):
 
 
 def _machine():
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return cpu, load
 

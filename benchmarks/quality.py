@@ -52,6 +52,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _densities import DENSITIES
+from _machine import cpu_model
 
 from sklearn_maf import MAFDensity
 
@@ -182,14 +183,7 @@ def maf_versus_best(rows, flow="MAF"):
 
 
 def machine_header(argv, n_train, n_test):
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
+    cpu = cpu_model()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return [
         f"- command: `{' '.join(shlex.quote(a) for a in argv)}`",

@@ -62,6 +62,7 @@ from importlib import metadata
 
 import numpy as np
 import torch
+from _machine import cpu_model  # benchmarks/ is on sys.path when a script runs
 from sklearn.exceptions import ConvergenceWarning
 
 import sklearn_maf
@@ -243,17 +244,6 @@ class Report:
         for row in rows:
             self("| " + " | ".join(str(cell) for cell in row) + " |")
         self()
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git_revision():
