@@ -373,12 +373,14 @@ def _epoch(module, optimizer, X, weight, context, batch_size, generator, dequant
     # Hand-written back-propagation where the model allows it (same gradients,
     # half the tensor operations); the masked weights' gradients are then masked
     # here, all in one operation.
-    masked = backprop.masked_weights(module) if backprop.supports(module, weight, context) else None
-    if masked is not None:
+    masked = plan = None
+    if backprop.supports(module, weight, context):
+        masked = backprop.masked_weights(module)
         # Zero the masked entries once (they are zero unless someone set them);
         # masked gradients keep them zero, so the steps can skip the masks.
         with torch.no_grad():
             torch._foreach_mul_(*masked)
+        plan = backprop.Plan(module, assume_masked=True)
     losses, sizes = [], []
     batches = _batches(X.shape[0], batch_size, generator, X.device, weight)
     with _cyclic_gc_paused():
@@ -388,7 +390,7 @@ def _epoch(module, optimizer, X, weight, context, batch_size, generator, dequant
             if dequantize is not None:
                 noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
                 x = x + noise * dequantize
-            losses.append(_step(module, optimizer, params, x, batch_weight, batch_context, masked))
+            losses.append(_step(module, optimizer, params, x, batch_weight, batch_context, masked, plan))
             sizes.append(index.numel() if weight is None else batch_weight.sum())
     losses = torch.stack(losses).double()
     if weight is None:
@@ -417,16 +419,17 @@ def _cyclic_gc_paused():
             gc.enable()
 
 
-def _step(module, optimizer, params, x, weight, context, masked=None):
+def _step(module, optimizer, params, x, weight, context, masked=None, plan=None):
     """One Adam step on one batch; returns the (detached) batch loss.
 
-    ``masked``, when given, is :func:`backprop.masked_weights` of ``module``:
-    the gradients then come from :func:`backprop.loss_and_grad` (which sets
-    every parameter's gradient), and each masked weight's gradient is
-    multiplied by its mask, which keeps the masked weights at zero.
+    ``masked`` and ``plan``, when given, are :func:`backprop.masked_weights`
+    of ``module`` and its :class:`backprop.Plan`: the gradients then come
+    from the plan (which writes every parameter's gradient), and each masked
+    weight's gradient is multiplied by its mask, which keeps the masked
+    weights at zero.
     """
-    if masked is not None:
-        loss = backprop.loss_and_grad(module, x, weight, assume_masked=True)
+    if plan is not None:
+        loss = plan.loss_and_grad(x, weight)
         weights, masks = masked
         torch._foreach_mul_([w.grad for w in weights], masks)
     else:

@@ -37,8 +37,9 @@ from torch.nn import functional as F
 
 from .base import StandardNormal
 from .bounds import Bounded
+from .made import _ACTIVATIONS_INPLACE
 
-__all__ = ["loss_and_grad", "masked_weights", "supports"]
+__all__ = ["Plan", "loss_and_grad", "masked_weights", "supports"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -74,30 +75,55 @@ def loss_and_grad(module, x, weight=None, assume_masked=False):
     averages in training mode (weighted moments when weights are given).
     Gradients of masked weights are *not* masked here (the caller masks them
     all at once). With ``assume_masked``, the masked entries of the weights
-    must be zero (see the module docstring).
+    must be zero (see the module docstring). A training loop calls this many
+    times on the same module: :class:`Plan` does the per-module work once.
 
     Returns
     -------
     loss : torch.Tensor
         A 0-dimensional tensor, detached.
     """
-    from .flow import AffineMADE, BatchNorm
+    return Plan(module, assume_masked).loss_and_grad(x, weight)
 
-    # each row's share of the mean: 1 / n, or its normalised weight (a column)
-    share = 1.0 / x.shape[0] if weight is None else (weight / weight.sum()).unsqueeze(1)
-    caches = []
-    log_det = 0.0
-    with torch.no_grad():
+
+class Plan:
+    """:func:`loss_and_grad` of one module, with its layers and parameter views gathered once.
+
+    One step would otherwise spend about a hundred of its four hundred tensor
+    operations on views (each weight's transpose, the shift and log-scale
+    blocks of each output layer) and on new gradient tensors. Adam updates
+    the parameters in place, so views taken once stay views of the current
+    weights; the gradients are written into buffers allocated here, which
+    stay each parameter's ``.grad``. Build a plan per epoch (or whenever
+    something else may have replaced a ``.grad``); with ``assume_masked``,
+    the masked entries of the weights must stay zero while it is used.
+    """
+
+    def __init__(self, module, assume_masked=False):
+        from .flow import AffineMADE, BatchNorm  # flow imports this module
+
         transforms = list(module.transforms)
         learned = [t for t in transforms if isinstance(t, (AffineMADE, BatchNorm))]
-        for transform in transforms[: len(transforms) - len(learned)]:
+        self.fixed = transforms[: len(transforms) - len(learned)]
+        self.layers = [
+            _Affine(t, assume_masked) if isinstance(t, AffineMADE) else _BatchNorm(t) for t in learned
+        ]
+        for param in module.parameters():
+            if param.grad is None or param.grad.shape != param.shape:
+                param.grad = torch.zeros_like(param)
+
+    @torch.no_grad()
+    def loss_and_grad(self, x, weight=None):
+        """As :func:`loss_and_grad` of the plan's module."""
+        # each row's share of the mean: 1 / n, or its normalised weight (a column)
+        share = 1.0 / x.shape[0] if weight is None else (weight / weight.sum()).unsqueeze(1)
+        log_det = 0.0
+        for transform in self.fixed:
             x, ld = transform(x)  # fixed layers: no parameters, a log-det of x alone
             log_det = log_det + ld
-        for transform in learned:
-            if isinstance(transform, AffineMADE):
-                x, ld, cache = _affine_forward(transform, x, assume_masked)
-            else:
-                x, ld, cache = _batch_norm_forward(transform, x, weight)
+        caches = []
+        for layer in self.layers:
+            x, ld, cache = layer.forward(x, weight)
             caches.append(cache)
             log_det = log_det + ld
         base = -0.5 * (x.square().sum(dim=-1) + x.shape[-1] * _LOG_2PI)
@@ -105,73 +131,89 @@ def loss_and_grad(module, x, weight=None, assume_masked=False):
         loss = -(log_prob.mean() if weight is None else log_prob.mul(share.squeeze(1)).sum())
 
         # d loss / d u for the base; each log-det term adds -share per row.
+        # The first learned layer reads the data: no gradient to pass on.
         grad = x * share
-        for index in range(len(learned) - 1, -1, -1):
-            if isinstance(learned[index], AffineMADE):
-                # the first learned layer reads the data: no gradient to pass on
-                grad = _affine_backward(learned[index], caches[index], grad, share, index > 0)
-            else:
-                grad = _batch_norm_backward(learned[index], caches[index], grad, share)
-    return loss
+        for index in range(len(self.layers) - 1, -1, -1):
+            grad = self.layers[index].backward(caches[index], grad, share, index > 0)
+        return loss
 
 
-def _affine_forward(layer, x, assume_masked=False):
-    """One MAF layer: ``(u, log-det per row, cache)``."""
-    made = layer.made
-    layers = list(made.layers)  # a list: slicing a ModuleList builds a new ModuleList
-    if assume_masked:
-        weights = [linear.weight for linear in layers]
-    else:
-        weights = [linear.weight * linear.mask for linear in layers]
-    hidden = [x]
-    h = x
-    for linear, weight in zip(layers[:-1], weights):
-        h = made._activation(torch.addmm(linear.bias, h, weight.t()))
-        hidden.append(h)
-    output, weight, d = layers[-1], weights[-1], x.shape[1]
-    shift = torch.addmm(output.bias[:d], h, weight[:d].t())
-    raw_log_scale = torch.addmm(output.bias[d:], h, weight[d:].t())
-    bound = layer.log_scale_bound
-    # -alpha = bound * tanh(raw / -bound) = 2 bound * sigmoid(-2 raw / bound) - bound
-    sigmoid = torch.sigmoid(raw_log_scale.mul_(-2.0 / bound))
-    minus_log_scale = (sigmoid * (2.0 * bound)).sub_(bound)
-    scale = torch.exp(minus_log_scale)
-    u = (x - shift).mul_(scale)
-    return u, minus_log_scale.sum(dim=-1), (layers, hidden, weights, sigmoid, scale, u)
+class _Affine:
+    """Forward and backward pass of one :class:`AffineMADE` layer."""
 
+    def __init__(self, layer, assume_masked):
+        made = layer.made
+        self.linears = list(made.layers)
+        self.activation = _ACTIVATIONS_INPLACE[made.activation]
+        self.activation_backward = (
+            _threshold_backward if made.activation == "relu" else _tanh_backward
+        )
+        self.bound = layer.log_scale_bound
+        self.n_features = made.n_features
+        d = self.n_features
+        output_bias = self.linears[-1].bias
+        self.biases = [linear.bias for linear in self.linears[:-1]]
+        self.biases += [output_bias[:d], output_bias[d:]]
+        self.views = self._views([linear.weight for linear in self.linears]) if assume_masked else None
 
-def _affine_backward(layer, cache, grad_u, share, need_input_grad=True):
-    """Gradients of one MAF layer's parameters; returns d loss / d (its input) or None."""
-    layers, hidden, weights, sigmoid, scale, u = cache
-    # u = (x - shift) exp(m), log-det = sum(m): d loss / d m = grad_u * u - share;
-    # m = 2 bound sigmoid(-2 raw / bound) - bound: d m / d raw = -4 sigmoid (1 - sigmoid)
-    grad_m = torch.mul(grad_u, u).sub_(share)
-    grad_raw = grad_m.mul_(torch.addcmul(sigmoid, sigmoid, sigmoid, value=-1.0).mul_(-4.0))
-    grad_x = grad_u * scale
-    grad_shift = -grad_x
+    def _views(self, weights):
+        """The weights (for the backward pass) and the transposed blocks the forward pass multiplies by."""
+        d = self.n_features
+        transposed = [weight.t() for weight in weights[:-1]]
+        transposed += [weights[-1][:d].t(), weights[-1][d:].t()]
+        return weights, transposed
 
-    # the output layer, block by block (shift rows first, as in its layout)
-    output, below, d = layers[-1], hidden[-1], grad_x.shape[1]
-    weight_grad = torch.empty_like(output.weight)
-    torch.mm(grad_shift.t(), below, out=weight_grad[:d])
-    torch.mm(grad_raw.t(), below, out=weight_grad[d:])
-    output.weight.grad = weight_grad
-    output.bias.grad = torch.cat([grad_shift.sum(dim=0), grad_raw.sum(dim=0)])
-    if len(layers) == 1 and not need_input_grad:
-        return None
-    weight = weights[-1]
-    grad_below = torch.addmm(grad_shift.mm(weight[:d]), grad_raw, weight[d:])
+    def forward(self, x, weight=None):
+        """``(u, log-det per row, cache)``."""
+        if self.views is None:
+            weights, transposed = self._views([l.weight * l.mask for l in self.linears])
+        else:
+            weights, transposed = self.views
+        hidden = [x]
+        h = x
+        for bias, weight_t in zip(self.biases[:-2], transposed[:-2]):
+            h = self.activation(torch.addmm(bias, h, weight_t))
+            hidden.append(h)
+        # two products, one per output block: contiguous shift and log-scale
+        shift = torch.addmm(self.biases[-2], h, transposed[-2])
+        raw_log_scale = torch.addmm(self.biases[-1], h, transposed[-1])
+        bound = self.bound
+        # -alpha = bound * tanh(raw / -bound) = 2 bound * sigmoid(-2 raw / bound) - bound
+        sigmoid = torch.sigmoid(raw_log_scale.mul_(-2.0 / bound))
+        minus_log_scale = (sigmoid * (2.0 * bound)).sub_(bound)
+        scale = torch.exp(minus_log_scale)
+        u = (x - shift).mul_(scale)
+        return u, minus_log_scale.sum(dim=-1), (hidden, weights, sigmoid, scale, u)
 
-    activation_backward = _threshold_backward if layer.made.activation == "relu" else _tanh_backward
-    for depth in range(len(layers) - 2, -1, -1):
-        grad_out = activation_backward(grad_below, hidden[depth + 1])
-        linear, below = layers[depth], hidden[depth]
-        linear.weight.grad = grad_out.t().mm(below)
-        linear.bias.grad = grad_out.sum(dim=0)
-        if depth == 0 and not need_input_grad:
+    def backward(self, cache, grad_u, share, need_input_grad=True):
+        """Write the layer's parameter gradients; return d loss / d (its input), or None."""
+        hidden, weights, sigmoid, scale, u = cache
+        n_rows, d = grad_u.shape
+        # the output layer's gradient, shift block then log-scale block, as its layout
+        grad_out = grad_u.new_empty((n_rows, 2 * d))
+        grad_x = grad_u * scale
+        torch.neg(grad_x, out=grad_out[:, :d])
+        # u = (x - shift) exp(m), log-det = sum(m): d loss / d m = grad_u * u - share;
+        # m = 2 bound sigmoid(-2 raw / bound) - bound: d m / d raw = -4 sigmoid (1 - sigmoid)
+        grad_m = torch.mul(grad_u, u).sub_(share)
+        d_sigmoid = torch.addcmul(sigmoid, sigmoid, sigmoid, value=-1.0).mul_(-4.0)
+        torch.mul(grad_m, d_sigmoid, out=grad_out[:, d:])
+
+        linears, below = self.linears, hidden[-1]
+        torch.mm(grad_out.t(), below, out=linears[-1].weight.grad)
+        torch.sum(grad_out, dim=0, out=linears[-1].bias.grad)
+        if len(linears) == 1 and not need_input_grad:
             return None
-        grad_below = grad_out.mm(weights[depth])
-    return grad_x.add_(grad_below)
+        grad_below = grad_out.mm(weights[-1])
+        for depth in range(len(linears) - 2, -1, -1):
+            grad_out = self.activation_backward(grad_below, hidden[depth + 1])
+            linear = linears[depth]
+            torch.mm(grad_out.t(), hidden[depth], out=linear.weight.grad)
+            torch.sum(grad_out, dim=0, out=linear.bias.grad)
+            if depth == 0 and not need_input_grad:
+                return None
+            grad_below = grad_out.mm(weights[depth])
+        return grad_x.add_(grad_below)
 
 
 def _threshold_backward(grad, output):
@@ -184,28 +226,38 @@ def _tanh_backward(grad, output):
     return torch.ops.aten.tanh_backward(grad, output)
 
 
-def _batch_norm_forward(layer, x, weight):
-    """Batch norm with (weighted) batch statistics; updates the running ones."""
-    mean, var = layer._statistics(x, weight)  # the layer's own, running averages included
-    centred = x - mean
-    log_scale = layer.log_gamma - 0.5 * torch.log(var + layer.eps)
-    scale = torch.exp(log_scale)
-    y = torch.addcmul(layer.beta, centred, scale)
-    return y, log_scale.sum().expand(x.shape[0]), (centred, var, scale)
+class _BatchNorm:
+    """Forward and backward pass of one :class:`BatchNorm` layer in training mode."""
 
+    def __init__(self, layer):
+        self.layer = layer
 
-def _batch_norm_backward(layer, cache, grad_y, share):
-    """Gradients of batch norm in training mode (batch statistics); d loss / d input.
+    def forward(self, x, weight=None):
+        """Batch norm with (weighted) batch statistics; updates the running ones."""
+        layer = self.layer
+        mean, var = layer._statistics(x, weight)  # the layer's own, running averages included
+        centred = x - mean
+        log_scale = layer.log_gamma - 0.5 * torch.log(var + layer.eps)
+        scale = torch.exp(log_scale)
+        y = torch.addcmul(layer.beta, centred, scale)
+        return y, log_scale.sum().expand(x.shape[0]), (centred, var, scale)
 
-    With each row's share ``p_i`` of the moments (``1 / n``, or its normalised
-    weight): ``mean = sum p_i x_i`` and ``var = sum p_i (x_i - mean)^2``, so
-    ``d loss / d x_i = s (grad_y_i - p_i sum_k grad_y_k) + 2 p_i (x_i - mean) d loss / d var``.
-    """
-    centred, var, scale = cache
-    # y = beta + (x - mean) s, log s = log_gamma - log(var + eps) / 2, log-det = sum(log s)
-    grad_log_scale = (grad_y * centred).sum(dim=0).mul_(scale).sub_(1.0)
-    layer.log_gamma.grad = grad_log_scale
-    layer.beta.grad = grad_sum = grad_y.sum(dim=0)
-    grad_var = grad_log_scale * (-1.0 / (var + layer.eps))  # 2 d loss / d var
-    grad_x = torch.sub(grad_y, share * grad_sum).mul_(scale)
-    return grad_x.addcmul_(share * centred, grad_var)
+    def backward(self, cache, grad_y, share, need_input_grad=True):
+        """Gradients of batch norm with batch statistics; d loss / d input.
+
+        With each row's share ``p_i`` of the moments (``1 / n``, or its
+        normalised weight): ``mean = sum p_i x_i`` and
+        ``var = sum p_i (x_i - mean)^2``, so ``d loss / d x_i =
+        s (grad_y_i - p_i sum_k grad_y_k) + 2 p_i (x_i - mean) d loss / d var``.
+        """
+        layer = self.layer
+        centred, var, scale = cache
+        # y = beta + (x - mean) s, log s = log_gamma - log(var + eps) / 2, log-det = sum(log s)
+        grad_log_scale = layer.log_gamma.grad
+        torch.sum(grad_y * centred, dim=0, out=grad_log_scale).mul_(scale).sub_(1.0)
+        grad_sum = torch.sum(grad_y, dim=0, out=layer.beta.grad)
+        if not need_input_grad:
+            return None
+        grad_var = grad_log_scale * (-1.0 / (var + layer.eps))  # 2 d loss / d var
+        grad_x = torch.sub(grad_y, share * grad_sum).mul_(scale)
+        return grad_x.addcmul_(share * centred, grad_var)
