@@ -121,7 +121,8 @@ class BatchNorm(nn.Module):
     def weighted_moments(x, weight=None):
         """Mean and (biased) variance over rows, weighted when ``weight`` is given."""
         if weight is None:
-            return x.mean(dim=0), x.var(dim=0, unbiased=False)
+            var, mean = torch.var_mean(x, dim=0, correction=0)  # one pass, not two
+            return mean, var
         w = (weight / weight.sum()).unsqueeze(-1)
         mean = (w * x).sum(dim=0)
         return mean, (w * (x - mean) ** 2).sum(dim=0)
