@@ -18,7 +18,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from ._nn import MAF, Bounded
-from ._threads import limit_torch_threads
+from ._threads import limit_torch_threads, training_threads
 from ._training import _cyclic_gc_paused, make_optimizer, train_flow
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -208,23 +208,25 @@ class _BaseMAF(BaseEstimator):
                 to_tensor(X_noisy[validation]), _take(weight, validation), c_validation
             )
 
-        history = train_flow(
-            module,
-            X_train,
-            w_train,
-            c_train,
-            validation=validation_data,
-            batch_size=min(self.batch_size, X_train.shape[0]),
-            learning_rate=self.learning_rate_init,
-            alpha=self.alpha,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            n_iter_no_change=self.n_iter_no_change,
-            generator=generator,
-            verbose=self.verbose,
-            dequantize=to_tensor(discrete) if discrete.any() else None,
-            adaptive=self.learning_rate == "adaptive",
-        )
+        batch_size = min(self.batch_size, X_train.shape[0])
+        with limit_torch_threads(self._training_threads(batch_size, X.shape[1] + n_context)):
+            history = train_flow(
+                module,
+                X_train,
+                w_train,
+                c_train,
+                validation=validation_data,
+                batch_size=batch_size,
+                learning_rate=self.learning_rate_init,
+                alpha=self.alpha,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                n_iter_no_change=self.n_iter_no_change,
+                generator=generator,
+                verbose=self.verbose,
+                dequantize=to_tensor(discrete) if discrete.any() else None,
+                adaptive=self.learning_rate == "adaptive",
+            )
 
         module = module.to(torch.float64)
         to_double = self._tensor_factory(torch.float64, device)
@@ -283,22 +285,24 @@ class _BaseMAF(BaseEstimator):
 
         to_tensor = self._tensor_factory(dtype, device)
         weighted = not np.all(sample_weight == 1)
-        history = train_flow(
-            module,
-            to_tensor(X),
-            to_tensor(sample_weight) if weighted else None,
-            batch_size=min(self.batch_size, X.shape[0]),
-            learning_rate=self.learning_rate_init,
-            alpha=self.alpha,
-            max_iter=1,
-            tol=self.tol,
-            n_iter_no_change=self.n_iter_no_change,
-            generator=generator,
-            verbose=self.verbose,
-            optimizer=optimizer,
-            warn_not_converged=False,
-            dequantize=to_tensor(discrete) if discrete.any() else None,
-        )
+        batch_size = min(self.batch_size, X.shape[0])
+        with limit_torch_threads(self._training_threads(batch_size, X.shape[1])):
+            history = train_flow(
+                module,
+                to_tensor(X),
+                to_tensor(sample_weight) if weighted else None,
+                batch_size=batch_size,
+                learning_rate=self.learning_rate_init,
+                alpha=self.alpha,
+                max_iter=1,
+                tol=self.tol,
+                n_iter_no_change=self.n_iter_no_change,
+                generator=generator,
+                verbose=self.verbose,
+                optimizer=optimizer,
+                warn_not_converged=False,
+                dequantize=to_tensor(discrete) if discrete.any() else None,
+            )
         self._partial_state = state
         self.module_ = copy.deepcopy(module).to(torch.float64).eval()
         self.loss_curve_ = (getattr(self, "loss_curve_", None) or []) + history.loss_curve
@@ -307,6 +311,16 @@ class _BaseMAF(BaseEstimator):
         self.best_loss_ = min(self.loss_curve_)
         self.n_iter_ = len(self.loss_curve_)
         return self
+
+    def _training_threads(self, batch_size, n_inputs):
+        """The cap on torch's threads while training on the CPU (None: no cap).
+
+        At the default sizes one thread is faster than several: see
+        :data:`sklearn_maf._threads.MIN_MULTIPLY_ADDS_PER_THREAD`.
+        """
+        if self._torch_device().type != "cpu":
+            return None
+        return training_threads(batch_size, self.hidden_units, n_inputs)
 
     def _log_density(self, X):
         """Validated ``X`` -> float64 log-densities; underflow gives -inf, never NaN."""

@@ -15,7 +15,8 @@ from threadpoolctl import threadpool_limits
 from torch.overrides import TorchFunctionMode
 
 from sklearn_maf import MAFDensity
-from sklearn_maf._threads import limit_torch_threads, thread_limit
+import sklearn_maf._base
+from sklearn_maf._threads import limit_torch_threads, thread_limit, training_threads
 
 GRID = {"n_layers": [1, 2], "hidden_units": [4, 8]}
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -157,10 +158,42 @@ def test_fit_follows_threadpool_limits(X, no_thread_variables, two_torch_threads
 
 
 def test_single_fit_without_limits_uses_all_torch_threads(X, no_thread_variables, two_torch_threads):
-    """Outside joblib, with no limit lower than torch's own, nothing is taken away."""
+    """Outside joblib, with no limit lower than torch's own, nothing is taken away.
+
+    (Except from the training steps of small models, on purpose: see
+    test_small_training_steps_run_on_one_thread.)
+    """
     with threadpool_limits(limits=2):
         model = _RecordingMAF(**_tiny().get_params()).fit(X)
     assert model.torch_threads_ == 2
+    assert torch.get_num_threads() == 2
+
+
+def test_training_threads_grow_with_the_step():
+    assert training_threads(256, 100, 8) == 1  # the defaults: 2.6 million multiply-adds
+    assert training_threads(1024, 100, 8) == 5
+    assert training_threads(256, 512, 8) == 33
+    assert training_threads(64, 4, 300) == 1  # wide inputs count too
+    assert training_threads(4096, 4, 300) == 2
+
+
+@pytest.mark.parametrize("hidden_units, expected", [(8, 1), (512, 2)])
+def test_small_training_steps_run_on_one_thread(
+    X, no_thread_variables, two_torch_threads, monkeypatch, hidden_units, expected
+):
+    """Training a small flow runs on one thread (more are slower); larger ones use them all."""
+    seen = []
+
+    def recording_train_flow(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return train_flow(*args, **kwargs)
+
+    train_flow = sklearn_maf._base.train_flow
+    monkeypatch.setattr(sklearn_maf._base, "train_flow", recording_train_flow)
+    model = _tiny(hidden_units=hidden_units, max_iter=1)
+    model.fit(X)
+    model.partial_fit(X)
+    assert seen == [expected, expected]
     assert torch.get_num_threads() == 2
 
 
