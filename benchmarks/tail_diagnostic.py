@@ -29,9 +29,9 @@ import quality
 import tune_defaults
 from _densities import DENSITIES
 
-import sklearn_maf._density
+import sklearn_maf._base
 from sklearn_maf import MAFDensity
-from sklearn_maf._nn.flow import AffineMADE
+from sklearn_maf._nn.flow import AffineMADE, soft_clamp
 
 
 def robust(diff, k=10):
@@ -53,15 +53,13 @@ def main():
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", ConvergenceWarning)
 
-    flow = tune_defaults._StudentTBaseMAF if args.base == "student-t" else sklearn_maf._density.MAF
     if args.log_scale_bound is not None:
-        flow = functools.partial(flow, log_scale_bound=args.log_scale_bound)
-    sklearn_maf._density.MAF = flow
+        sklearn_maf._base.MAF = functools.partial(sklearn_maf._base.MAF, log_scale_bound=args.log_scale_bound)
 
     density = DENSITIES[args.dataset]
     X_train, X_test = tune_defaults.draw(density, args.rows, args.rows // 2, args.seed)
     true = density.log_prob(X_test)
-    params = json.loads(args.params)
+    params = {"base": args.base, **json.loads(args.params)}
     maf = MAFDensity(random_state=args.seed, **params).fit(X_train)
     diff = true - maf.score_samples(X_test)
     print(
@@ -98,7 +96,8 @@ def main():
         with torch.no_grad():
             for transform in maf.module_.transforms:
                 if isinstance(transform, AffineMADE):
-                    _, log_scale = transform._conditionals(x, None)
+                    _, raw = transform.made(x)
+                    log_scale = soft_clamp(raw, transform.log_scale_bound)
                     print("   layer log-scales", np.array2string(log_scale.numpy()[0], precision=2))
                 x, _ = transform(x)
         print("   base point u", np.array2string(x.numpy()[0], precision=1))
