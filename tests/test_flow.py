@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from sklearn_maf._nn.bounds import Bounded
-from sklearn_maf._nn.flow import MAF, AffineMADE, BatchNorm, Standardize, soft_clamp
+from sklearn_maf._nn.flow import (
+    MAF,
+    AffineMADE,
+    BatchNorm,
+    Standardize,
+    power_tails,
+    power_tails_inverse,
+    soft_clamp,
+)
 from sklearn_maf._nn.made import MADE, MaskedLinear, input_degrees
 
 DTYPE = torch.float64
@@ -367,3 +375,56 @@ def test_bounded_inverts_and_its_logabsdet_matches_autograd():
     torch.testing.assert_close(logabsdet, _row_slogdets(lambda r: layer(r)[0], x), rtol=1e-10, atol=1e-10)
     outside = layer(torch.tensor([[2.5, 6.0, 0.0, 0.0]], dtype=torch.float64))[0]
     assert torch.isnan(outside[0, :3]).all()
+
+
+@pytest.mark.parametrize("cut", [1.5, 2.5, 4.0])
+def test_power_tails_inverts_and_its_logabsdet_matches_autograd(cut):
+    """The identity inside the cut, continuous with its slope at it, invertible beyond."""
+    z = torch.tensor([[-50.0, -cut - 1e-3, 0.3], [cut + 1e-3, 1e4, -cut + 1e-3]], dtype=DTYPE)
+    u, logabsdet = power_tails(z, cut)
+    inside = z.abs() <= cut
+    assert torch.equal(u[inside], z[inside])
+    torch.testing.assert_close(u[~inside].sign(), z[~inside].sign())
+    torch.testing.assert_close(u.abs()[z.abs() < cut + 1e-2], z.abs()[z.abs() < cut + 1e-2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logabsdet, _row_slogdets(lambda r: power_tails(r, cut)[0], z), rtol=1e-10, atol=1e-10)
+    z_back, inverse_logabsdet = power_tails_inverse(u, cut)
+    torch.testing.assert_close(z_back, z, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(inverse_logabsdet, -logabsdet)
+
+
+def test_power_tails_under_a_standard_normal_integrate_to_one():
+    """A bijection of the real line: the normal's mass beyond the cut is only spread further out."""
+    z = torch.linspace(-1e4, 1e4, 4_000_001, dtype=DTYPE)[:, None]
+    u, logabsdet = power_tails(z, 2.0)
+    log_density = -0.5 * u[:, 0] ** 2 - 0.5 * np.log(2 * np.pi) + logabsdet
+    mass = torch.exp(log_density).sum() * (z[1, 0] - z[0, 0])
+    assert float(mass) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_tail_cut_acts_in_eval_mode_only_and_only_beyond_the_cut():
+    """Training mode is the plain Gaussian-base flow (the training loss); eval mode adds the tails."""
+    flows = [_randomise_copy(tail_cut) for tail_cut in (None, 2.0)]
+    x = torch.randn(200, 3, generator=_generator(1), dtype=DTYPE) * 3
+    for flow in flows:
+        flow.train()
+    torch.testing.assert_close(flows[1].log_prob(x), flows[0].log_prob(x), rtol=0, atol=0)
+    for flow in flows:
+        flow.eval()
+    u = flows[0](x)[0]
+    inside = (u.abs() <= 2.0).all(dim=1)
+    assert 0 < int(inside.sum()) < x.shape[0]
+    plain, tailed = flows[0].log_prob(x), flows[1].log_prob(x)
+    torch.testing.assert_close(tailed[inside], plain[inside], rtol=0, atol=0)
+    assert (tailed[~inside] != plain[~inside]).all()
+    torch.testing.assert_close(flows[1].inverse(flows[1](x)[0])[0], x, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(flows[1].inverse(flows[1](x)[0])[1], -flows[1](x)[1], rtol=1e-9, atol=1e-9)
+
+
+def _randomise_copy(tail_cut):
+    X = torch.randn(64, 3, generator=_generator(0), dtype=DTYPE)
+    flow = MAF(
+        X.mean(0), X.std(0), n_layers=3, hidden_units=8, n_hidden_layers=1,
+        tail_cut=tail_cut, generator=_generator(0), dtype=DTYPE,
+    )  # fmt: skip
+    _randomise(flow, _generator(2))
+    return flow

@@ -8,6 +8,8 @@ transforms, so its log-density is the base log-density of the last output plus
 the sum of the log-determinants.
 """
 
+import math
+
 import torch
 from torch import nn
 
@@ -15,12 +17,37 @@ from .base import MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
 from .made import MADE, input_degrees
 
-__all__ = ["MAF", "AffineMADE", "BatchNorm", "Standardize", "soft_clamp"]
+__all__ = ["MAF", "AffineMADE", "BatchNorm", "Standardize", "power_tails", "soft_clamp"]
 
 
 def soft_clamp(x, bound):
     """Smoothly bound ``x`` to ``(-bound, bound)``; the identity near zero."""
     return bound * torch.tanh(x / bound)
+
+
+def power_tails(z, cut):
+    """Per feature: the identity on ``[-cut, cut]``, power-law tails beyond; ``(u, logabsdet)``.
+
+    ``u = sign(z) sqrt(c^2 + 2 c^2 log(|z| / c))`` for ``|z| > c``: continuous,
+    with a continuous slope, at ``c``. A standard normal ``u`` gives ``z`` the
+    normal density on ``[-c, c]`` and one that falls like ``|z| ** -(c^2 + 1)``
+    (up to a slowly varying factor) beyond, with the normal's mass there.
+    """
+    c = float(cut)
+    a = z.abs().clamp(min=c)
+    root = torch.sqrt(c * c + 2 * c * c * torch.log(a / c))
+    outside = z.abs() > c
+    u = torch.where(outside, torch.sign(z) * root, z)
+    logabsdet = torch.where(outside, 2 * math.log(c) - torch.log(a) - torch.log(root), 0.0)
+    return u, logabsdet.sum(dim=-1)
+
+
+def power_tails_inverse(u, cut):
+    """The inverse of :func:`power_tails`: ``(z, logabsdet)`` of the map ``u -> z``."""
+    c = float(cut)
+    b = u.abs().clamp(min=c)
+    z = torch.where(u.abs() > c, torch.sign(u) * c * torch.exp((b * b - c * c) / (2 * c * c)), u)
+    return z, -power_tails(z, c)[1]
 
 
 class Standardize(nn.Module):
@@ -195,9 +222,16 @@ class MAF(nn.Module):
         Support of each feature (``-inf`` / ``inf`` for an open side): a fixed
         :class:`Bounded` layer then comes first, and ``loc`` / ``scale`` are
         those of its output.
+    tail_cut : float, optional
+        With the Gaussian base, in eval mode only: :func:`power_tails` at
+        ``tail_cut`` between the last layer and N(0, I), so that a row far
+        outside the training range costs a logarithm rather than a square in
+        base space. Training mode (the training loss) uses N(0, I) alone.
     generator : torch.Generator, optional
         Source of all randomness at construction (weights, random orders).
     """
+
+    tail_cut = None  # flows pickled before the parameter existed
 
     def __init__(
         self,
@@ -215,6 +249,7 @@ class MAF(nn.Module):
         n_components=10,
         bounds=None,
         log_scale_bound=5.0,
+        tail_cut=None,
         generator=None,
         dtype=None,
     ):
@@ -255,6 +290,7 @@ class MAF(nn.Module):
             self.base = StudentT(n_features, dtype=dtype)
         else:
             self.base = StandardNormal(n_features)
+        self.tail_cut = tail_cut if base == "gaussian" else None
 
     def forward(self, x, context=None, weight=None):
         """Map data to the base space; return ``(u, logabsdet)``."""
@@ -262,11 +298,16 @@ class MAF(nn.Module):
         for transform in self.transforms:
             x, ld = transform(x, context, weight)
             logabsdet = ld if logabsdet is None else logabsdet + ld
+        if self.tail_cut is not None and not self.training:
+            x, ld = power_tails(x, self.tail_cut)
+            logabsdet = logabsdet + ld
         return x, logabsdet
 
     def inverse(self, u, context=None):
         """Map base-space points to data; return ``(x, logabsdet)`` of that map."""
         logabsdet = u.new_zeros(u.shape[0])
+        if self.tail_cut is not None and not self.training:
+            u, logabsdet = power_tails_inverse(u, self.tail_cut)
         for transform in reversed(self.transforms):
             u, ld = transform.inverse(u, context)
             logabsdet = logabsdet + ld
