@@ -18,6 +18,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from ._nn import MAF, Bounded
+from ._nn.flow import power_tails
 from ._threads import limit_torch_threads, training_threads
 from ._training import _cyclic_gc_paused, make_optimizer, train_flow
 
@@ -38,6 +39,8 @@ _DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 # Quasi-random points per row that integrate the density over a dequantisation cell.
 _DEQUANTIZATION_POINTS = 32
+# candidates of tail_cut="auto", besides None (the plain normal)
+_TAIL_CUTS = (2.0, 2.5, 3.0, 4.0)
 
 
 class _BaseMAF(BaseEstimator):
@@ -52,6 +55,7 @@ class _BaseMAF(BaseEstimator):
         "order": [StrOptions({"reverse", "random"})],
         "base": [StrOptions({"gaussian", "mog", "student-t"})],
         "n_components": [Interval(Integral, 1, None, closed="left")],
+        "tail_cut": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither"), None],
         "bounds": ["array-like", None],
         "discrete_features": [StrOptions({"auto"}), "array-like", None],
         "alpha": [Interval(Real, 0, None, closed="left")],
@@ -81,6 +85,7 @@ class _BaseMAF(BaseEstimator):
         order="reverse",
         base="gaussian",
         n_components=10,
+        tail_cut="auto",
         bounds=None,
         discrete_features=None,
         alpha=1e-6,
@@ -106,6 +111,7 @@ class _BaseMAF(BaseEstimator):
         self.order = order
         self.base = base
         self.n_components = n_components
+        self.tail_cut = tail_cut
         self.bounds = bounds
         self.discrete_features = discrete_features
         self.alpha = alpha
@@ -236,7 +242,18 @@ class _BaseMAF(BaseEstimator):
             weight=to_double(sample_weight[train]) if weighted else None,
             chunk_size=self._chunk_size(),
         )
-        self.module_ = module.eval()
+        module.eval()
+        if self.tail_cut == "auto" and self.base == "gaussian":
+            # on the validation rows, or on the training rows without early stopping
+            rows = train if validation is None else validation
+            module.tail_cut = _choose_tail_cut(
+                module,
+                to_double(X_noisy[rows]),
+                to_double(sample_weight[rows]) if weighted else None,
+                None if context is None else to_double(context[rows]),
+                self._chunk_size(),
+            )
+        self.module_ = module
         self.__dict__.pop("_partial_state", None)
         self.loss_curve_ = (self.loss_curve_ if continuing else []) + history.loss_curve
         if validation is None:
@@ -435,6 +452,7 @@ class _BaseMAF(BaseEstimator):
             n_context=n_context,
             base=self.base,
             n_components=self.n_components,
+            tail_cut=None if self.tail_cut == "auto" else self.tail_cut,
             bounds=bounds,
             generator=generator,
             dtype=torch.float64,
@@ -596,6 +614,29 @@ def _sobol_points(n_points, n_dims):
 
 def _module_device(module):
     return next(module.buffers()).device
+
+
+@torch.no_grad()
+def _choose_tail_cut(module, X, weight, context, chunk_size):
+    """The cut of ``power_tails`` (or None) under which ``X`` has the highest mean log-likelihood.
+
+    ``module`` is a fitted Gaussian-base flow in eval mode; the rows are mapped
+    to its base space once, and each candidate only changes the last step.
+    """
+    module.tail_cut = None
+    scores = torch.zeros(1 + len(_TAIL_CUTS), dtype=torch.float64)
+    for start in range(0, X.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        u, logabsdet = module(X[rows], None if context is None else context[rows])
+        log_probs = [module.base_log_prob(u) + logabsdet]
+        for cut in _TAIL_CUTS:
+            v, ld = power_tails(u, cut)
+            log_probs.append(module.base_log_prob(v) + logabsdet + ld)
+        log_probs = torch.stack(log_probs, dim=1)
+        w = None if weight is None else weight[rows, None]
+        scores += (log_probs if w is None else log_probs * w).sum(dim=0).cpu()
+    best = int(torch.argmax(scores))  # the first of equals: no tails unless they score higher
+    return None if best == 0 else _TAIL_CUTS[best - 1]
 
 
 def _take(tensor, rows):

@@ -54,6 +54,19 @@ class MAFConditionalDensity(_BaseMAF):
     n_components : int, default=10
         Mixture components per conditional of the MoG base; ignored by the
         other bases.
+    tail_cut : "auto", float or None, default="auto"
+        With the Gaussian base, the fitted model's base density is the
+        standard normal on ``[-tail_cut, tail_cut]`` in every coordinate, with
+        power-law tails beyond (density ``~ |u| ** -(tail_cut ** 2 + 1)``, and
+        the normal's mass there): a row far outside the training range then
+        scores tens of nats low rather than thousands, which on heavy-tailed
+        data is most of a Gaussian-base flow's held-out loss. Training itself
+        uses the plain normal. "auto": after training, whichever of 2, 2.5, 3,
+        4 and None (no tails) gives the validation rows (the training rows
+        without early stopping) the highest log-likelihood, stored as
+        ``module_.tail_cut``; ``partial_fit`` keeps the plain normal. A number:
+        that cut, from the validation score on. None: the plain normal
+        throughout. Ignored by the other bases.
     bounds : array-like of shape (n_features, 2), default=None
         Support ``(low, high)`` of each modelled feature (of ``y``, for this
         estimator), with ``-np.inf`` /

@@ -260,7 +260,7 @@ def test_extreme_finite_input_never_gives_nan(fitted_mixture):
 def test_one_feature_is_a_gaussian(rng):
     """With one feature every MAF layer is affine with constants: the fit is a Gaussian."""
     X = rng.standard_t(df=5, size=(500, 1)) * 3 + 1
-    model = _small(max_iter=200, n_iter_no_change=20, learning_rate_init=1e-2).fit(X)
+    model = _small(max_iter=200, n_iter_no_change=20, learning_rate_init=1e-2, tail_cut=None).fit(X)
     grid = np.linspace(-10, 10, 7)[:, None]
     # log-density is exactly quadratic in x: its second differences are constant
     second = np.diff(model.score_samples(grid), 2)
@@ -521,3 +521,29 @@ def test_bad_discrete_features_are_rejected(rng, discrete_features, message):
     X = np.c_[rng.poisson(3.0, size=50), rng.normal(size=50)]
     with pytest.raises(ValueError, match=message):
         _small(discrete_features=discrete_features).fit(X)
+
+
+def test_tail_cut_bounds_the_cost_of_rows_far_outside_the_training_range(rng):
+    """Guards issue #2: a Gaussian-base flow scored a heavy-tailed test row beyond the
+    training range thousands of nats below its true log-density; with the power-law
+    tails beyond the cut the same fitted flow scores it tens of nats low, and rows whose
+    base point is inside the cut keep their scores."""
+    X = rng.standard_t(df=2, size=(1000, 2))
+    params = dict(early_stopping=False, max_iter=10)  # no validation score: identical training
+    plain = _small(tail_cut=None, **params).fit(X)
+    tailed = _small(tail_cut=2.0, **params).fit(X)
+    assert plain.module_.tail_cut is None and tailed.module_.tail_cut == 2.0
+    np.testing.assert_array_equal(plain.loss_curve_, tailed.loss_curve_)
+    far = np.array([[1e3, -1e3], [5e3, 0.0]])
+    assert np.all(tailed.score_samples(far) > plain.score_samples(far) + 100)
+    assert np.all(tailed.score_samples(far) > -100)
+    inside = np.all(np.abs(plain.transform(X)) <= 2.0, axis=1)
+    np.testing.assert_allclose(tailed.score_samples(X[inside]), plain.score_samples(X[inside]), rtol=1e-12)
+
+
+def test_auto_tail_cut_gives_heavy_tailed_data_tails_and_other_bases_none(rng):
+    """"auto" picks a cut where the validation rows have heavy tails; only the Gaussian base has one."""
+    X = rng.standard_t(df=1.5, size=(2000, 2))
+    model = _small().fit(X)
+    assert model.module_.tail_cut is not None  # heavy tails: some cut beats the plain normal
+    assert _small(base="student-t").fit(X).module_.tail_cut is None
