@@ -188,7 +188,8 @@ class BatchNorm(nn.Module):
 class MAF(nn.Module):
     """Masked Autoregressive Flow over a standard-normal, MADE MoG or Student-t base density.
 
-    ``Standardize -> AffineMADE -> [BatchNorm? -> AffineMADE] x (n_layers - 1) -> N(0, I)``.
+    ``Standardize -> AffineMADE -> [BatchNorm? -> AffineMADE] x (n_layers - 1) -> N(0, I)``,
+    with :func:`power_tails` before N(0, I) in eval mode when ``tail_cut`` is set.
 
     Batch norm sits *between* MAF layers. One after the last layer would be an
     affine map whose optimum is known in closed form (zero shift, unit scale):
