@@ -260,13 +260,15 @@ def test_student_t_model_pickles(fitted_t):
 
 
 def test_student_t_beats_the_gaussian_base_on_heavy_tails(fitted_t):
-    """On the 2-D t the t base scores held-out rows better at equal size."""
+    """On the 2-D t the t base scores held-out rows better at equal size than the plain
+    Gaussian base (no tails: with tail_cut="auto" the two are within 0.02 nats here)."""
     model, X_test = fitted_t
     rng = np.random.RandomState(0)
     X = _correlated_t(3000, rng)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        gaussian = MAFDensity(n_layers=3, hidden_units=32, max_iter=100, random_state=0).fit(X)
+        gaussian = MAFDensity(n_layers=3, hidden_units=32, max_iter=100, tail_cut=None, random_state=0)
+        gaussian.fit(X)
     assert model.score_samples(X_test).mean() > gaussian.score_samples(X_test).mean() + 0.02
 
 
