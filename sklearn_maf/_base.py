@@ -254,6 +254,7 @@ class _BaseMAF(BaseEstimator):
                 self._chunk_size(),
             )
         self.module_ = module
+        self.tail_cut_ = module.tail_cut
         self.__dict__.pop("_partial_state", None)
         self.loss_curve_ = (self.loss_curve_ if continuing else []) + history.loss_curve
         if validation is None:
@@ -322,6 +323,7 @@ class _BaseMAF(BaseEstimator):
             )
         self._partial_state = state
         self.module_ = copy.deepcopy(module).to(torch.float64).eval()
+        self.tail_cut_ = self.module_.tail_cut
         self.loss_curve_ = (getattr(self, "loss_curve_", None) or []) + history.loss_curve
         self.validation_scores_ = None
         self.best_validation_score_ = None

@@ -122,7 +122,7 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
         uses the plain normal. "auto": after training, whichever of 2, 2.5, 3,
         4 and None (no tails) gives the validation rows (the training rows
         without early stopping) the highest log-likelihood, stored as
-        ``module_.tail_cut``; ``partial_fit`` keeps the plain normal. A number:
+        ``tail_cut_``; ``partial_fit`` keeps the plain normal. A number:
         that cut, from the validation score on. None: the plain normal
         throughout. Ignored by the other bases.
     alpha : float, default=1e-6
@@ -190,6 +190,9 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
         Mean validation log-likelihood per epoch; None without early stopping.
     best_validation_score_ : float or None
         Best of ``validation_scores_``, whose weights were restored.
+    tail_cut_ : float or None
+        The cut of the fitted base's power-law tails (see ``tail_cut``); None
+        for the plain normal, and for the other bases.
     best_loss_ : float
         Lowest training loss.
     n_iter_ : int

@@ -532,7 +532,7 @@ def test_tail_cut_bounds_the_cost_of_rows_far_outside_the_training_range(rng):
     params = dict(early_stopping=False, max_iter=10)  # no validation score: identical training
     plain = _small(tail_cut=None, **params).fit(X)
     tailed = _small(tail_cut=2.0, **params).fit(X)
-    assert plain.module_.tail_cut is None and tailed.module_.tail_cut == 2.0
+    assert plain.tail_cut_ is None and tailed.tail_cut_ == tailed.module_.tail_cut == 2.0
     np.testing.assert_array_equal(plain.loss_curve_, tailed.loss_curve_)
     far = np.array([[1e3, -1e3], [5e3, 0.0]])
     assert np.all(tailed.score_samples(far) > plain.score_samples(far) + 100)
@@ -545,5 +545,5 @@ def test_auto_tail_cut_gives_heavy_tailed_data_tails_and_other_bases_none(rng):
     """"auto" picks a cut where the validation rows have heavy tails; only the Gaussian base has one."""
     X = rng.standard_t(df=1.5, size=(2000, 2))
     model = _small().fit(X)
-    assert model.module_.tail_cut is not None  # heavy tails: some cut beats the plain normal
-    assert _small(base="student-t").fit(X).module_.tail_cut is None
+    assert model.tail_cut_ is not None  # heavy tails: some cut beats the plain normal
+    assert _small(base="student-t").fit(X).tail_cut_ is None
