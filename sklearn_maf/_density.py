@@ -284,7 +284,9 @@ class MAFDensity(DensityMixin, _BaseMAF):
     def transform(self, X):
         """Map rows to the latent space: the output of the last MAF layer.
 
-        With ``base="gaussian"`` the model is standard normal there. With
+        With ``base="gaussian"`` the model is standard normal there (after
+        the fitted power-law tails of ``tail_cut_``, when there are any:
+        the identity inside the cut). With
         ``base="student-t"`` the output of the last layer, independent t's
         under the model, is also mapped feature by feature through the t
         distribution function and the normal quantile, so that the latents are
