@@ -371,16 +371,13 @@ def _epoch(module, optimizer, X, weight, context, batch_size, generator, dequant
     """
     params = [param for group in optimizer.param_groups for param in group["params"]]
     # Hand-written back-propagation where the model allows it (same gradients,
-    # half the tensor operations); the masked weights' gradients are then masked
-    # here, all in one operation.
-    masked = plan = None
+    # half the tensor operations). The masked entries of the weights are zeroed
+    # once and their gradients masked after each step, which keeps them zero,
+    # so the steps can skip the masks.
+    plan = None
     if backprop.supports(module, weight, context):
-        masked = backprop.masked_weights(module)
-        # Zero the masked entries once (they are zero unless someone set them);
-        # masked gradients keep them zero, so the steps can skip the masks.
-        with torch.no_grad():
-            torch._foreach_mul_(*masked)
         plan = backprop.Plan(module, assume_masked=True)
+        plan.zero_masked_weights()
     losses, sizes = [], []
     batches = _batches(X.shape[0], batch_size, generator, X.device, weight)
     with _cyclic_gc_paused():
@@ -390,7 +387,7 @@ def _epoch(module, optimizer, X, weight, context, batch_size, generator, dequant
             if dequantize is not None:
                 noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
                 x = x + noise * dequantize
-            losses.append(_step(module, optimizer, params, x, batch_weight, batch_context, masked, plan))
+            losses.append(_step(module, optimizer, params, x, batch_weight, batch_context, plan))
             sizes.append(index.numel() if weight is None else batch_weight.sum())
     losses = torch.stack(losses).double()
     if weight is None:
@@ -419,19 +416,17 @@ def _cyclic_gc_paused():
             gc.enable()
 
 
-def _step(module, optimizer, params, x, weight, context, masked=None, plan=None):
+def _step(module, optimizer, params, x, weight, context, plan=None):
     """One Adam step on one batch; returns the (detached) batch loss.
 
-    ``masked`` and ``plan``, when given, are :func:`backprop.masked_weights`
-    of ``module`` and its :class:`backprop.Plan`: the gradients then come
-    from the plan (which writes every parameter's gradient), and each masked
-    weight's gradient is multiplied by its mask, which keeps the masked
-    weights at zero.
+    ``plan``, when given, is the :class:`backprop.Plan` of ``module``: the
+    gradients then come from it (it writes every parameter's gradient), with
+    each masked weight's gradient multiplied by its mask, which keeps the
+    masked weights at zero.
     """
     if plan is not None:
         loss = plan.loss_and_grad(x, weight)
-        weights, masks = masked
-        torch._foreach_mul_([w.grad for w in weights], masks)
+        plan.mask_gradients()
     else:
         loss = -_weighted_mean(module.log_prob(x, context, weight), weight)
         for param in params:  # optimizer.zero_grad(set_to_none=True), without its overhead

@@ -95,8 +95,10 @@ class Plan:
     the parameters in place, so views taken once stay views of the current
     weights; the gradients are written into buffers allocated here, which
     stay each parameter's ``.grad``. Build a plan per epoch (or whenever
-    something else may have replaced a ``.grad``); with ``assume_masked``,
-    the masked entries of the weights must stay zero while it is used.
+    something else may have replaced a ``.grad``). With ``assume_masked``,
+    the masked entries of the weights must be zero; a training loop zeroes
+    them once and keeps them so with :meth:`mask_gradients` after each
+    :meth:`loss_and_grad`.
     """
 
     def __init__(self, module, assume_masked=False):
@@ -105,15 +107,31 @@ class Plan:
         transforms = list(module.transforms)
         learned = [t for t in transforms if isinstance(t, (AffineMADE, BatchNorm))]
         self.fixed = transforms[: len(transforms) - len(learned)]
+        self._constant = _Constants(next(module.parameters())).get
         self.layers = [
-            _Affine(t, assume_masked) if isinstance(t, AffineMADE) else _BatchNorm(t) for t in learned
-        ]
+            _Affine(t, assume_masked, self._constant) if isinstance(t, AffineMADE)
+            else _BatchNorm(t, self._constant)
+            for t in learned
+        ]  # fmt: skip
         for param in module.parameters():
             if param.grad is None or param.grad.shape != param.shape:
                 param.grad = torch.zeros_like(param)
-        reference = next(module.parameters())
-        self._constant = _Constants(reference).get
         self._fixed_loss = self._constant(0.5 * module.n_features * _LOG_2PI)
+        self._weights, self._masks = masked_weights(module)
+        self._weight_grads = [weight.grad for weight in self._weights]
+
+    @torch.no_grad()
+    def zero_masked_weights(self):
+        """Set the masked entries of every weight to zero (they are, unless someone set them)."""
+        torch._foreach_mul_(self._weights, self._masks)
+
+    def mask_gradients(self):
+        """Multiply each masked weight's gradient by its mask, all in one operation.
+
+        Adam then leaves the masked entries where they are, L2 penalty
+        included: at zero, after :meth:`zero_masked_weights`.
+        """
+        torch._foreach_mul_(self._weight_grads, self._masks)
 
     @torch.no_grad()
     def loss_and_grad(self, x, weight=None):
@@ -172,7 +190,7 @@ class _Constants:
 class _Affine:
     """Forward and backward pass of one :class:`AffineMADE` layer."""
 
-    def __init__(self, layer, assume_masked):
+    def __init__(self, layer, assume_masked, constant):
         made = layer.made
         self.linears = list(made.layers)
         self.activation = _ACTIVATIONS_INPLACE[made.activation]
@@ -186,10 +204,9 @@ class _Affine:
         self.biases = [linear.bias for linear in self.linears[:-1]]
         self.biases += [output_bias[:d], output_bias[d:]]
         self.views = self._views([linear.weight for linear in self.linears]) if assume_masked else None
-        like = self.linears[-1].weight
-        self.minus_two_over_bound = like.new_tensor(-2.0 / self.bound)
-        self.minus_bound = like.new_tensor(-self.bound)
-        self.zero = like.new_tensor(0.0)
+        self.minus_two_over_bound = constant(-2.0 / self.bound)
+        self.minus_bound = constant(-self.bound)
+        self.zero = constant(0.0)
 
     def _views(self, weights):
         """The weights (for the backward pass) and the transposed blocks the forward pass multiplies by."""
@@ -264,20 +281,13 @@ def _tanh_backward(grad, output):
 class _BatchNorm:
     """Forward and backward pass of one :class:`BatchNorm` layer in training mode."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, constant):
         self.layer = layer
-        self.eps = layer.log_gamma.new_tensor(layer.eps)
-        self.one = layer.log_gamma.new_tensor(1.0)
+        self.one = constant(1.0)
 
     def forward(self, x, weight=None):
         """Batch norm with (weighted) batch statistics; updates the running ones."""
-        layer = self.layer
-        mean, var = layer._statistics(x, weight)  # the layer's own, running averages included
-        centred = x - mean
-        var_eps = var.add(self.eps)
-        log_scale = torch.add(layer.log_gamma, torch.log(var_eps), alpha=-0.5)
-        scale = torch.exp(log_scale)
-        y = torch.addcmul(layer.beta, centred, scale)
+        y, log_scale, centred, var_eps, scale = self.layer.normalize(x, weight)
         return y, log_scale.sum().expand(x.shape[0]), (centred, var_eps, scale)
 
     def backward(self, cache, grad_y, share, need_input_grad=True):

@@ -168,15 +168,30 @@ class BatchNorm(nn.Module):
             self.running_mean.copy_(mean)
             self.running_var.copy_(var)
 
+    def _log_scale(self, var_eps):
+        """Log of the per-feature scale ``exp(log_gamma) / sqrt(var + eps)``, given ``var + eps``."""
+        return torch.add(self.log_gamma, torch.log(var_eps), alpha=-0.5)
+
     def _logabsdet(self, var, n):
-        return (self.log_gamma - 0.5 * torch.log(var + self.eps)).sum().expand(n)
+        return self._log_scale(var + self.eps).sum().expand(n)
+
+    def normalize(self, x, weight=None):
+        """The map and the pieces its gradient reuses: ``(y, log_scale, x - mean, var + eps, scale)``.
+
+        The log of the per-feature scale serves both the map and its log-det:
+        fewer tensor operations per training step than computing them apart.
+        :func:`backprop.loss_and_grad` runs this too, so both training paths
+        apply the same function.
+        """
+        mean, var = self._statistics(x, weight)
+        centred = x - mean
+        var_eps = var + self.eps
+        log_scale = self._log_scale(var_eps)
+        scale = torch.exp(log_scale)
+        return torch.addcmul(self.beta, centred, scale), log_scale, centred, var_eps, scale
 
     def forward(self, x, context=None, weight=None):
-        mean, var = self._statistics(x, weight)
-        # The log of the per-feature scale serves both the map and its log-det:
-        # fewer tensor operations per training step than computing them apart.
-        log_scale = self.log_gamma - 0.5 * torch.log(var + self.eps)
-        y = torch.addcmul(self.beta, x - mean, torch.exp(log_scale))
+        y, log_scale, *_ = self.normalize(x, weight)
         return y, log_scale.sum().expand(x.shape[0])
 
     def inverse(self, y, context=None):
