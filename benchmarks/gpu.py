@@ -45,6 +45,7 @@ from speed import (  # noqa: E402
     mixture,
     ours,
     peers,
+    ratio_table,
 )
 
 
@@ -96,20 +97,16 @@ def same_architecture(report, args):
         for peer in others:
             score[peer.name] = synchronized(lambda peer=peer: _no_grad(peer.log_prob, X_score_gpu))
             sample[peer.name] = synchronized(lambda peer=peer: _no_grad(peer.sample, n_sample))
-        rows = []
-        for label, times in (
-            ("training, s per epoch", epoch_times),
-            (f"score_samples, {n_score:,} rows (s)", best_times(score, args.repeats)),
-            (f"sample, {n_sample:,} rows (s)", best_times(sample, args.repeats)),
-        ):
-            row = [label, f"{times['sklearn-maf']:.4f}"]
-            for peer in others:
-                row += [f"{times[peer.name]:.4f}", f"**{times[peer.name] / times['sklearn-maf']:.2f}x**"]
-            rows.append(row)
-        head = ["", "sklearn-maf"]
-        for peer in others:
-            head += [peer.name, f"{peer.name} / ours"]
-        report.table(head, rows)
+        ratio_table(
+            report,
+            others,
+            [
+                ("training, s per epoch", epoch_times),
+                (f"score_samples, {n_score:,} rows (s)", best_times(score, args.repeats)),
+                (f"sample, {n_sample:,} rows (s)", best_times(sample, args.repeats)),
+            ],
+            digits=4,
+        )
 
 
 def cpu_vs_gpu(report, args):

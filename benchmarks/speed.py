@@ -196,6 +196,20 @@ def clock(function):
     return time.perf_counter() - start, result
 
 
+def ratio_table(report, others, timings, digits):
+    """One row per ``(label, {name: seconds})``: our time, then each peer's and peer / ours."""
+    rows = []
+    for label, times in timings:
+        row = [label, f"{times['sklearn-maf']:.{digits}f}"]
+        for peer in others:
+            row += [f"{times[peer.name]:.{digits}f}", f"**{times[peer.name] / times['sklearn-maf']:.2f}x**"]
+        rows.append(row)
+    head = ["", "sklearn-maf"]
+    for peer in others:
+        head += [peer.name, f"{peer.name} / ours"]
+    report.table(head, rows)
+
+
 def best_times(functions, repeats):
     """Best (lowest) wall time of each named function, runs interleaved between them.
 
@@ -338,20 +352,16 @@ def same_architecture(report, args, results):
     score_times = best_times(score, repeats)
     sample_times = best_times(sample, repeats)
 
-    rows = []
-    for label, times in (
-        ("training, s per epoch", epoch_times),
-        ("score_samples, 200,000 rows (s)", score_times),
-        ("sample, 20,000 rows (s)", sample_times),
-    ):
-        row = [label, f"{times['sklearn-maf']:.3f}"]
-        for peer in others:
-            row += [f"{times[peer.name]:.3f}", f"**{times[peer.name] / times['sklearn-maf']:.2f}x**"]
-        rows.append(row)
-    head = ["", "sklearn-maf"]
-    for peer in others:
-        head += [peer.name, f"{peer.name} / ours"]
-    report.table(head, rows)
+    ratio_table(
+        report,
+        others,
+        [
+            ("training, s per epoch", epoch_times),
+            ("score_samples, 200,000 rows (s)", score_times),
+            ("sample, 20,000 rows (s)", sample_times),
+        ],
+        digits=3,
+    )
     results["epoch_seconds"] = epoch_times["sklearn-maf"]
     results["epoch_rows"], results["epoch_features"] = n_rows, n_features
 
