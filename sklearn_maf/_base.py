@@ -17,7 +17,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from ._nn import MAF, Bounded
+from ._nn import MAF, Bounded, reused_buffers
 from ._nn.flow import power_tails
 from ._threads import limit_torch_threads, training_threads
 from ._training import _cyclic_gc_paused, make_optimizer, train_flow
@@ -541,7 +541,7 @@ class _BaseMAF(BaseEstimator):
         out = np.empty((n_rows, n_outputs))
         device = _module_device(self.module_)
         chunk = chunk or self._chunk_size()
-        with torch.inference_mode(), _cyclic_gc_paused():
+        with torch.inference_mode(), _cyclic_gc_paused(), reused_buffers():
             for start in range(0, n_rows, chunk):
                 tensors = [
                     torch.tensor(array[start : start + chunk], dtype=torch.float64, device=device)

@@ -2,7 +2,10 @@
 
 Sampling inverts each MAF layer with :meth:`MADE.solve`, which computes every
 hidden unit once instead of running the whole MADE once per feature; the
-references here are that one-pass-per-feature loop, written out.
+references here are that one-pass-per-feature loop, written out. Scoring runs
+:meth:`MADE._forward_inference` (feature-major products over units sorted by
+level, masked blocks skipped, buffers reused); its reference is the autograd
+forward pass.
 """
 
 import itertools
@@ -12,9 +15,10 @@ import pytest
 import torch
 
 from sklearn_maf import MAFDensity
+from sklearn_maf._nn import made as made_module
 from sklearn_maf._nn.base import MADEMoG
 from sklearn_maf._nn.flow import AffineMADE, power_tails_inverse, soft_clamp
-from sklearn_maf._nn.made import input_degrees
+from sklearn_maf._nn.made import MADE, input_degrees, reused_buffers
 
 DTYPE = torch.float64
 
@@ -71,6 +75,93 @@ def test_affine_inverse_equals_one_made_pass_per_feature(
     torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(logabsdet, expected_logabsdet, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(u_again, u, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "n_features, n_hidden_layers, hidden_units, n_context",
+    list(itertools.product([1, 2, 3, 8], [0, 1, 2, 3], [2, 16], [0, 3])),
+)
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("order", ["natural", "random"])
+def test_inference_pass_equals_the_autograd_pass(
+    n_features, n_hidden_layers, hidden_units, n_context, activation, order
+):
+    """Masked entries hold random weights: skipping them must not change a thing."""
+    generator = torch.Generator().manual_seed(n_features * 100 + hidden_units + n_context)
+    made = MADE(
+        input_degrees(_order(n_features, order, generator)),
+        hidden_units,
+        n_hidden_layers,
+        activation=activation,
+        n_context=n_context,
+        generator=generator,
+        dtype=DTYPE,
+    )
+    _scramble(made, generator)
+
+    def inputs(n_rows):
+        x = torch.randn(n_rows, n_features, generator=generator, dtype=DTYPE)
+        return x, (torch.randn(n_rows, n_context, generator=generator, dtype=DTYPE) if n_context else None)
+
+    def check(x, context):
+        expected = made(x, context)  # autograd: one dense product per layer, masks applied
+        with torch.no_grad():
+            fast = made(x, context)
+        assert len(fast) == len(expected) == 2
+        for block, reference in zip(fast, expected):
+            torch.testing.assert_close(block, reference.detach(), rtol=1e-12, atol=1e-12)
+
+    batches = [inputs(n) for n in (37, 37, 5, 37)]
+    check(*batches[0])
+    # within one block, buffers reused across calls of one shape and of another
+    with reused_buffers():
+        for x, context in batches:
+            check(x, context)
+    with torch.inference_mode(), reused_buffers():
+        first = [block.clone() for block in made(*batches[0])]
+        made(*batches[2])  # overwrites the hidden buffers, not earlier results
+        for block, again in zip(first, made(*batches[0])):
+            torch.testing.assert_close(block, again, rtol=0, atol=0)
+
+    if n_hidden_layers >= 2 and n_features >= 3 and hidden_units >= n_features:
+        # the hidden-to-hidden layers are block lower-triangular in level order
+        assert all(len(blocks) == 2 for _, blocks in made._inference_plan()[1:])
+
+
+def test_reused_buffers_stay_within_the_block_and_the_thread(rng):
+    """A block keeps a few buffers per shape; another thread gets its own."""
+    import threading
+
+    X = rng.normal(size=(400, 4))
+    model = MAFDensity(n_layers=2, hidden_units=16, max_iter=2, random_state=0).fit(X)
+    expected = model.score_samples(X)
+    module = model.module_
+    with torch.inference_mode(), reused_buffers():
+        for start in range(0, 400, 100):
+            module.log_prob(torch.as_tensor(X[start : start + 100]))
+        held = dict(made_module._workspace.buffers)
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(getattr(made_module._workspace, "buffers", None)))
+        thread.start()
+        thread.join()
+    assert seen == [None]
+    assert getattr(made_module._workspace, "buffers", None) is None
+    # one input and two hidden buffers for the chunk's shape, and each MADE's weights
+    assert sum(1 for key in held if key[0] != "weights") == 3
+    assert sum(1 for key in held if key[0] == "weights") == 2
+
+    results = {}
+
+    def score(index):
+        results[index] = model.score_samples(X[index::2])
+
+    threads = [threading.Thread(target=score, args=(index,)) for index in range(2) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in range(2):
+        np.testing.assert_allclose(results[index], expected[index::2], rtol=1e-12, atol=1e-12)
 
 
 def _mog_sample_one_pass_per_feature(mog, n_samples, context, generator):

@@ -3,7 +3,7 @@
 from .base import MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
 from .flow import MAF, AffineMADE, BatchNorm, Standardize, soft_clamp
-from .made import MADE, MaskedLinear, hidden_degrees, input_degrees
+from .made import MADE, MaskedLinear, hidden_degrees, input_degrees, reused_buffers
 
 __all__ = [
     "MADE",
@@ -18,5 +18,6 @@ __all__ = [
     "StudentT",
     "hidden_degrees",
     "input_degrees",
+    "reused_buffers",
     "soft_clamp",
 ]

@@ -309,7 +309,14 @@ class MAF(nn.Module):
         self.tail_cut = tail_cut if base == "gaussian" else None
 
     def forward(self, x, context=None, weight=None):
-        """Map data to the base space; return ``(u, logabsdet)``."""
+        """Map data to the base space; return ``(u, logabsdet)``.
+
+        Without autograd (scoring) the rows are made feature-major first, the
+        layout in which :meth:`MADE._forward_inference` runs its products; every
+        transform's element-wise work keeps it.
+        """
+        if not torch.is_grad_enabled():
+            x = _feature_major(x)
         logabsdet = None
         for transform in self.transforms:
             x, ld = transform(x, context, weight)
@@ -372,6 +379,11 @@ class MAF(nn.Module):
                 ]
             )
         self.train(was_training)
+
+
+def _feature_major(x):
+    """``x`` with the same values, laid out column by column (a transposed contiguous tensor)."""
+    return x.t().contiguous().t()
 
 
 def _rows(tensor, start, size):

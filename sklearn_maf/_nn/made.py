@@ -7,17 +7,57 @@ degrees, so changing the variable order between layers is a change of degrees,
 never a permutation of the data.
 """
 
+import contextlib
 import math
+import threading
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["MADE", "MaskedLinear", "hidden_degrees", "input_degrees"]
+__all__ = ["MADE", "MaskedLinear", "hidden_degrees", "input_degrees", "reused_buffers"]
 
 _ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
 # For MADE.solve, which runs without autograd: in place on a fresh product.
 _ACTIVATIONS_INPLACE = {"relu": torch.relu_, "tanh": torch.tanh_}
+
+
+# The hidden-activation buffers of inference passes inside `reused_buffers`, per thread.
+_workspace = threading.local()
+
+
+@contextlib.contextmanager
+def reused_buffers():
+    """Within the block, inference passes in this thread reuse their hidden activations' memory.
+
+    Scoring a large array runs the same network on one chunk of rows after
+    another, and every hidden layer's activations are a fresh tensor of
+    megabytes per chunk. With glibc's allocator such blocks come from ``mmap``
+    or from the top of a heap that is trimmed when they are freed, so each
+    chunk touches its activations' pages anew: measured on 200,000 rows x 8
+    features (5 MADEs of 100 units, float64, chunks of 2,621 rows), 300,000 page
+    faults and about half the time of ``score_samples``. Inside this block the
+    hidden activations go to two buffers per thread and shape, kept until the
+    block exits; only the output layer's result, which the caller keeps, is
+    a new tensor. Buffers are never shared between threads.
+    """
+    previous = getattr(_workspace, "buffers", None)
+    _workspace.buffers = {}
+    try:
+        yield
+    finally:
+        _workspace.buffers = previous
+
+
+def _buffer(slot, shape, like):
+    """A new tensor of ``shape`` like ``like``, or the reused buffer ``slot`` within :func:`reused_buffers`."""
+    buffers = getattr(_workspace, "buffers", None)
+    if buffers is None:
+        return like.new_empty(shape)
+    key = (slot, shape, like.dtype, like.device, torch.is_inference_mode_enabled())
+    if key not in buffers:
+        buffers[key] = like.new_empty(shape)
+    return buffers[key]
 
 
 def input_degrees(order):
@@ -176,22 +216,127 @@ class MADE(nn.Module):
         return self.layers[-1](h).chunk(self.n_params, dim=-1)
 
     def _forward_inference(self, h):
-        """:meth:`forward` without autograd, as scoring runs it.
+        """:meth:`forward` without autograd, as scoring runs it: feature-major.
 
-        Activations work in place, and each output block is its own product, a contiguous tensor rather than a strided
-        slice of one: the element-wise work that follows is several times
-        cheaper on contiguous tensors. (Skipping the masked half of each
-        product, one product per group of units that read the same inputs,
-        was measured slower on a CPU: products with a dozen output columns
-        run far below the dense rate.)
+        Each product is ``weight @ h.T``, a (units, rows) result, and the
+        output blocks are transposed views of it: (rows, n_features) tensors
+        whose columns are contiguous. On a CPU this layout is what makes the
+        products fast: measured in float64 on 2,621 rows, the output layer's
+        product takes 290 us as one (16, rows) result against 1,460 us as two
+        (rows, 8) results, and the 100 x 100 layer 1,350 against 1,990 us.
+        Element-wise work that follows keeps the layout (:meth:`MAF.forward`
+        hands every transform feature-major rows when gradients are off).
+
+        The hidden units are taken in the order of their levels (see
+        :meth:`_inference_plan`), in which a square hidden-to-hidden layer is
+        block lower-triangular: its lower-level units are one product over the
+        lower-level units below, its others one product over all of them. That
+        skips about a quarter of the layer's multiply-adds (all masked), and
+        measured 1,180 us against 1,500 us for the 100 x 100 layer; splitting
+        further, or splitting the first and the output layer, was not faster,
+        because narrower products run below the dense rate.
+
+        Activations work in place, in the buffers of :func:`reused_buffers` when
+        it is active.
         """
         activation = _ACTIVATIONS_INPLACE[self.activation]
-        for layer in self.layers[:-1]:
-            h = activation(torch.addmm(layer.bias, h, (layer.weight * layer.mask).t()))
-        output = self.layers[-1]
-        weight = output.weight * output.mask
-        weights, biases = weight.chunk(self.n_params), output.bias.chunk(self.n_params)
-        return tuple(torch.addmm(b, h, w.t()) for w, b in zip(weights, biases))
+        plan = self._inference_plan()
+        weights = self._inference_weights(plan)
+        # Each layer's input carries a row of ones first, and each weight the
+        # bias as its first column: the product adds the bias, and no pass
+        # copies it into the result beforehand (as addmm's does).
+        n_inputs, n_rows = h.shape[1], h.shape[0]
+        below = _buffer("input", (n_inputs + 1, n_rows), h)
+        below[0] = 1
+        below[1:] = h.t()
+        for index, (weight, (_, blocks)) in enumerate(zip(weights, plan)):
+            out = _buffer(index % 2, (weight.shape[0] + 1, n_rows), h)
+            out[0] = 1
+            for start, stop, width in blocks:
+                torch.mm(weight[start:stop, : width + 1], below[: width + 1], out=out[1 + start : 1 + stop])
+            activation(out[1:])
+            below = out
+        out = torch.mm(weights[-1], below)
+        return tuple(block.t() for block in out.chunk(self.n_params))
+
+    def _inference_weights(self, plan):
+        """Per layer, ``[bias, masked weight]`` with rows and columns in the plan's orders.
+
+        Within :func:`reused_buffers` they are computed once per block, not once per chunk of rows.
+        """
+        buffers = getattr(_workspace, "buffers", None)
+        key = ("weights", self, torch.is_inference_mode_enabled())
+        if buffers is not None and key in buffers:
+            return buffers[key]
+        weights, below = [], None
+        for index, layer in enumerate(self.layers):
+            weight, bias = layer.weight * layer.mask, layer.bias
+            if index < len(plan):
+                order = torch.as_tensor(plan[index][0], device=weight.device)
+                weight, bias = weight[order], bias[order]
+            if below is not None:
+                weight = weight[:, below]
+            weights.append(torch.cat([bias[:, None], weight], dim=1))
+            below = order if index < len(plan) else None
+        if buffers is not None:
+            buffers[key] = weights
+        return weights
+
+    def _unit_levels(self):
+        """Per layer, each unit's level: the highest input degree that reaches it through the masks.
+
+        A unit of level ``t`` depends on the inputs of degree ``<= t`` only, and
+        reads only units of level ``<= t`` in the layer below. Units that no
+        input reaches (those that see only the context) have level 0.
+        """
+        levels = []
+        below = self.degrees
+        for layer in self.layers:
+            mask = layer.mask != 0
+            n_inputs = below.numel()
+            reach = torch.where(mask[:, :n_inputs], below.to(mask.device)[None, :], -1)
+            level = reach.amax(dim=1).clamp(min=0) if n_inputs else reach.new_zeros(mask.shape[0])
+            levels.append(level)
+            below = level
+        return levels
+
+    def _inference_plan(self):
+        """The products of :meth:`_forward_inference`, worked out once from the masks.
+
+        Returns, per hidden layer, ``(order, blocks)``: ``order`` lists the
+        layer's units by level, and each ``(start, stop, width)`` in ``blocks``
+        says that units ``start:stop`` (in that order) read only the first
+        ``width`` units of the layer below (in its order). A square layer gets
+        two blocks, split at the level that skips the most masked
+        multiply-adds, when that skips at least a tenth of them. Plain Python
+        data, cached on the module: the masks never change.
+        """
+        plan = self.__dict__.get("_plan")
+        if plan is not None:
+            return plan
+        plan = []
+        below = None
+        for index, level in enumerate(self._unit_levels()[:-1]):
+            level = level.cpu()
+            order = torch.argsort(level, stable=True)
+            n_units, width = self.layers[index].mask.shape
+            blocks = [(0, n_units, width)]
+            if below is not None:
+                sorted_level, sorted_below = level[order], below
+                best = (n_units * width, None)
+                for split in torch.unique(sorted_level).tolist():
+                    stop = int((sorted_level <= split).sum())
+                    reads = int((sorted_below <= split).sum())
+                    cost = stop * reads + (n_units - stop) * width
+                    best = min(best, (cost, (stop, reads)), key=lambda pair: pair[0])
+                cost, split = best
+                if split is not None and 0 < split[0] < n_units and cost <= 0.9 * n_units * width:
+                    stop, reads = split
+                    blocks = [(0, stop, reads), (stop, n_units, width)]
+            plan.append((order.tolist(), blocks))
+            below = level[order]
+        self._plan = plan
+        return plan
 
     def solve(self, step, n_samples, context=None, *, like):
         """Find ``x`` such that each feature is ``step`` of its own conditionals.
@@ -252,16 +397,13 @@ class MADE(nn.Module):
         # Each layer with its units sorted by level and its columns in the order
         # of the layer below, so that "every unit of level <= d" is a prefix.
         layers = []
-        below_level, below_order = degrees, input_order
-        for layer in self.layers:
-            mask = layer.mask != 0
+        below_order = input_order
+        for layer, level in zip(self.layers, self._unit_levels()):
             weight = layer.weight * layer.mask
-            n_inputs = below_level.numel()
-            reach = torch.where(mask[:, :n_inputs], below_level[None, :], -1)
-            level = reach.amax(dim=1).clamp(min=0) if n_inputs else reach.new_zeros(mask.shape[0])
+            n_inputs = below_order.numel()
             order = torch.argsort(level, stable=True)
             base = layer.bias.to(dtype)
-            if context is not None and mask.shape[1] > n_inputs:
+            if context is not None and weight.shape[1] > n_inputs:
                 # the context is known from the start: its share is a per-row bias
                 base = torch.addmm(base, context.to(dtype), weight[:, n_inputs:].t())
             layers.append(
@@ -272,7 +414,7 @@ class MADE(nn.Module):
                     upto=torch.searchsorted(level[order], levels, right=True).tolist(),
                 )
             )
-            below_level, below_order = level, order
+            below_order = order
         *hidden, output = layers
         for layer in hidden:
             layer["weight"] = layer["weight"][layer["order"]]
