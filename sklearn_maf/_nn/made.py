@@ -49,15 +49,21 @@ def reused_buffers():
         _workspace.buffers = previous
 
 
-def _buffer(slot, shape, like):
-    """A new tensor of ``shape`` like ``like``, or the reused buffer ``slot`` within :func:`reused_buffers`."""
+def _ones_first(slot, shape, like):
+    """A tensor of ``shape`` like ``like`` whose first row is ones; the rest is left for the caller.
+
+    Within :func:`reused_buffers` it is the thread's buffer ``slot`` of that
+    shape, made once: callers write only below the first row.
+    """
     buffers = getattr(_workspace, "buffers", None)
-    if buffers is None:
-        return like.new_empty(shape)
     key = (slot, shape, like.dtype, like.device, torch.is_inference_mode_enabled())
-    if key not in buffers:
-        buffers[key] = like.new_empty(shape)
-    return buffers[key]
+    if buffers is not None and key in buffers:
+        return buffers[key]
+    buffer = like.new_empty(shape)
+    buffer[0] = 1
+    if buffers is not None:
+        buffers[key] = buffer
+    return buffer
 
 
 def input_degrees(order):
@@ -240,44 +246,53 @@ class MADE(nn.Module):
         it is active.
         """
         activation = _ACTIVATIONS_INPLACE[self.activation]
-        plan = self._inference_plan()
-        weights = self._inference_weights(plan)
+        *hidden, output = self._inference_weights()
         # Each layer's input carries a row of ones first, and each weight the
         # bias as its first column: the product adds the bias, and no pass
         # copies it into the result beforehand (as addmm's does).
-        n_inputs, n_rows = h.shape[1], h.shape[0]
-        below = _buffer("input", (n_inputs + 1, n_rows), h)
-        below[0] = 1
+        n_rows = h.shape[0]
+        below = _ones_first("input", (h.shape[1] + 1, n_rows), h)
         below[1:] = h.t()
-        for index, (weight, (_, blocks)) in enumerate(zip(weights, plan)):
-            out = _buffer(index % 2, (weight.shape[0] + 1, n_rows), h)
-            out[0] = 1
-            for start, stop, width in blocks:
-                torch.mm(weight[start:stop, : width + 1], below[: width + 1], out=out[1 + start : 1 + stop])
+        for index, (n_units, blocks) in enumerate(hidden):
+            out = _ones_first(index % 2, (n_units + 1, n_rows), h)
+            for weight, start, stop in blocks:
+                torch.mm(weight, below[: weight.shape[1]], out=out[1 + start : 1 + stop])
             activation(out[1:])
             below = out
-        out = torch.mm(weights[-1], below)
+        out = torch.mm(output, below)
         return tuple(block.t() for block in out.chunk(self.n_params))
 
-    def _inference_weights(self, plan):
-        """Per layer, ``[bias, masked weight]`` with rows and columns in the plan's orders.
+    def _inference_weights(self):
+        """The weights of :meth:`_forward_inference`, as :meth:`_inference_plan` lays them out.
 
-        Within :func:`reused_buffers` they are computed once per block, not once per chunk of rows.
+        Per hidden layer ``(n_units, blocks)``, each block ``(weight, start,
+        stop)`` the ``[bias, masked weight]`` of units ``start:stop`` over the
+        units below that they read; then the output layer's ``[bias, masked
+        weight]``. Rows and columns are in the plan's orders. Within
+        :func:`reused_buffers` they are computed once per block, not once per
+        chunk of rows.
         """
         buffers = getattr(_workspace, "buffers", None)
         key = ("weights", self, torch.is_inference_mode_enabled())
         if buffers is not None and key in buffers:
             return buffers[key]
+        plan = self._inference_plan()
         weights, below = [], None
         for index, layer in enumerate(self.layers):
             weight, bias = layer.weight * layer.mask, layer.bias
+            order = None
             if index < len(plan):
                 order = torch.as_tensor(plan[index][0], device=weight.device)
                 weight, bias = weight[order], bias[order]
             if below is not None:
                 weight = weight[:, below]
-            weights.append(torch.cat([bias[:, None], weight], dim=1))
-            below = order if index < len(plan) else None
+            weight = torch.cat([bias[:, None], weight], dim=1)
+            if order is None:
+                weights.append(weight)
+            else:
+                blocks = [(weight[start:stop, : width + 1], start, stop) for start, stop, width in plan[index][1]]
+                weights.append((weight.shape[0], blocks))
+            below = order
         if buffers is not None:
             buffers[key] = weights
         return weights
