@@ -627,16 +627,17 @@ def _choose_tail_cut(module, X, weight, context, chunk_size):
     """
     module.tail_cut = None
     scores = torch.zeros(1 + len(_TAIL_CUTS), dtype=torch.float64)
-    for start in range(0, X.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        u, logabsdet = module(X[rows], None if context is None else context[rows])
-        log_probs = [module.base_log_prob(u) + logabsdet]
-        for cut in _TAIL_CUTS:
-            v, ld = power_tails(u, cut)
-            log_probs.append(module.base_log_prob(v) + logabsdet + ld)
-        log_probs = torch.stack(log_probs, dim=1)
-        w = None if weight is None else weight[rows, None]
-        scores += (log_probs if w is None else log_probs * w).sum(dim=0).cpu()
+    with reused_buffers():
+        for start in range(0, X.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            u, logabsdet = module(X[rows], None if context is None else context[rows])
+            log_probs = [module.base_log_prob(u) + logabsdet]
+            for cut in _TAIL_CUTS:
+                v, ld = power_tails(u, cut)
+                log_probs.append(module.base_log_prob(v) + logabsdet + ld)
+            log_probs = torch.stack(log_probs, dim=1)
+            w = None if weight is None else weight[rows, None]
+            scores += (log_probs if w is None else log_probs * w).sum(dim=0).cpu()
     best = int(torch.argmax(scores))  # the first of equals: no tails unless they score higher
     return None if best == 0 else _TAIL_CUTS[best - 1]
 
