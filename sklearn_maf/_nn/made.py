@@ -22,7 +22,7 @@ _ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
 _ACTIVATIONS_INPLACE = {"relu": torch.relu_, "tanh": torch.tanh_}
 
 
-# The hidden-activation buffers of inference passes inside `reused_buffers`, per thread.
+# Per thread, inside `reused_buffers`: the buffers and prepared weights of inference passes.
 _workspace = threading.local()
 
 
@@ -37,9 +37,14 @@ def reused_buffers():
     chunk touches its activations' pages anew: measured on 200,000 rows x 8
     features (5 MADEs of 100 units, float64, chunks of 2,621 rows), 300,000 page
     faults and about half the time of ``score_samples``. Inside this block the
-    hidden activations go to two buffers per thread and shape, kept until the
-    block exits; only the output layer's result, which the caller keeps, is
-    a new tensor. Buffers are never shared between threads.
+    hidden activations go to two buffers per thread and shape (and the input,
+    with its row of ones, to a third), kept until the block exits; only the
+    output layer's result, which the caller keeps, is a new tensor. Buffers
+    are never shared between threads.
+
+    Each MADE also prepares its weights for these passes (masked, in level
+    order, bias first) once per block rather than once per chunk, so its
+    parameters must not change inside the block: it is meant for scoring.
     """
     previous = getattr(_workspace, "buffers", None)
     _workspace.buffers = {}
