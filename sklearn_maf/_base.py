@@ -30,6 +30,9 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # CPU caches: measured on 100 hidden units, scoring in chunks of 2,500 rows is
 # about twice as fast as in chunks of 40,000, while the fixed cost per chunk
 # (a few hundred small tensor operations) stays below 10% of the arithmetic.
+# Measured again with feature-major products and reused buffers (200,000 x 8
+# rows, 5 layers): 2**18 elements per chunk scored fastest of 2**17 to 2**20,
+# 1.2x faster than 2**20, with a fixed cost of 0.8 ms in a 10 ms chunk.
 _CHUNK_ELEMENTS = 1 << 18
 # On a GPU a chunk is one batch of kernel launches, whose fixed cost dominates
 # small chunks: 2**24 elements (128 MiB per float64 activation) keep it busy;
