@@ -425,7 +425,7 @@ class _BaseMAF(BaseEstimator):
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
         chunk = self._chunk_size()
         out = np.empty((n_samples, self.module_.n_features))
-        with torch.inference_mode(), _cyclic_gc_paused():
+        with torch.inference_mode(), _cyclic_gc_paused(), reused_buffers():
             for start in range(0, n_samples, chunk):
                 rows = min(chunk, n_samples - start)
                 x = self.module_.sample(rows, generator=generator)

@@ -54,20 +54,28 @@ def reused_buffers():
         _workspace.buffers = previous
 
 
-def _ones_first(slot, shape, like):
-    """A tensor of ``shape`` like ``like`` whose first row is ones; the rest is left for the caller.
+def _reusable(slot, shape, like):
+    """``(tensor, new)``: an uninitialised tensor of ``shape`` like ``like``, and whether it is new.
 
     Within :func:`reused_buffers` it is the thread's buffer ``slot`` of that
-    shape, made once: callers write only below the first row.
+    shape, made once and returned again (``new`` False) with what the last
+    user left in it.
     """
     buffers = getattr(_workspace, "buffers", None)
     key = (slot, shape, like.dtype, like.device, torch.is_inference_mode_enabled())
     if buffers is not None and key in buffers:
-        return buffers[key]
+        return buffers[key], False
     buffer = like.new_empty(shape)
-    buffer[0] = 1
     if buffers is not None:
         buffers[key] = buffer
+    return buffer, True
+
+
+def _ones_first(slot, shape, like):
+    """A :func:`_reusable` tensor whose first row is ones; callers write only below it."""
+    buffer, new = _reusable(slot, shape, like)
+    if new:
+        buffer[0] = 1
     return buffer
 
 
@@ -440,8 +448,14 @@ class MADE(nn.Module):
             layer["weight"] = layer["weight"][layer["order"]]
             layer["base"] = layer["base"][..., layer["order"]]
 
-        x = torch.zeros(n_samples, n_features, dtype=dtype, device=device)  # degree order
-        h = [torch.zeros(n_samples, len(layer["order"]), dtype=dtype, device=device) for layer in hidden]
+        # Degree order. Every step reads only the features and units solved
+        # before it, so the buffers need no initial values.
+        like = torch.empty((), dtype=dtype, device=device)
+        x = _reusable(("solve", "x"), (n_samples, n_features), like)[0]
+        h = [
+            _reusable(("solve", index), (n_samples, len(layer["order"])), like)[0]
+            for index, layer in enumerate(hidden)
+        ]
         done = [0] * len(hidden)
         params = [torch.empty(n_samples, n_features, dtype=dtype, device=device) for _ in range(n_params)]
         for t in torch.unique(sorted_degrees).tolist():
