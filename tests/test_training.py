@@ -8,7 +8,14 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from sklearn_maf._nn import MAF
-from sklearn_maf._training import _batches, _parameter_groups, make_optimizer, mean_log_prob, train_flow
+from sklearn_maf._training import (
+    _batches,
+    _GradientClip,
+    _parameter_groups,
+    make_optimizer,
+    mean_log_prob,
+    train_flow,
+)
 
 DTYPE = torch.float64
 
@@ -391,3 +398,61 @@ def test_mean_log_prob_is_the_weighted_mean_in_eval_mode(chunk_size):
     assert mean_log_prob(module, X, chunk_size=chunk_size) == pytest.approx(
         float(log_prob.mean()), rel=1e-13
     )
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_clip_scales_down_only_spikes_and_keeps_its_limit(dtype, flat):
+    """Gradients near the running norm pass as they are; a spike is cut to factor x that norm."""
+    clip = _GradientClip(factor=5.0, momentum=0.5)
+    generator = _generator(0)
+
+    def grads(scale):
+        tensors = [torch.randn(4, 3, generator=generator, dtype=dtype) * scale, torch.full((3,), scale, dtype=dtype)]
+        if not flat:
+            return tensors
+        buffer = torch.cat([t.flatten() for t in tensors])  # as a Plan's flat_grad, with views of it
+        return [buffer, buffer[:12].view(4, 3), buffer[12:]]
+
+    def call(tensors):
+        clip(tensors[0] if flat else tensors)
+        return tensors[1:] if flat else tensors
+
+    def norm(tensors):
+        return float(torch.linalg.vector_norm(torch.cat([t.flatten() for t in tensors])))
+
+    first = grads(1.0)
+    before = [t.clone() for t in (first[1:] if flat else first)]
+    first = call(first)  # the first step sets the running norm and passes unchanged
+    for mine, original in zip(first, before):
+        torch.testing.assert_close(mine, original, rtol=0, atol=0)
+    average = float(clip.average)
+    assert average == pytest.approx(norm(before), rel=1e-6)
+
+    spike = grads(1e4)
+    parts = spike[1:] if flat else spike
+    direction = [t / norm(parts) for t in parts]
+    spike = call(spike)
+    assert norm(spike) == pytest.approx(5.0 * average, rel=1e-5)  # cut to the limit ...
+    for mine, unit in zip(spike, direction):  # ... in the same direction
+        torch.testing.assert_close(mine / norm(spike), unit, rtol=1e-5, atol=1e-6)
+    # the running norm moved towards the limit, not towards the spike
+    assert float(clip.average) == pytest.approx(0.5 * average + 0.5 * 5.0 * average, rel=1e-5)
+
+    zeros = grads(0.0)
+    zeros = call(zeros)  # a zero gradient stays zero: no 0 / 0
+    assert all(bool((t == 0).all()) for t in zeros)
+
+
+def test_plan_gradients_are_views_of_one_flat_buffer():
+    from sklearn_maf._nn import backprop
+
+    module = _flow(batch_norm=True)
+    plan = backprop.Plan(module, assume_masked=True)
+    params = list(module.parameters())
+    assert plan.flat_grad.numel() == sum(param.numel() for param in params)
+    plan.loss_and_grad(_data(16))
+    flat = torch.cat([param.grad.flatten() for param in params])
+    torch.testing.assert_close(flat, plan.flat_grad, rtol=0, atol=0)
+    plan.flat_grad.mul_(2.0)  # a change to the buffer is a change to every .grad
+    torch.testing.assert_close(torch.cat([param.grad.flatten() for param in params]), 2 * flat, rtol=0, atol=0)

@@ -94,7 +94,8 @@ class Plan:
     blocks of each output layer) and on new gradient tensors. Adam updates
     the parameters in place, so views taken once stay views of the current
     weights; the gradients are written into buffers allocated here, which
-    stay each parameter's ``.grad``. Build a plan per epoch (or whenever
+    stay each parameter's ``.grad`` (views of one flat buffer, ``flat_grad``).
+    Build a plan per epoch (or whenever
     something else may have replaced a ``.grad``). With ``assume_masked``,
     the masked entries of the weights must be zero; a training loop zeroes
     them once and keeps them so with :meth:`mask_gradients` after each
@@ -113,9 +114,12 @@ class Plan:
             else _BatchNorm(t, self._constant)
             for t in learned
         ]  # fmt: skip
-        for param in module.parameters():
-            if param.grad is None or param.grad.shape != param.shape:
-                param.grad = torch.zeros_like(param)
+        # Every gradient is a view of one flat buffer: what the whole gradient
+        # needs (its norm, a scaling) is then one operation, not one per parameter.
+        params = list(module.parameters())
+        self.flat_grad = params[0].new_zeros(sum(param.numel() for param in params))
+        for param, grad in zip(params, self.flat_grad.split([param.numel() for param in params])):
+            param.grad = grad.view_as(param)
         self._fixed_loss = self._constant(0.5 * module.n_features * _LOG_2PI)
         self._weights, self._masks = masked_weights(module)
         self._weight_grads = [weight.grad for weight in self._weights]
