@@ -239,13 +239,12 @@ class _BaseMAF(BaseEstimator):
 
         module = module.to(torch.float64)
         to_double = self._tensor_factory(torch.float64, device)
-        with reused_buffers():
-            module.set_batch_norm_statistics(
-                to_double(X_noisy[train]),
-                None if context is None else to_double(context[train]),
-                weight=to_double(sample_weight[train]) if weighted else None,
-                chunk_size=self._chunk_size(),
-            )
+        module.set_batch_norm_statistics(
+            to_double(X_noisy[train]),
+            None if context is None else to_double(context[train]),
+            weight=to_double(sample_weight[train]) if weighted else None,
+            chunk_size=self._chunk_size(),
+        )
         module.eval()
         if self.tail_cut == "auto" and self.base == "gaussian":
             # on the validation rows, or on the training rows without early stopping

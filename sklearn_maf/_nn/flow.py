@@ -15,7 +15,7 @@ from torch import nn
 
 from .base import MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
-from .made import MADE, input_degrees
+from .made import MADE, input_degrees, reused_buffers
 
 __all__ = ["MAF", "AffineMADE", "BatchNorm", "Standardize", "power_tails", "soft_clamp"]
 
@@ -361,7 +361,8 @@ class MAF(nn.Module):
         batch-norm layer gets the (weighted) moments of what reaches it before
         its output feeds the next layer: the result is what a pass over the
         whole data set in eval mode sees. Transforms after the last batch-norm
-        layer are not run: nothing after it needs statistics.
+        layer are not run: nothing after it needs statistics. The chunks reuse
+        their activation buffers (:func:`reused_buffers`), as scoring does.
         """
         batch_norms = [i for i, t in enumerate(self.transforms) if isinstance(t, BatchNorm)]
         if not batch_norms:
@@ -369,17 +370,18 @@ class MAF(nn.Module):
         last = batch_norms[-1]
         was_training = self.training
         self.eval()
-        for index, transform in enumerate(self.transforms[: last + 1]):
-            if isinstance(transform, BatchNorm):
-                transform.set_statistics(*BatchNorm.weighted_moments(x, weight))
-            if index == last:
-                break
-            x = torch.cat(
-                [
-                    transform(x[start : start + chunk_size], _rows(context, start, chunk_size))[0]
-                    for start in range(0, x.shape[0], chunk_size)
-                ]
-            )
+        with reused_buffers():
+            for index, transform in enumerate(self.transforms[: last + 1]):
+                if isinstance(transform, BatchNorm):
+                    transform.set_statistics(*BatchNorm.weighted_moments(x, weight))
+                if index == last:
+                    break
+                x = torch.cat(
+                    [
+                        transform(x[start : start + chunk_size], _rows(context, start, chunk_size))[0]
+                        for start in range(0, x.shape[0], chunk_size)
+                    ]
+                )
         self.train(was_training)
 
 
