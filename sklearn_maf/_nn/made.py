@@ -350,16 +350,16 @@ class MADE(nn.Module):
             n_units, width = self.layers[index].mask.shape
             blocks = [(0, n_units, width)]
             if below is not None:
-                sorted_level, sorted_below = level[order], below
-                best = (n_units * width, None)
+                sorted_level = level[order]
+                best_cost, best = n_units * width, None
                 for split in torch.unique(sorted_level).tolist():
                     stop = int((sorted_level <= split).sum())
-                    reads = int((sorted_below <= split).sum())
+                    reads = int((below <= split).sum())
                     cost = stop * reads + (n_units - stop) * width
-                    best = min(best, (cost, (stop, reads)), key=lambda pair: pair[0])
-                cost, split = best
-                if split is not None and 0 < split[0] < n_units and cost <= 0.9 * n_units * width:
-                    stop, reads = split
+                    if cost < best_cost:
+                        best_cost, best = cost, (stop, reads)
+                if best is not None and best[0] < n_units and best_cost <= 0.9 * n_units * width:
+                    stop, reads = best
                     blocks = [(0, stop, reads), (stop, n_units, width)]
             plan.append((order.tolist(), blocks))
             below = level[order]
