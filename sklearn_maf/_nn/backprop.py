@@ -9,10 +9,19 @@ the backward pass needs, and the backward pass is written out layer by layer:
 about half as many operations, no graph, the same gradients up to round-off
 (``tests/test_backprop.py`` compares them with autograd's for every layer type).
 
-The output layer of each MADE is computed as two products, one per block of
-its weight (shift, log-scale), so that both blocks are contiguous tensors
-rather than strided halves of one: element-wise operations on strided blocks
-cost several times as much on a CPU. The soft clamp of the log-scale is
+The products are laid out as MKL runs them fastest at these sizes, which
+for narrow operands is not the obvious way (float32, one thread, 256 rows,
+100 hidden units, 8 features; measured for 2 to 64 features):
+
+- the output layer is one product for both blocks (shift, log-scale), 2-3x
+  faster than one product per block, although the element-wise work then
+  reads the blocks as strided halves;
+- the first layer's weight gradient is computed as ``(x.T @ grad).T`` and
+  the gradient of its input as ``(W.T @ grad.T).T``: with a few features
+  these are 2-4x faster than ``grad.T @ x`` and ``grad @ W``, and no slower
+  with many.
+
+Together they made a training step 6-10% faster. The soft clamp of the log-scale is
 written with a sigmoid, ``bound * tanh(y / bound) = bound * (2 sigmoid(2 y / bound) - 1)``,
 the same function (torch's CPU ``tanh`` is several times slower than ``sigmoid``).
 
@@ -203,21 +212,16 @@ class _Affine:
         )
         self.bound = layer.log_scale_bound
         self.n_features = made.n_features
-        d = self.n_features
-        output_bias = self.linears[-1].bias
-        self.biases = [linear.bias for linear in self.linears[:-1]]
-        self.biases += [output_bias[:d], output_bias[d:]]
+        self.biases = [linear.bias for linear in self.linears]
         self.views = self._views([linear.weight for linear in self.linears]) if assume_masked else None
         self.minus_two_over_bound = constant(-2.0 / self.bound)
         self.minus_bound = constant(-self.bound)
         self.zero = constant(0.0)
 
-    def _views(self, weights):
-        """The weights (for the backward pass) and the transposed blocks the forward pass multiplies by."""
-        d = self.n_features
-        transposed = [weight.t() for weight in weights[:-1]]
-        transposed += [weights[-1][:d].t(), weights[-1][d:].t()]
-        return weights, transposed
+    @staticmethod
+    def _views(weights):
+        """The weights (for the backward pass) and their transposes (for the forward pass)."""
+        return weights, [weight.t() for weight in weights]
 
     def forward(self, x, weight=None):
         """``(u, log-det per row, cache)``."""
@@ -227,12 +231,12 @@ class _Affine:
             weights, transposed = self.views
         hidden = [x]
         h = x
-        for bias, weight_t in zip(self.biases[:-2], transposed[:-2]):
+        for bias, weight_t in zip(self.biases[:-1], transposed[:-1]):
             h = self.activation(torch.addmm(bias, h, weight_t))
             hidden.append(h)
-        # two products, one per output block: contiguous shift and log-scale
-        shift = torch.addmm(self.biases[-2], h, transposed[-2])
-        raw_log_scale = torch.addmm(self.biases[-1], h, transposed[-1])
+        # one product for both blocks (see the module docstring), then their views
+        out = torch.addmm(self.biases[-1], h, transposed[-1])
+        shift, raw_log_scale = out[:, : self.n_features], out[:, self.n_features :]
         bound = self.bound
         # -alpha = bound * tanh(raw / -bound) = 2 bound * sigmoid(-2 raw / bound) - bound
         sigmoid = torch.sigmoid(raw_log_scale.mul_(self.minus_two_over_bound))
@@ -264,11 +268,14 @@ class _Affine:
         for depth in range(len(linears) - 2, -1, -1):
             grad_out = self.activation_backward(grad_below, hidden[depth + 1])
             linear = linears[depth]
-            torch.mm(grad_out.t(), hidden[depth], out=linear.weight.grad)
+            if depth > 0:
+                torch.mm(grad_out.t(), hidden[depth], out=linear.weight.grad)
+            else:  # the products with the data's few columns, transposed (module docstring)
+                linear.weight.grad.copy_(hidden[0].t().mm(grad_out).t())
             torch.sum(grad_out, dim=0, out=linear.bias.grad)
             if depth == 0 and not need_input_grad:
                 return None
-            grad_below = grad_out.mm(weights[depth])
+            grad_below = grad_out.mm(weights[depth]) if depth > 0 else weights[0].t().mm(grad_out.t()).t()
         return grad_x.add_(grad_below)
 
 
