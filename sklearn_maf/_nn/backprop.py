@@ -297,6 +297,7 @@ class _BatchNorm:
 
     def __init__(self, layer, constant):
         self.layer = layer
+        self.grad_log_gamma, self.grad_beta = layer.log_gamma.grad, layer.beta.grad  # as in _Affine
         self.one = constant(1.0)
 
     def forward(self, x, weight=None):
@@ -312,12 +313,11 @@ class _BatchNorm:
         ``var = sum p_i (x_i - mean)^2``, so ``d loss / d x_i =
         s (grad_y_i - p_i sum_k grad_y_k) + 2 p_i (x_i - mean) d loss / d var``.
         """
-        layer = self.layer
         centred, var_eps, scale = cache
         # y = beta + (x - mean) s, log s = log_gamma - log(var + eps) / 2, log-det = sum(log s)
-        grad_log_scale = layer.log_gamma.grad
+        grad_log_scale = self.grad_log_gamma
         torch.sum(grad_y * centred, dim=0, out=grad_log_scale).mul_(scale).sub_(self.one)
-        grad_sum = torch.sum(grad_y, dim=0, out=layer.beta.grad)
+        grad_sum = torch.sum(grad_y, dim=0, out=self.grad_beta)
         if not need_input_grad:
             return None
         grad_var = grad_log_scale / var_eps  # -2 d loss / d var
