@@ -235,6 +235,7 @@ class _BaseMAF(BaseEstimator):
                 verbose=self.verbose,
                 dequantize=to_tensor(discrete) if discrete.any() else None,
                 adaptive=self.learning_rate == "adaptive",
+                average=True,
             )
 
         module = module.to(torch.float64)

@@ -10,7 +10,7 @@ import gc
 import math
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -264,6 +264,59 @@ class _GradientClip:
         self.average.lerp_(torch.minimum(norm, limit), self.momentum)
 
 
+# The fitted weights are an exponential moving average of the weights after
+# each step (Polyak averaging), with weight 1 - AVERAGE_DECAY per step, after a
+# warm-up in which step t has weight 9 / (10 + t): Adam at a constant rate keeps
+# the weights moving by about the learning rate per step, around the optimum
+# rather than into it, and their recent average lies nearer to it. Early
+# stopping scores and keeps the averaged weights. Measured with MAFDensity()
+# on benchmarks/quality.py's sets (10,000 rows), seeds 0 to 2, gap to the true
+# density in nats, without averaging -> 0.98 (0.99):
+#   ring-8-2d      0.439/0.359/0.378 -> 0.385/0.333/0.311 (0.421/0.358/0.332)
+#   mixture-8d     0.281/0.270/0.308 -> 0.247/0.232/0.271 (0.243/0.234/0.263)
+#   sine-chain-8d  0.299/0.309/0.348 -> 0.279/0.301/0.304 (0.283/0.298/0.309)
+# and on seed 0 banana, both Student t sets, t-marginals-8d and the funnel
+# within 0.002 of before. On 1,000 rows (four steps per epoch) the ring gained
+# 0.2-0.25 nats, the mixture 0.015-0.03, and the sine chain lost 0.04-0.05.
+AVERAGE_DECAY = 0.98
+
+
+class _ParameterAverage:
+    """Exponential moving average of a module's parameters over the training steps.
+
+    :meth:`update` after each step (one fused operation for all the
+    parameters); :meth:`applied` puts the averages in the module for the
+    duration of a block, e.g. to score them, and :meth:`apply` for good.
+    """
+
+    def __init__(self, module, decay=AVERAGE_DECAY):
+        self.params = list(module.parameters())
+        self.average = [param.detach().clone() for param in self.params]
+        self.decay = decay
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self):
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.average, self.params, 1.0 - decay)
+
+    @contextmanager
+    def applied(self):
+        with torch.no_grad():
+            live = [param.detach().clone() for param in self.params]
+        self.apply()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, live)
+
+    @torch.no_grad()
+    def apply(self):
+        torch._foreach_copy_(self.params, self.average)
+
+
 def _scale_learning_rate(optimizer, factor):
     if isinstance(optimizer, _FusedAdam):
         optimizer.lr *= factor
@@ -291,6 +344,7 @@ def train_flow(
     warn_not_converged=True,
     dequantize=None,
     adaptive=False,
+    average=False,
 ):
     """Fit ``module`` (in place) by maximum likelihood with Adam.
 
@@ -331,6 +385,12 @@ def train_flow(
         epochs, of :data:`ADAPTIVE_STEPS` steps or more in all, go without an
         improvement of ``tol`` (the ``learning_rate="adaptive"`` schedule of
         the estimators).
+    average : bool, default=False
+        Keep an exponential moving average of the weights over the steps
+        (decay :data:`AVERAGE_DECAY`) and make it the result: early stopping
+        scores and restores averaged weights, and without validation rows
+        the module ends with the average of the last steps. ``partial_fit``
+        trains the weights themselves, one epoch per call, and does not.
 
     Returns
     -------
@@ -341,6 +401,7 @@ def train_flow(
         optimizer = make_optimizer(module, learning_rate, alpha)
     best_state = _snapshot(module)
     clip = _GradientClip()  # its running norm carries over from epoch to epoch
+    averaged = _ParameterAverage(module) if average else None
     no_improvement = 0
     stall_epochs = stall_steps = 0  # since the last improvement or halving of the rate
     module.train()
@@ -352,7 +413,7 @@ def train_flow(
             # from gave a finite loss on its first batch if its loss is finite.
             epoch_start_state = _snapshot(module)
         loss, n_steps = _epoch(
-            module, optimizer, X, weight, context, batch_size, generator, dequantize, clip
+            module, optimizer, X, weight, context, batch_size, generator, dequantize, clip, averaged
         )
         history.n_steps += n_steps
         if not math.isfinite(loss):
@@ -369,12 +430,13 @@ def train_flow(
         history.n_iter = epoch + 1
 
         if validation is not None:
-            score = mean_log_prob(module, *validation)
-            history.validation_scores.append(score)
-            improved = score > history.best_validation_score + tol
-            if score > history.best_validation_score:
-                history.best_validation_score = score
-                best_state = _snapshot(module)
+            with averaged.applied() if averaged is not None else nullcontext():
+                score = mean_log_prob(module, *validation)
+                history.validation_scores.append(score)
+                improved = score > history.best_validation_score + tol
+                if score > history.best_validation_score:
+                    history.best_validation_score = score
+                    best_state = _snapshot(module)
         else:
             improved = loss < history.best_loss - tol
             best_state = epoch_start_state
@@ -397,6 +459,8 @@ def train_flow(
 
     if validation is not None:
         module.load_state_dict(best_state)
+    elif averaged is not None and not history.non_finite:
+        averaged.apply()
     if warn_not_converged and not history.stopped_early and not history.non_finite:
         warnings.warn(
             f"Stochastic optimizer: maximum iterations ({max_iter}) reached and "
@@ -407,13 +471,18 @@ def train_flow(
     return history
 
 
-def _epoch(module, optimizer, X, weight, context, batch_size, generator, dequantize=None, clip=None):
+def _epoch(
+    module, optimizer, X, weight, context, batch_size, generator, dequantize=None, clip=None,
+    averaged=None,
+):
     """One pass over shuffled batches: ``(mean batch loss, number of steps)``.
 
     Losses stay on the device and are read once per epoch, so that a GPU is
     not synchronised at every step; a non-finite loss shows in the result.
     Each step costs a few dozen small tensor operations at the usual batch
-    sizes, so the loop keeps its own per-step work to the minimum.
+    sizes, so the loop keeps its own per-step work to the minimum. ``clip``
+    and ``averaged``, when given, are the fit's :class:`_GradientClip` and
+    :class:`_ParameterAverage`.
     """
     params = [param for group in optimizer.param_groups for param in group["params"]]
     # Hand-written back-propagation where the model allows it (same gradients,
@@ -434,6 +503,8 @@ def _epoch(module, optimizer, X, weight, context, batch_size, generator, dequant
                 noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
                 x = x + noise * dequantize
             losses.append(_step(module, optimizer, params, x, batch_weight, batch_context, plan, clip))
+            if averaged is not None:
+                averaged.update()
             sizes.append(index.numel() if weight is None else batch_weight.sum())
     losses = torch.stack(losses).double()
     if weight is None:

@@ -8,9 +8,11 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from sklearn_maf._nn import MAF
+from sklearn_maf import _training
 from sklearn_maf._training import (
     _batches,
     _GradientClip,
+    _ParameterAverage,
     _parameter_groups,
     make_optimizer,
     mean_log_prob,
@@ -183,9 +185,13 @@ def test_patience_counts_epochs_without_an_improvement_of_tol(with_validation, n
     assert history.n_iter == 1 + n_iter_no_change
 
 
+@pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("batch_norm", [False, True])
-def test_early_stopping_restores_the_best_validation_weights(batch_norm):
-    """The returned module scores exactly best_validation_score, from an epoch before the last."""
+def test_early_stopping_restores_the_best_validation_weights(batch_norm, average):
+    """The returned module scores exactly best_validation_score, from an epoch before the last.
+
+    With ``average``, the scored and restored weights are the averaged ones.
+    """
     module = _flow(batch_norm=batch_norm)
     validation = (_data(12, seed=3, shift=1.0), None, None)
     with warnings.catch_warnings():
@@ -197,6 +203,7 @@ def test_early_stopping_restores_the_best_validation_weights(batch_norm):
             learning_rate=5e-2,
             n_iter_no_change=3,
             max_iter=200,
+            average=average,
         )
 
     scores = history.validation_scores
@@ -456,3 +463,74 @@ def test_plan_gradients_are_views_of_one_flat_buffer():
     torch.testing.assert_close(flat, plan.flat_grad, rtol=0, atol=0)
     plan.flat_grad.mul_(2.0)  # a change to the buffer is a change to every .grad
     torch.testing.assert_close(torch.cat([param.grad.flatten() for param in params]), 2 * flat, rtol=0, atol=0)
+
+
+def test_parameter_average_is_a_moving_average_and_swaps_back():
+    """Each update moves the average towards the weights by 1 - min(decay, (1 + t) / (10 + t))."""
+    module = _flow(batch_norm=True)
+    params = list(module.parameters())
+    average = _ParameterAverage(module, decay=0.5)
+    expected = [param.detach().clone() for param in params]
+    for step in range(1, 13):
+        with torch.no_grad():
+            for param in params:
+                param.add_(float(step))
+        average.update()
+        weight = 1 - min(0.5, (1 + step) / (10 + step))  # 9/11 on the first step, 1/2 from the 8th
+        expected = [e + weight * (p.detach() - e) for e, p in zip(expected, params)]
+    for mine, theirs in zip(average.average, expected):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+
+    live = [param.detach().clone() for param in params]
+    with average.applied():  # the averages in the module for the block only
+        for param, mine in zip(params, average.average):
+            torch.testing.assert_close(param.detach(), mine, rtol=0, atol=0)
+    for param, original in zip(params, live):
+        torch.testing.assert_close(param.detach(), original, rtol=0, atol=0)
+    average.apply()
+    for param, mine in zip(params, average.average):
+        torch.testing.assert_close(param.detach(), mine, rtol=0, atol=0)
+
+
+def test_averaging_leaves_the_training_path_and_returns_the_average(monkeypatch):
+    """Without validation rows the module ends with the average; the steps themselves are unchanged."""
+    made = []
+
+    class Recording(_ParameterAverage):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(_training, "_ParameterAverage", Recording)
+    plain, averaged = _flow(), _flow()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        history_plain = _train(plain, _data(), max_iter=6)
+        history_averaged = _train(averaged, _data(), max_iter=6, average=True)
+    assert history_averaged.loss_curve == history_plain.loss_curve
+    assert len(made) == 1
+    for param, mine in zip(averaged.parameters(), made[0].average):
+        torch.testing.assert_close(param.detach(), mine, rtol=0, atol=0)
+    # the average of the last steps: near the weights they ended at, not equal
+    last = torch.cat([param.detach().flatten() for param in plain.parameters()])
+    ours = torch.cat([param.detach().flatten() for param in averaged.parameters()])
+    assert not torch.equal(ours, last)
+    assert float((ours - last).abs().max()) < 0.5
+
+
+def test_validation_scores_are_those_of_the_averaged_weights(monkeypatch):
+    made = []
+
+    class Recording(_ParameterAverage):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(_training, "_ParameterAverage", Recording)
+    module = _flow(batch_norm=False)
+    validation = (_data(12, seed=3, shift=1.0), None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        history = _train(module, _data(), validation=validation, max_iter=5, average=True)
+    with made[0].applied():  # the average after the last epoch, as that epoch scored it
+        assert mean_log_prob(module, *validation) == history.validation_scores[-1]
