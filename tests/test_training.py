@@ -492,8 +492,9 @@ def test_parameter_average_is_a_moving_average_and_swaps_back():
         torch.testing.assert_close(param.detach(), mine, rtol=0, atol=0)
 
 
-def test_averaging_leaves_the_training_path_and_returns_the_average(monkeypatch):
-    """Without validation rows the module ends with the average; the steps themselves are unchanged."""
+@pytest.fixture
+def recorded_averages(monkeypatch):
+    """The :class:`_ParameterAverage` objects that train_flow makes, in order."""
     made = []
 
     class Recording(_ParameterAverage):
@@ -502,6 +503,12 @@ def test_averaging_leaves_the_training_path_and_returns_the_average(monkeypatch)
             made.append(self)
 
     monkeypatch.setattr(_training, "_ParameterAverage", Recording)
+    return made
+
+
+def test_averaging_leaves_the_training_path_and_returns_the_average(recorded_averages):
+    """Without validation rows the module ends with the average; the steps themselves are unchanged."""
+    made = recorded_averages
     plain, averaged = _flow(), _flow()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -518,15 +525,8 @@ def test_averaging_leaves_the_training_path_and_returns_the_average(monkeypatch)
     assert float((ours - last).abs().max()) < 0.5
 
 
-def test_validation_scores_are_those_of_the_averaged_weights(monkeypatch):
-    made = []
-
-    class Recording(_ParameterAverage):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(_training, "_ParameterAverage", Recording)
+def test_validation_scores_are_those_of_the_averaged_weights(recorded_averages):
+    made = recorded_averages
     module = _flow(batch_norm=False)
     validation = (_data(12, seed=3, shift=1.0), None, None)
     with warnings.catch_warnings():
