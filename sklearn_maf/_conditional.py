@@ -111,7 +111,8 @@ class MAFConditionalDensity(_BaseMAF):
         Epochs without improvement before training stops.
     early_stopping : bool, default=True
         Stop on a validation split's mean conditional log-likelihood and restore
-        the best weights.
+        the best weights. The weights scored and kept are a moving average of
+        the training steps' weights (:ref:`maf`, "Training").
     validation_fraction : float, default=0.1
         Fraction of rows held out for early stopping.
     precision : {"float32", "float64"}, default="float32"

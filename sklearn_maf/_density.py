@@ -111,7 +111,9 @@ class MAFDensity(DensityMixin, _BaseMAF):
         training stops.
     early_stopping : bool, default=True
         Hold out ``validation_fraction`` of the rows, stop when their mean
-        log-likelihood stops improving, and restore the best weights.
+        log-likelihood stops improving, and restore the best weights. The
+        weights scored and kept are a moving average of the training steps'
+        weights (:ref:`maf`, "Training").
     validation_fraction : float, default=0.1
         Fraction of the rows held out for early stopping.
     precision : {"float32", "float64"}, default="float32"

@@ -151,7 +151,9 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
     early_stopping : bool, default=True
         Hold out ``validation_fraction`` of the rows, stop when their mean
         log-likelihood stops improving, and restore the best weights. The
-        held-out rows also set ``offset_`` when ``contamination="auto"``.
+        weights scored and kept are a moving average of the training steps'
+        weights (:ref:`maf`, "Training"). The held-out rows also set
+        ``offset_`` when ``contamination="auto"``.
     validation_fraction : float, default=0.1
         Fraction of the rows held out for early stopping.
     precision : {"float32", "float64"}, default="float32"
