@@ -144,3 +144,22 @@ def test_plan_reused_across_steps_follows_the_updated_weights():
         manual.load_state_dict(reference.state_dict())
     # the gradients were written into the same buffers all along
     assert all(param.grad is grad for param, grad in zip(manual.parameters(), gradients))
+
+
+def test_a_plan_step_leaves_the_module_usable_by_autograd():
+    """The plan computes in inference mode, yet the tensors it writes into stay normal ones.
+
+    A gradient buffer or running average made inside inference mode would
+    reject the in-place updates of autograd, an optimizer or ``load_state_dict``
+    outside it, which is what ``partial_fit`` and the non-fast paths do next.
+    """
+    X, (reference, manual) = _pair(3, batch_norm=True)
+    plan = Plan(manual)
+    loss = plan.loss_and_grad(X)
+    written = [param.grad for param in manual.parameters()] + list(manual.buffers())
+    assert not any(tensor.is_inference() for tensor in written)
+    assert torch.isfinite(loss)
+    # autograd adds into the same gradient buffers in place; the buffers load in place
+    _autograd(manual, X)
+    make_optimizer(manual, 1e-2, 0.0).step()
+    manual.load_state_dict(reference.state_dict())
