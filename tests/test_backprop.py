@@ -73,6 +73,19 @@ def test_weighted_gradients_equal_autograd(batch_norm):
     _assert_same(reference, manual, _autograd(reference, X, weight), _manual(manual, X, weight))
 
 
+@pytest.mark.parametrize("n_features, batch_norm, weighted", itertools.product([1, 3], [True, False], [False, True]))
+def test_student_t_base_gradients_equal_autograd(n_features, batch_norm, weighted):
+    """The t base's degrees of freedom get autograd's gradient too, heavy and light tails alike."""
+    X, (reference, manual) = _pair(n_features, batch_norm=batch_norm, base="student-t")
+    with torch.no_grad():  # df from about 2 to about 55
+        for flow in (reference, manual):
+            flow.base.raw_df.copy_(torch.linspace(0.0, 0.4, n_features, dtype=DTYPE))
+    weight = torch.rand(X.shape[0], generator=torch.Generator().manual_seed(3), dtype=DTYPE) * 3 if weighted else None
+    assert supports(manual)
+    _assert_same(reference, manual, _autograd(reference, X, weight), _manual(manual, X, weight))
+    assert float(manual.base.raw_df.grad.abs().min()) > 0
+
+
 def test_bounded_inputs_equal_autograd():
     X, _ = _pair(2)
     X = torch.sigmoid(X)  # inside (0, 1)
@@ -93,6 +106,10 @@ def test_only_supported_models_take_the_fast_path():
     mog = MAF(X.mean(0), X.std(0), n_layers=1, hidden_units=5, n_hidden_layers=1, base="mog",
               n_components=2, generator=torch.Generator().manual_seed(0), dtype=DTYPE)  # fmt: skip
     assert not supports(mog)
+    student_t = MAF(X.mean(0), X.std(0), n_layers=1, hidden_units=5, n_hidden_layers=1, base="student-t",
+                    generator=torch.Generator().manual_seed(0), dtype=DTYPE)  # fmt: skip
+    assert supports(student_t)
+    assert not supports(student_t, context=X[:, :1])
     assert not supports(torch.nn.Identity())
 
 

@@ -33,8 +33,8 @@ gradient, which keeps them zero under Adam and an L2 penalty) can also skip
 the masks in the forward pass, ``assume_masked=True``: ``weight`` then equals
 ``weight * mask`` exactly.
 
-Only the common case has this path: a standard-normal base, no context, and
-the layers :class:`Standardize`, :class:`Bounded`,
+Only the common cases have this path: a standard-normal or :class:`StudentT`
+base, no context, and the layers :class:`Standardize`, :class:`Bounded`,
 :class:`AffineMADE` and :class:`BatchNorm`. Everything else is differentiated
 by autograd (:func:`supports` says which applies).
 """
@@ -44,7 +44,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from .base import StandardNormal
+from .base import _DF_RATE, StandardNormal, StudentT
 from .bounds import Bounded
 from .made import _ACTIVATIONS_INPLACE
 
@@ -59,7 +59,7 @@ def supports(module, weight=None, context=None):
 
     if not isinstance(module, MAF) or context is not None:
         return False
-    if type(module.base) is not StandardNormal:
+    if type(module.base) not in (StandardNormal, StudentT):
         return False
     fixed = [type(t) in (Standardize, Bounded) for t in module.transforms]
     learned = [type(t) in (AffineMADE, BatchNorm) for t in module.transforms]
@@ -129,7 +129,9 @@ class Plan:
             else _BatchNorm(t, self._constant)
             for t in learned
         ]  # fmt: skip
-        self._fixed_loss = self._constant(0.5 * module.n_features * _LOG_2PI)
+        # the base: N(0, I), whose log-density is |u|^2 / 2 plus a constant, or independent t's
+        self.student_t = _StudentT(module.base, self._constant) if isinstance(module.base, StudentT) else None
+        self._fixed_loss = self._constant(0.5 * module.n_features * _LOG_2PI) if self.student_t is None else None
         self._weights, self._masks = masked_weights(module)
         self._weight_grads = [weight.grad for weight in self._weights]
 
@@ -171,18 +173,24 @@ class Plan:
             x, ld, cache = layer.forward(x, weight)
             caches.append(cache)
             log_det = ld if log_det is None else log_det + ld
-        # minus the log-density, less its constant: |u|^2 / 2 - log-det
+        # minus the log-density: that of the base (for N(0, I), |u|^2 / 2 less
+        # its constant) minus the log-det
         # (mean() and square() would each convert a Python number on the way)
-        minus_log_prob = torch.sub(x.mul(x).sum(dim=-1).mul_(self._constant(0.5)), log_det)
+        if self.student_t is None:
+            minus_log_base = x.mul(x).sum(dim=-1).mul_(self._constant(0.5))
+        else:
+            minus_log_base, base_cache = self.student_t.forward(x)
+        minus_log_prob = torch.sub(minus_log_base, log_det)
         if weight is None:
             loss = minus_log_prob.sum().mul_(share)
         else:
             loss = minus_log_prob.mul_(share.squeeze(1)).sum()
-        loss = loss.add_(self._fixed_loss)
+        if self._fixed_loss is not None:
+            loss = loss.add_(self._fixed_loss)
 
         # d loss / d u for the base; each log-det term adds -share per row.
         # The first learned layer reads the data: no gradient to pass on.
-        grad = x * share
+        grad = x * share if self.student_t is None else self.student_t.backward(base_cache, share)
         for index in range(len(self.layers) - 1, -1, -1):
             grad = self.layers[index].backward(caches[index], grad, share, index > 0)
         return loss
@@ -298,6 +306,47 @@ def _threshold_backward(grad, output):
 def _tanh_backward(grad, output):
     """Gradient through tanh, given its output: ``grad * (1 - output^2)``."""
     return torch.ops.aten.tanh_backward(grad, output)
+
+
+class _StudentT:
+    """Minus the log-density of the :class:`StudentT` base, and its gradients.
+
+    Per feature, with ``q = u^2 / df`` and ``h = (df + 1) / 2``:
+    ``-log t(u; df) = h log(1 + q) - N(df)``, where ``N(df) = lgamma(h) -
+    lgamma(df / 2) - log(pi df) / 2``. Its derivative in ``u`` is ``2 h u /
+    (df (1 + q))``; in ``df``, ``log(1 + q) / 2 - h q / (df (1 + q)) - N'(df)``
+    with ``N'(df) = (digamma(h) - digamma(df / 2) - 1 / df) / 2``; and ``df =
+    1 + exp(_DF_RATE raw_df)``. ``N`` and ``N'`` are computed in float64,
+    as :meth:`StudentT.log_prob` computes ``N``.
+    """
+
+    def __init__(self, base, constant):
+        self.base = base
+        self.grad_raw_df = base.raw_df.grad  # as in _Affine
+        self.half = constant(0.5)
+        self.log_pi = math.log(math.pi)
+
+    def forward(self, u):
+        """``(-log t(u) per row, cache)``."""
+        df = self.base.df
+        df64 = df.double()
+        norm = torch.lgamma(0.5 * (df64 + 1)) - torch.lgamma(0.5 * df64) - 0.5 * (torch.log(df64) + self.log_pi)
+        h = torch.add(self.half, df, alpha=0.5)
+        q = u.mul(u).div_(df)
+        log1p_q = torch.log1p(q)
+        rows = torch.mv(log1p_q, h).sub_(norm.sum().to(u.dtype))
+        return rows, (u, df, df64, h, q, log1p_q)
+
+    def backward(self, cache, share):
+        """Write the gradient of ``raw_df``; return d loss / d u."""
+        u, df, df64, h, q, log1p_q = cache
+        inverse = q.add(1).mul_(df).reciprocal_()  # 1 / (df (1 + q))
+        grad_u = (u * inverse).mul_(2 * h).mul_(share)
+        norm_derivative = 0.5 * (torch.digamma(0.5 * (df64 + 1)) - torch.digamma(0.5 * df64) - 1 / df64)
+        per_row = torch.addcmul(log1p_q.mul_(self.half), h * q, inverse, value=-1.0).mul_(share)
+        grad_df = per_row.sum(dim=0).sub_(norm_derivative.to(df.dtype))
+        torch.mul(grad_df, (df - 1).mul_(_DF_RATE), out=self.grad_raw_df)
+        return grad_u
 
 
 class _BatchNorm:
