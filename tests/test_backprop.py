@@ -73,14 +73,18 @@ def test_weighted_gradients_equal_autograd(batch_norm):
     _assert_same(reference, manual, _autograd(reference, X, weight), _manual(manual, X, weight))
 
 
-@pytest.mark.parametrize("n_features, batch_norm, weighted", itertools.product([1, 3], [True, False], [False, True]))
+@pytest.mark.parametrize(
+    "n_features, batch_norm, weighted", list(itertools.product([1, 3], [True, False], [False, True]))
+)
 def test_student_t_base_gradients_equal_autograd(n_features, batch_norm, weighted):
     """The t base's degrees of freedom get autograd's gradient too, heavy and light tails alike."""
     X, (reference, manual) = _pair(n_features, batch_norm=batch_norm, base="student-t")
     with torch.no_grad():  # df from about 2 to about 55
         for flow in (reference, manual):
             flow.base.raw_df.copy_(torch.linspace(0.0, 0.4, n_features, dtype=DTYPE))
-    weight = torch.rand(X.shape[0], generator=torch.Generator().manual_seed(3), dtype=DTYPE) * 3 if weighted else None
+    weight = None
+    if weighted:
+        weight = torch.rand(X.shape[0], generator=torch.Generator().manual_seed(3), dtype=DTYPE) * 3
     assert supports(manual)
     _assert_same(reference, manual, _autograd(reference, X, weight), _manual(manual, X, weight))
     assert float(manual.base.raw_df.grad.abs().min()) > 0

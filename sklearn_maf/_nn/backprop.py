@@ -129,9 +129,12 @@ class Plan:
             else _BatchNorm(t, self._constant)
             for t in learned
         ]  # fmt: skip
-        # the base: N(0, I), whose log-density is |u|^2 / 2 plus a constant, or independent t's
-        self.student_t = _StudentT(module.base, self._constant) if isinstance(module.base, StudentT) else None
-        self._fixed_loss = self._constant(0.5 * module.n_features * _LOG_2PI) if self.student_t is None else None
+        # the base: N(0, I), whose minus log-density is |u|^2 / 2 plus a constant, or independent t's
+        self.student_t = self._fixed_loss = None
+        if isinstance(module.base, StudentT):
+            self.student_t = _StudentT(module.base, self._constant)
+        else:
+            self._fixed_loss = self._constant(0.5 * module.n_features * _LOG_2PI)
         self._weights, self._masks = masked_weights(module)
         self._weight_grads = [weight.grad for weight in self._weights]
 
@@ -330,7 +333,8 @@ class _StudentT:
         """``(-log t(u) per row, cache)``."""
         df = self.base.df
         df64 = df.double()
-        norm = torch.lgamma(0.5 * (df64 + 1)) - torch.lgamma(0.5 * df64) - 0.5 * (torch.log(df64) + self.log_pi)
+        norm = torch.lgamma(0.5 * (df64 + 1)) - torch.lgamma(0.5 * df64)
+        norm = norm - 0.5 * (torch.log(df64) + self.log_pi)
         h = torch.add(self.half, df, alpha=0.5)
         q = u.mul(u).div_(df)
         log1p_q = torch.log1p(q)
