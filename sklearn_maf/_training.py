@@ -543,7 +543,7 @@ def _step(module, optimizer, params, x, weight, context, plan=None, clip=None):
     :class:`_GradientClip`, applied to the gradients before the step.
     """
     if plan is not None:
-        loss = plan.loss_and_grad(x, weight)
+        loss = plan.loss_and_grad(x, weight, context)
         plan.mask_gradients()
     else:
         loss = -_weighted_mean(module.log_prob(x, context, weight), weight)

@@ -31,15 +31,15 @@ def _pair(n_features, seed=1, **params):
     return X * 2 + 1, flows
 
 
-def _manual(flow, X, weight=None, assume_masked=False):
-    loss = loss_and_grad(flow, X, weight, assume_masked)
+def _manual(flow, X, weight=None, assume_masked=False, context=None):
+    loss = loss_and_grad(flow, X, weight, assume_masked, context)
     weights, masks = masked_weights(flow)
     torch._foreach_mul_([w.grad for w in weights], masks)
     return loss
 
 
-def _autograd(flow, X, weight=None):
-    log_prob = flow.log_prob(X, weight=weight)
+def _autograd(flow, X, weight=None, context=None):
+    log_prob = flow.log_prob(X, context, weight=weight)
     loss = -(log_prob.mean() if weight is None else (log_prob * weight).sum() / weight.sum())
     loss.backward()
     return loss.detach()
@@ -90,6 +90,32 @@ def test_student_t_base_gradients_equal_autograd(n_features, batch_norm, weighte
     assert float(manual.base.raw_df.grad.abs().min()) > 0
 
 
+@pytest.mark.parametrize(
+    "n_features, n_hidden_layers, base, weighted",
+    [(1, 0, "gaussian", False), (3, 1, "gaussian", False), (3, 2, "gaussian", True),
+     (1, 2, "student-t", False), (3, 0, "student-t", True)],
+)  # fmt: skip
+def test_context_gradients_equal_autograd(n_features, n_hidden_layers, base, weighted):
+    """A conditional flow: the context enters each MADE's first layer and gets no gradient."""
+    X, (reference, manual) = _pair(n_features, n_hidden_layers=n_hidden_layers, n_context=2, base=base)
+    if base == "student-t":
+        with torch.no_grad():
+            for flow in (reference, manual):
+                flow.base.raw_df.copy_(torch.linspace(0.0, 0.4, n_features, dtype=DTYPE))
+    generator = torch.Generator().manual_seed(5)
+    context = torch.randn(X.shape[0], 2, generator=generator, dtype=DTYPE)
+    weight = torch.rand(X.shape[0], generator=generator, dtype=DTYPE) * 3 if weighted else None
+    assert supports(manual, context=context)
+    _assert_same(
+        reference, manual,
+        _autograd(reference, X, weight, context), _manual(manual, X, weight, context=context),
+    )  # fmt: skip
+    # the context columns of the first layers' weights were trained
+    mades = [layer.made for layer in manual.transforms if hasattr(layer, "made")]
+    first = [made.layers[0].weight.grad[:, n_features:] for made in mades]
+    assert all(float(grad.abs().max()) > 0 for grad in first)
+
+
 def test_bounded_inputs_equal_autograd():
     X, _ = _pair(2)
     X = torch.sigmoid(X)  # inside (0, 1)
@@ -106,14 +132,16 @@ def test_bounded_inputs_equal_autograd():
 def test_only_supported_models_take_the_fast_path():
     X, (flow, _) = _pair(2)
     assert supports(flow)
-    assert not supports(flow, context=X[:, :1])
+    assert not supports(flow, context=X[:, :1])  # a context the flow was not built for
+    _, (conditional, _) = _pair(2, n_context=1)
+    assert supports(conditional, context=X[:, :1])
+    assert not supports(conditional)  # a conditional flow needs its context
     mog = MAF(X.mean(0), X.std(0), n_layers=1, hidden_units=5, n_hidden_layers=1, base="mog",
               n_components=2, generator=torch.Generator().manual_seed(0), dtype=DTYPE)  # fmt: skip
     assert not supports(mog)
     student_t = MAF(X.mean(0), X.std(0), n_layers=1, hidden_units=5, n_hidden_layers=1, base="student-t",
                     generator=torch.Generator().manual_seed(0), dtype=DTYPE)  # fmt: skip
     assert supports(student_t)
-    assert not supports(student_t, context=X[:, :1])
     assert not supports(torch.nn.Identity())
 
 

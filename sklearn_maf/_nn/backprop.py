@@ -34,9 +34,11 @@ the masks in the forward pass, ``assume_masked=True``: ``weight`` then equals
 ``weight * mask`` exactly.
 
 Only the common cases have this path: a standard-normal or :class:`StudentT`
-base, no context, and the layers :class:`Standardize`, :class:`Bounded`,
-:class:`AffineMADE` and :class:`BatchNorm`. Everything else is differentiated
-by autograd (:func:`supports` says which applies).
+base, with or without a context, and the layers :class:`Standardize`,
+:class:`Bounded`, :class:`AffineMADE` and :class:`BatchNorm`. Everything else
+(the MADE MoG base) is differentiated by autograd (:func:`supports` says
+which applies). A context enters each MADE's first layer beside the
+features, unmasked; it gets no gradient (it is data).
 """
 
 import math
@@ -57,7 +59,7 @@ def supports(module, weight=None, context=None):
     """Whether :func:`loss_and_grad` can train ``module`` on this batch."""
     from .flow import MAF, AffineMADE, BatchNorm, Standardize  # flow imports this module
 
-    if not isinstance(module, MAF) or context is not None:
+    if not isinstance(module, MAF) or (context is None) != (module.n_context == 0):
         return False
     if type(module.base) not in (StandardNormal, StudentT):
         return False
@@ -75,10 +77,10 @@ def masked_weights(module):
     return [layer.weight for layer in layers], [layer.mask for layer in layers]
 
 
-def loss_and_grad(module, x, weight=None, assume_masked=False):
+def loss_and_grad(module, x, weight=None, assume_masked=False, context=None):
     """Mean negative log-likelihood of the rows ``x``; sets every parameter's ``.grad``.
 
-    The same value and gradients as ``-module.log_prob(x, weight=weight)``
+    The same value and gradients as ``-module.log_prob(x, context, weight)``
     averaged with the weights, followed by ``backward()``, for a module that
     :func:`supports` accepts, including the update of the batch-norm running
     averages in training mode (weighted moments when weights are given).
@@ -92,7 +94,7 @@ def loss_and_grad(module, x, weight=None, assume_masked=False):
     loss : torch.Tensor
         A 0-dimensional tensor, detached.
     """
-    return Plan(module, assume_masked).loss_and_grad(x, weight)
+    return Plan(module, assume_masked).loss_and_grad(x, weight, context)
 
 
 class Plan:
@@ -152,7 +154,7 @@ class Plan:
         torch._foreach_mul_(self._weight_grads, self._masks)
 
     @torch.inference_mode()
-    def loss_and_grad(self, x, weight=None):
+    def loss_and_grad(self, x, weight=None, context=None):
         """As :func:`loss_and_grad` of the plan's module.
 
         In inference mode, which skips autograd's dispatch entirely (no_grad
@@ -173,7 +175,7 @@ class Plan:
             log_det = ld if log_det is None else log_det + ld
         caches = []
         for layer in self.layers:
-            x, ld, cache = layer.forward(x, weight)
+            x, ld, cache = layer.forward(x, weight, context)
             caches.append(cache)
             log_det = ld if log_det is None else log_det + ld
         # minus the log-density: that of the base (for N(0, I), |u|^2 / 2 less
@@ -246,14 +248,14 @@ class _Affine:
         """The weights (for the backward pass) and their transposes (for the forward pass)."""
         return weights, [weight.t() for weight in weights]
 
-    def forward(self, x, weight=None):
+    def forward(self, x, weight=None, context=None):
         """``(u, log-det per row, cache)``."""
         if self.views is None:
             weights, transposed = self._views([l.weight * l.mask for l in self.linears])
         else:
             weights, transposed = self.views
-        hidden = [x]
-        h = x
+        h = x if context is None else torch.cat([x, context], dim=1)  # the first layer's input
+        hidden = [h]
         for bias, weight_t in zip(self.biases[:-1], transposed[:-1]):
             h = self.activation(torch.addmm(bias, h, weight_t))
             hidden.append(h)
@@ -298,6 +300,8 @@ class _Affine:
             if depth == 0 and not need_input_grad:
                 return None
             grad_below = grad_out.mm(weights[depth]) if depth > 0 else weights[0].t().mm(grad_out.t()).t()
+        if grad_below.shape[1] != d:  # the first layer's input was the features, then the context
+            grad_below = grad_below[:, :d]
         return grad_x.add_(grad_below)
 
 
@@ -361,7 +365,7 @@ class _BatchNorm:
         self.grad_log_gamma, self.grad_beta = layer.log_gamma.grad, layer.beta.grad  # as in _Affine
         self.one = constant(1.0)
 
-    def forward(self, x, weight=None):
+    def forward(self, x, weight=None, context=None):
         """Batch norm with (weighted) batch statistics; updates the running ones."""
         y, log_scale, centred, var_eps, scale = self.layer.normalize(x, weight)
         return y, log_scale.sum().expand(x.shape[0]), (centred, var_eps, scale)
