@@ -116,6 +116,29 @@ def test_context_gradients_equal_autograd(n_features, n_hidden_layers, base, wei
     assert all(float(grad.abs().max()) > 0 for grad in first)
 
 
+@pytest.mark.parametrize(
+    "n_features, n_hidden_layers, n_components, n_context, weighted",
+    [(1, 0, 1, 0, False), (1, 2, 3, 0, True), (3, 0, 3, 2, False), (3, 1, 1, 2, True),
+     (3, 2, 3, 0, False), (3, 2, 3, 2, True)],
+)  # fmt: skip
+def test_mog_base_gradients_equal_autograd(n_features, n_hidden_layers, n_components, n_context, weighted):
+    """The MADE MoG base: its MADE, its offset and the gradient it passes down to the flow."""
+    X, (reference, manual) = _pair(
+        n_features, n_hidden_layers=n_hidden_layers, n_context=n_context, base="mog",
+        n_components=n_components,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(5)
+    context = torch.randn(X.shape[0], n_context, generator=generator, dtype=DTYPE) if n_context else None
+    weight = torch.rand(X.shape[0], generator=generator, dtype=DTYPE) * 3 if weighted else None
+    assert supports(manual, context=context)
+    _assert_same(
+        reference, manual,
+        _autograd(reference, X, weight, context), _manual(manual, X, weight, context=context),
+    )  # fmt: skip
+    # the means' and log-scales' offsets were trained (one component's weight has no gradient)
+    assert float(manual.base.offset.grad[n_components:].abs().min()) > 0
+
+
 def test_bounded_inputs_equal_autograd():
     X, _ = _pair(2)
     X = torch.sigmoid(X)  # inside (0, 1)
@@ -138,7 +161,7 @@ def test_only_supported_models_take_the_fast_path():
     assert not supports(conditional)  # a conditional flow needs its context
     mog = MAF(X.mean(0), X.std(0), n_layers=1, hidden_units=5, n_hidden_layers=1, base="mog",
               n_components=2, generator=torch.Generator().manual_seed(0), dtype=DTYPE)  # fmt: skip
-    assert not supports(mog)
+    assert supports(mog)
     student_t = MAF(X.mean(0), X.std(0), n_layers=1, hidden_units=5, n_hidden_layers=1, base="student-t",
                     generator=torch.Generator().manual_seed(0), dtype=DTYPE)  # fmt: skip
     assert supports(student_t)

@@ -33,12 +33,12 @@ gradient, which keeps them zero under Adam and an L2 penalty) can also skip
 the masks in the forward pass, ``assume_masked=True``: ``weight`` then equals
 ``weight * mask`` exactly.
 
-Only the common cases have this path: a standard-normal or :class:`StudentT`
-base, with or without a context, and the layers :class:`Standardize`,
-:class:`Bounded`, :class:`AffineMADE` and :class:`BatchNorm`. Everything else
-(the MADE MoG base) is differentiated by autograd (:func:`supports` says
-which applies). A context enters each MADE's first layer beside the
-features, unmasked; it gets no gradient (it is data).
+Every model the estimators build has this path: a standard-normal,
+:class:`StudentT` or :class:`MADEMoG` base, with or without a context, and
+the layers :class:`Standardize`, :class:`Bounded`, :class:`AffineMADE` and
+:class:`BatchNorm`. Anything else is differentiated by autograd
+(:func:`supports` says which applies). A context enters each MADE's first
+layer beside the features, unmasked; it gets no gradient (it is data).
 """
 
 import math
@@ -46,7 +46,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from .base import _DF_RATE, StandardNormal, StudentT
+from .base import _DF_RATE, _OFFSET_GAIN, MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
 from .made import _ACTIVATIONS_INPLACE
 
@@ -61,7 +61,7 @@ def supports(module, weight=None, context=None):
 
     if not isinstance(module, MAF) or (context is None) != (module.n_context == 0):
         return False
-    if type(module.base) not in (StandardNormal, StudentT):
+    if type(module.base) not in (StandardNormal, StudentT, MADEMoG):
         return False
     fixed = [type(t) in (Standardize, Bounded) for t in module.transforms]
     learned = [type(t) in (AffineMADE, BatchNorm) for t in module.transforms]
@@ -131,12 +131,15 @@ class Plan:
             else _BatchNorm(t, self._constant)
             for t in learned
         ]  # fmt: skip
-        # the base: N(0, I), whose minus log-density is |u|^2 / 2 plus a constant, or independent t's
-        self.student_t = self._fixed_loss = None
+        # the base: N(0, I), whose minus log-density is |u|^2 / 2 plus a constant,
+        # or a layer of its own (forward and backward, as the flow's layers)
+        self.base = self._fixed_loss = None
         if isinstance(module.base, StudentT):
-            self.student_t = _StudentT(module.base, self._constant)
-        else:
+            self.base = _StudentT(module.base, self._constant)
+        else:  # N(0, I) and the MoG: the same constant (the MoG's is that of each component)
             self._fixed_loss = self._constant(0.5 * module.n_features * _LOG_2PI)
+        if isinstance(module.base, MADEMoG):
+            self.base = _MoG(module.base, assume_masked)
         self._weights, self._masks = masked_weights(module)
         self._weight_grads = [weight.grad for weight in self._weights]
 
@@ -181,10 +184,10 @@ class Plan:
         # minus the log-density: that of the base (for N(0, I), |u|^2 / 2 less
         # its constant) minus the log-det
         # (mean() and square() would each convert a Python number on the way)
-        if self.student_t is None:
+        if self.base is None:
             minus_log_base = x.mul(x).sum(dim=-1).mul_(self._constant(0.5))
         else:
-            minus_log_base, base_cache = self.student_t.forward(x)
+            minus_log_base, base_cache = self.base.forward(x, context)
         minus_log_prob = torch.sub(minus_log_base, log_det)
         if weight is None:
             loss = minus_log_prob.sum().mul_(share)
@@ -195,7 +198,7 @@ class Plan:
 
         # d loss / d u for the base; each log-det term adds -share per row.
         # The first learned layer reads the data: no gradient to pass on.
-        grad = x * share if self.student_t is None else self.student_t.backward(base_cache, share)
+        grad = x * share if self.base is None else self.base.backward(base_cache, share)
         for index in range(len(self.layers) - 1, -1, -1):
             grad = self.layers[index].backward(caches[index], grad, share, index > 0)
         return loss
@@ -221,11 +224,10 @@ class _Constants:
         return constant
 
 
-class _Affine:
-    """Forward and backward pass of one :class:`AffineMADE` layer."""
+class _MADE:
+    """Forward and backward pass of one :class:`MADE`: its masked layers, up to the output product."""
 
-    def __init__(self, layer, assume_masked, constant):
-        made = layer.made
+    def __init__(self, made, assume_masked):
         self.linears = list(made.layers)
         # the gradient buffers the plan set, looked up once: reading a
         # module's parameter and then its .grad costs about 3 us per access
@@ -235,21 +237,17 @@ class _Affine:
         self.activation_backward = (
             _threshold_backward if made.activation == "relu" else _tanh_backward
         )
-        self.bound = layer.log_scale_bound
         self.n_features = made.n_features
         self.biases = [linear.bias for linear in self.linears]
         self.views = self._views([linear.weight for linear in self.linears]) if assume_masked else None
-        self.minus_two_over_bound = constant(-2.0 / self.bound)
-        self.minus_bound = constant(-self.bound)
-        self.zero = constant(0.0)
 
     @staticmethod
     def _views(weights):
         """The weights (for the backward pass) and their transposes (for the forward pass)."""
         return weights, [weight.t() for weight in weights]
 
-    def forward(self, x, weight=None, context=None):
-        """``(u, log-det per row, cache)``."""
+    def forward(self, x, context=None):
+        """``(out, cache)``: the output layer's product, all its blocks side by side."""
         if self.views is None:
             weights, transposed = self._views([l.weight * l.mask for l in self.linears])
         else:
@@ -259,31 +257,12 @@ class _Affine:
         for bias, weight_t in zip(self.biases[:-1], transposed[:-1]):
             h = self.activation(torch.addmm(bias, h, weight_t))
             hidden.append(h)
-        # one product for both blocks (see the module docstring), then their views
-        out = torch.addmm(self.biases[-1], h, transposed[-1])
-        shift, raw_log_scale = out[:, : self.n_features], out[:, self.n_features :]
-        bound = self.bound
-        # -alpha = bound * tanh(raw / -bound) = 2 bound * sigmoid(-2 raw / bound) - bound
-        sigmoid = torch.sigmoid(raw_log_scale.mul_(self.minus_two_over_bound))
-        minus_log_scale = torch.add(self.minus_bound, sigmoid, alpha=2.0 * bound)
-        scale = torch.exp(minus_log_scale)
-        u = (x - shift).mul_(scale)
-        return u, minus_log_scale.sum(dim=-1), (hidden, weights, sigmoid, scale, u)
+        # one product for all the blocks (see the module docstring)
+        return torch.addmm(self.biases[-1], h, transposed[-1]), (hidden, weights)
 
-    def backward(self, cache, grad_u, share, need_input_grad=True):
-        """Write the layer's parameter gradients; return d loss / d (its input), or None."""
-        hidden, weights, sigmoid, scale, u = cache
-        n_rows, d = grad_u.shape
-        # the output layer's gradient, shift block then log-scale block, as its layout
-        grad_out = grad_u.new_empty((n_rows, 2 * d))
-        grad_x = grad_u * scale
-        torch.neg(grad_x, out=grad_out[:, :d])
-        # u = (x - shift) exp(m), log-det = sum(m): d loss / d m = grad_u * u - share;
-        # m = 2 bound sigmoid(-2 raw / bound) - bound: d m / d raw = -4 sigmoid (1 - sigmoid)
-        minus_grad_m = torch.addcmul(share, grad_u, u, value=-1.0)
-        d_sigmoid = torch.addcmul(sigmoid, sigmoid, sigmoid, value=-1.0)
-        torch.addcmul(self.zero, minus_grad_m, d_sigmoid, value=4.0, out=grad_out[:, d:])
-
+    def backward(self, cache, grad_out, need_input_grad=True):
+        """Write the parameter gradients, given d loss / d out; return d loss / d x, or None."""
+        hidden, weights = cache
         weight_grads, bias_grads = self.weight_grads, self.bias_grads
         torch.mm(grad_out.t(), hidden[-1], out=weight_grads[-1])
         torch.sum(grad_out, dim=0, out=bias_grads[-1])
@@ -300,9 +279,49 @@ class _Affine:
             if depth == 0 and not need_input_grad:
                 return None
             grad_below = grad_out.mm(weights[depth]) if depth > 0 else weights[0].t().mm(grad_out.t()).t()
-        if grad_below.shape[1] != d:  # the first layer's input was the features, then the context
-            grad_below = grad_below[:, :d]
-        return grad_x.add_(grad_below)
+        if grad_below.shape[1] != self.n_features:  # the first layer's input was the features, then the context
+            grad_below = grad_below[:, : self.n_features]
+        return grad_below
+
+
+class _Affine:
+    """Forward and backward pass of one :class:`AffineMADE` layer."""
+
+    def __init__(self, layer, assume_masked, constant):
+        self.made = _MADE(layer.made, assume_masked)
+        self.bound = layer.log_scale_bound
+        self.n_features = layer.made.n_features
+        self.minus_two_over_bound = constant(-2.0 / self.bound)
+        self.minus_bound = constant(-self.bound)
+        self.zero = constant(0.0)
+
+    def forward(self, x, weight=None, context=None):
+        """``(u, log-det per row, cache)``."""
+        out, made_cache = self.made.forward(x, context)
+        shift, raw_log_scale = out[:, : self.n_features], out[:, self.n_features :]
+        bound = self.bound
+        # -alpha = bound * tanh(raw / -bound) = 2 bound * sigmoid(-2 raw / bound) - bound
+        sigmoid = torch.sigmoid(raw_log_scale.mul_(self.minus_two_over_bound))
+        minus_log_scale = torch.add(self.minus_bound, sigmoid, alpha=2.0 * bound)
+        scale = torch.exp(minus_log_scale)
+        u = (x - shift).mul_(scale)
+        return u, minus_log_scale.sum(dim=-1), (made_cache, sigmoid, scale, u)
+
+    def backward(self, cache, grad_u, share, need_input_grad=True):
+        """Write the layer's parameter gradients; return d loss / d (its input), or None."""
+        made_cache, sigmoid, scale, u = cache
+        n_rows, d = grad_u.shape
+        # the output layer's gradient, shift block then log-scale block, as its layout
+        grad_out = grad_u.new_empty((n_rows, 2 * d))
+        grad_x = grad_u * scale
+        torch.neg(grad_x, out=grad_out[:, :d])
+        # u = (x - shift) exp(m), log-det = sum(m): d loss / d m = grad_u * u - share;
+        # m = 2 bound sigmoid(-2 raw / bound) - bound: d m / d raw = -4 sigmoid (1 - sigmoid)
+        minus_grad_m = torch.addcmul(share, grad_u, u, value=-1.0)
+        d_sigmoid = torch.addcmul(sigmoid, sigmoid, sigmoid, value=-1.0)
+        torch.addcmul(self.zero, minus_grad_m, d_sigmoid, value=4.0, out=grad_out[:, d:])
+        grad_below = self.made.backward(made_cache, grad_out, need_input_grad)
+        return None if grad_below is None else grad_x.add_(grad_below)
 
 
 def _threshold_backward(grad, output):
@@ -333,7 +352,7 @@ class _StudentT:
         self.half = constant(0.5)
         self.log_pi = math.log(math.pi)
 
-    def forward(self, u):
+    def forward(self, u, context=None):
         """``(-log t(u) per row, cache)``."""
         df = self.base.df
         df64 = df.double()
@@ -355,6 +374,63 @@ class _StudentT:
         grad_df = per_row.sum(dim=0).sub_(norm_derivative.to(df.dtype))
         torch.mul(grad_df, (df - 1).mul_(_DF_RATE), out=self.grad_raw_df)
         return grad_u
+
+
+class _MoG:
+    """Minus the log-density of the :class:`MADEMoG` base (less its constant), and its gradients.
+
+    Per row and feature ``i``, with the component log-weights ``w = log_softmax(logits)``,
+    means ``m``, log-scales ``a = bound tanh(raw / bound)`` and ``z = (u_i - m) exp(-a)``:
+    ``log p_i = logsumexp(w - z^2 / 2 - a) - log(2 pi) / 2``. With the responsibilities
+    ``r = softmax(w - z^2 / 2 - a)``, the derivatives of ``-log p_i`` are ``softmax(logits) - r``
+    in the logits, ``-r z exp(-a)`` in the means, ``-r (z^2 - 1) (1 - tanh^2)`` in ``raw``,
+    and ``sum_k r z exp(-a)`` in ``u_i`` directly; ``u`` also feeds the base's MADE, whose
+    backward pass adds the rest.
+    """
+
+    def __init__(self, base, assume_masked):
+        self.made = _MADE(base.made, assume_masked)
+        self.offset = base.offset
+        self.grad_offset = base.offset.grad  # as in _MADE
+        self.n_components = base.n_components
+        self.bound = base.log_scale_bound
+
+    def forward(self, u, context=None):
+        """``(minus the log-density per row, less the constant, cache)``."""
+        out, made_cache = self.made.forward(u, context)
+        n_rows, d = u.shape
+        # (rows, features, 3K), as MADEMoG._mixture_of lays it out
+        raw = out.view(n_rows, -1, d).transpose(1, 2) + _OFFSET_GAIN * self.offset.t()
+        logits, means, raw_log_scales = raw.split(self.n_components, dim=-1)
+        tanh = torch.tanh(raw_log_scales / self.bound)
+        log_scales = self.bound * tanh
+        log_weights = F.log_softmax(logits, dim=-1)
+        inverse_scales = torch.exp(-log_scales)
+        z = (u.unsqueeze(-1) - means).mul_(inverse_scales)
+        joint = log_weights - 0.5 * z * z - log_scales
+        log_p = torch.logsumexp(joint, dim=-1)
+        cache = (made_cache, tanh, log_weights, inverse_scales, z, joint, log_p)
+        return log_p.sum(dim=-1).neg_(), cache
+
+    def backward(self, cache, share):
+        """Write the base's parameter gradients; return d loss / d u."""
+        made_cache, tanh, log_weights, inverse_scales, z, joint, log_p = cache
+        n_rows, d, _ = z.shape
+        responsibility = torch.exp(joint - log_p.unsqueeze(-1))
+        r_z_over_scale = responsibility * z * inverse_scales
+        grad_raw = torch.cat(
+            [
+                torch.exp(log_weights) - responsibility,
+                -r_z_over_scale,
+                responsibility * (1 - z * z) * (1 - tanh * tanh),
+            ],
+            dim=-1,
+        )
+        grad_raw.mul_(share if share.dim() == 0 else share.unsqueeze(-1))
+        torch.mul(grad_raw.sum(dim=0).t(), _OFFSET_GAIN, out=self.grad_offset)
+        grad_out = grad_raw.transpose(1, 2).reshape(n_rows, -1)  # back to the MADE's output layout
+        grad_u = r_z_over_scale.sum(dim=-1).mul_(share)
+        return grad_u.add_(self.made.backward(made_cache, grad_out))
 
 
 class _BatchNorm:
