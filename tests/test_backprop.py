@@ -45,6 +45,16 @@ def _autograd(flow, X, weight=None, context=None):
     return loss.detach()
 
 
+def _compare(reference, manual, X, n_context=0, weighted=False):
+    """Autograd's gradients against the plan's, given a random context and weights if asked."""
+    generator = torch.Generator().manual_seed(5)
+    context = torch.randn(X.shape[0], n_context, generator=generator, dtype=DTYPE) if n_context else None
+    weight = torch.rand(X.shape[0], generator=generator, dtype=DTYPE) * 3 if weighted else None
+    assert supports(manual, context=context)
+    loss_reference = _autograd(reference, X, weight, context)
+    _assert_same(reference, manual, loss_reference, _manual(manual, X, weight, context=context))
+
+
 def _assert_same(first, second, loss_first, loss_second):
     torch.testing.assert_close(loss_first, loss_second, rtol=1e-12, atol=0)
     for (name, a), b in zip(first.named_parameters(), second.parameters()):
@@ -82,11 +92,7 @@ def test_student_t_base_gradients_equal_autograd(n_features, batch_norm, weighte
     with torch.no_grad():  # df from about 2 to about 55
         for flow in (reference, manual):
             flow.base.raw_df.copy_(torch.linspace(0.0, 0.4, n_features, dtype=DTYPE))
-    weight = None
-    if weighted:
-        weight = torch.rand(X.shape[0], generator=torch.Generator().manual_seed(3), dtype=DTYPE) * 3
-    assert supports(manual)
-    _assert_same(reference, manual, _autograd(reference, X, weight), _manual(manual, X, weight))
+    _compare(reference, manual, X, weighted=weighted)
     assert float(manual.base.raw_df.grad.abs().min()) > 0
 
 
@@ -102,14 +108,7 @@ def test_context_gradients_equal_autograd(n_features, n_hidden_layers, base, wei
         with torch.no_grad():
             for flow in (reference, manual):
                 flow.base.raw_df.copy_(torch.linspace(0.0, 0.4, n_features, dtype=DTYPE))
-    generator = torch.Generator().manual_seed(5)
-    context = torch.randn(X.shape[0], 2, generator=generator, dtype=DTYPE)
-    weight = torch.rand(X.shape[0], generator=generator, dtype=DTYPE) * 3 if weighted else None
-    assert supports(manual, context=context)
-    _assert_same(
-        reference, manual,
-        _autograd(reference, X, weight, context), _manual(manual, X, weight, context=context),
-    )  # fmt: skip
+    _compare(reference, manual, X, n_context=2, weighted=weighted)
     # the context columns of the first layers' weights were trained
     mades = [layer.made for layer in manual.transforms if hasattr(layer, "made")]
     first = [made.layers[0].weight.grad[:, n_features:] for made in mades]
@@ -127,14 +126,7 @@ def test_mog_base_gradients_equal_autograd(n_features, n_hidden_layers, n_compon
         n_features, n_hidden_layers=n_hidden_layers, n_context=n_context, base="mog",
         n_components=n_components,
     )  # fmt: skip
-    generator = torch.Generator().manual_seed(5)
-    context = torch.randn(X.shape[0], n_context, generator=generator, dtype=DTYPE) if n_context else None
-    weight = torch.rand(X.shape[0], generator=generator, dtype=DTYPE) * 3 if weighted else None
-    assert supports(manual, context=context)
-    _assert_same(
-        reference, manual,
-        _autograd(reference, X, weight, context), _manual(manual, X, weight, context=context),
-    )  # fmt: skip
+    _compare(reference, manual, X, n_context=n_context, weighted=weighted)
     # the means' and log-scales' offsets were trained (one component's weight has no gradient)
     assert float(manual.base.offset.grad[n_components:].abs().min()) > 0
 
