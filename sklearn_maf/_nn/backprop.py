@@ -132,14 +132,16 @@ class Plan:
             for t in learned
         ]  # fmt: skip
         # the base: N(0, I), whose minus log-density is |u|^2 / 2 plus a constant,
-        # or a layer of its own (forward and backward, as the flow's layers)
-        self.base = self._fixed_loss = None
+        # or a layer of its own (forward and backward, as the flow's layers);
+        # the MoG's constant is that of N(0, I) too (each component's)
+        self.base = None
         if isinstance(module.base, StudentT):
             self.base = _StudentT(module.base, self._constant)
-        else:  # N(0, I) and the MoG: the same constant (the MoG's is that of each component)
-            self._fixed_loss = self._constant(0.5 * module.n_features * _LOG_2PI)
-        if isinstance(module.base, MADEMoG):
+        elif isinstance(module.base, MADEMoG):
             self.base = _MoG(module.base, assume_masked)
+        self._fixed_loss = None  # the t's normaliser depends on df: its layer adds it
+        if not isinstance(module.base, StudentT):
+            self._fixed_loss = self._constant(0.5 * module.n_features * _LOG_2PI)
         self._weights, self._masks = masked_weights(module)
         self._weight_grads = [weight.grad for weight in self._weights]
 
