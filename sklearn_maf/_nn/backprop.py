@@ -350,7 +350,7 @@ class _StudentT:
 
     def __init__(self, base, constant):
         self.base = base
-        self.grad_raw_df = base.raw_df.grad  # as in _Affine
+        self.grad_raw_df = base.raw_df.grad  # as in _MADE
         self.half = constant(0.5)
         self.log_pi = math.log(math.pi)
 
@@ -440,7 +440,7 @@ class _BatchNorm:
 
     def __init__(self, layer, constant):
         self.layer = layer
-        self.grad_log_gamma, self.grad_beta = layer.log_gamma.grad, layer.beta.grad  # as in _Affine
+        self.grad_log_gamma, self.grad_beta = layer.log_gamma.grad, layer.beta.grad  # as in _MADE
         self.one = constant(1.0)
 
     def forward(self, x, weight=None, context=None):
