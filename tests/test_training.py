@@ -534,3 +534,32 @@ def test_validation_scores_are_those_of_the_averaged_weights(recorded_averages):
         history = _train(module, _data(), validation=validation, max_iter=5, average=True)
     with made[0].applied():  # the average after the last epoch, as that epoch scored it
         assert mean_log_prob(module, *validation) == history.validation_scores[-1]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_modules_without_a_plan_train_by_autograd_to_the_same_fit(monkeypatch, weighted):
+    """The autograd fallback of a training step (no estimator's model needs it any more).
+
+    With :func:`backprop.supports` refusing every module, the fit is the
+    hand-written step's, to round-off: same losses and the same density,
+    gradient clipping (its list-of-tensors form) included.
+    """
+    X = _data(48)
+    weight = torch.rand(48, generator=_generator(3), dtype=DTYPE) + 0.5 if weighted else None
+    flows = [_flow(), _flow()]
+    fast = _train(flows[0], X, weight, warn_not_converged=False)
+    monkeypatch.setattr(_training.backprop, "supports", lambda *args, **kwargs: False)
+    steps, log_prob = [], flows[1].log_prob
+
+    def counted_log_prob(*args, **kwargs):
+        steps.append(1)
+        return log_prob(*args, **kwargs)
+
+    monkeypatch.setattr(flows[1], "log_prob", counted_log_prob)
+    slow = _train(flows[1], X, weight, warn_not_converged=False)
+    assert len(steps) == slow.n_steps == fast.n_steps  # every step went through autograd
+    monkeypatch.undo()
+    torch.testing.assert_close(torch.tensor(slow.loss_curve), torch.tensor(fast.loss_curve), rtol=1e-9, atol=0.0)
+    with torch.no_grad():
+        scores = [flow.eval().log_prob(X) for flow in flows]
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-9, atol=1e-9)
