@@ -5,11 +5,21 @@ import itertools
 import pytest
 import torch
 
-from sklearn_maf._nn import MAF
+from sklearn_maf._nn import MAF, backprop
 from sklearn_maf._nn.backprop import Plan, loss_and_grad, masked_weights, supports
 from sklearn_maf._training import make_optimizer, train_flow
 
 DTYPE = torch.float64
+
+
+@pytest.fixture(autouse=True, params=["fused", "torch"])
+def passes(request, monkeypatch):
+    """Every test runs twice: element-wise passes in C (where built), and as torch operations."""
+    if request.param == "torch":
+        monkeypatch.setattr(backprop, "_fused", None)
+    elif backprop._fused is None:
+        pytest.skip("sklearn_maf._nn._fused was not built (no C compiler at install)")
+    return request.param
 
 
 def _pair(n_features, seed=1, **params):

@@ -39,6 +39,14 @@ the layers :class:`Standardize`, :class:`Bounded`, :class:`AffineMADE` and
 :class:`BatchNorm`. Anything else is differentiated by autograd
 (:func:`supports` says which applies). A context enters each MADE's first
 layer beside the features, unmasked; it gets no gradient (it is data).
+
+On the CPU in float32 and float64, the element-wise work between the
+products runs in C where the package was built with its optional module
+``_fused`` (``setup.py``; see :class:`_Fused`): one pass per layer and
+direction instead of about twenty torch operations, about 15% off a step.
+Without it (no C compiler at install, or another device or dtype) the same
+passes run as torch operations; ``tests/test_backprop.py`` checks both
+against autograd.
 """
 
 import math
@@ -49,6 +57,11 @@ from torch.nn import functional as F
 from .base import _DF_RATE, _OFFSET_GAIN, MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
 from .made import _ACTIVATIONS_INPLACE
+
+try:  # the optional C module (setup.py); without it the same passes run as torch operations
+    from . import _fused
+except ImportError:
+    _fused = None
 
 __all__ = ["Plan", "loss_and_grad", "masked_weights", "supports"]
 
@@ -97,6 +110,14 @@ def loss_and_grad(module, x, weight=None, assume_masked=False, context=None):
     return Plan(module, assume_masked).loss_and_grad(x, weight, context)
 
 
+def fusable(like):
+    """Whether the C passes of :mod:`._fused` can run on tensors like ``like``."""
+    return _fused is not None and like.device.type == "cpu" and like.dtype in _DTYPE_CODES
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+
+
 class Plan:
     """:func:`loss_and_grad` of one module, with its layers and parameter views gathered once.
 
@@ -113,7 +134,7 @@ class Plan:
     :meth:`loss_and_grad`.
     """
 
-    def __init__(self, module, assume_masked=False):
+    def __init__(self, module, assume_masked=False, fused=None):
         from .flow import AffineMADE, BatchNorm  # flow imports this module
 
         transforms = list(module.transforms)
@@ -126,8 +147,10 @@ class Plan:
         for param, grad in zip(params, self.flat_grad.split([param.numel() for param in params])):
             param.grad = grad.view_as(param)
         self._constant = _Constants(params[0]).get
+        # the element-wise passes in C where the module is built (see _Fused)
+        self.fused = _Fused(params[0]) if (fusable(params[0]) if fused is None else fused) else None
         self.layers = [
-            _Affine(t, assume_masked, self._constant) if isinstance(t, AffineMADE)
+            _Affine(t, assume_masked, self._constant, self.fused) if isinstance(t, AffineMADE)
             else _BatchNorm(t, self._constant)
             for t in learned
         ]  # fmt: skip
@@ -138,7 +161,7 @@ class Plan:
         if isinstance(module.base, StudentT):
             self.base = _StudentT(module.base, self._constant)
         elif isinstance(module.base, MADEMoG):
-            self.base = _MoG(module.base, assume_masked)
+            self.base = _MoG(module.base, assume_masked, self.fused)
         self._fixed_loss = None  # the t's normaliser depends on df: its layer adds it
         if not isinstance(module.base, StudentT):
             self._fixed_loss = self._constant(0.5 * module.n_features * _LOG_2PI)
@@ -173,37 +196,118 @@ class Plan:
         if weight is None:
             share = self._constant(1.0 / x.shape[0])
         else:
-            share = (weight / weight.sum()).unsqueeze(1)
+            share = (weight / weight.sum()).unsqueeze(1).to(x.dtype)
         log_det = None
         for transform in self.fixed:
             x, ld = transform(x)  # fixed layers: no parameters, a log-det of x alone
             log_det = ld if log_det is None else log_det + ld
+        # the fused affine layers add their log-dets into one buffer instead
+        fused_log_det = None if self.fused is None else x.new_zeros(x.shape[0])
         caches = []
         for layer in self.layers:
-            x, ld, cache = layer.forward(x, weight, context)
+            x, ld, cache = layer.forward(x, weight, context, fused_log_det)
             caches.append(cache)
-            log_det = ld if log_det is None else log_det + ld
+            if ld is not None:
+                log_det = ld if log_det is None else log_det + ld
+        if fused_log_det is not None:
+            log_det = fused_log_det if log_det is None else fused_log_det.add_(log_det)
         # minus the log-density: that of the base (for N(0, I), |u|^2 / 2 less
         # its constant) minus the log-det
         # (mean() and square() would each convert a Python number on the way)
-        if self.base is None:
-            minus_log_base = x.mul(x).sum(dim=-1).mul_(self._constant(0.5))
+        if self.base is None and self.fused is not None:
+            loss, grad = self.fused.gaussian_loss(x, log_det, share)
         else:
-            minus_log_base, base_cache = self.base.forward(x, context)
-        minus_log_prob = torch.sub(minus_log_base, log_det)
-        if weight is None:
-            loss = minus_log_prob.sum().mul_(share)
-        else:
-            loss = minus_log_prob.mul_(share.squeeze(1)).sum()
+            if self.base is None:
+                minus_log_base = x.mul(x).sum(dim=-1).mul_(self._constant(0.5))
+            else:
+                minus_log_base, base_cache = self.base.forward(x, context)
+            minus_log_prob = torch.sub(minus_log_base, log_det)
+            if weight is None:
+                loss = minus_log_prob.sum().mul_(share)
+            else:
+                loss = minus_log_prob.mul_(share.squeeze(1)).sum()
+            # d loss / d u for the base; each log-det term adds -share per row.
+            grad = x * share if self.base is None else self.base.backward(base_cache, share)
         if self._fixed_loss is not None:
             loss = loss.add_(self._fixed_loss)
 
-        # d loss / d u for the base; each log-det term adds -share per row.
         # The first learned layer reads the data: no gradient to pass on.
-        grad = x * share if self.base is None else self.base.backward(base_cache, share)
         for index in range(len(self.layers) - 1, -1, -1):
             grad = self.layers[index].backward(caches[index], grad, share, index > 0)
         return loss
+
+
+class _Fused:
+    """The element-wise passes of :mod:`._fused` (C) on tensors like ``like``: float32 or float64, CPU.
+
+    A training step's element-wise work between the products (the affine
+    layers' transform and its derivatives, the activations' derivatives, the
+    bias gradients, the Gaussian base's loss) is then one pass per layer and
+    direction instead of about twenty torch operations: measured with one
+    thread on 256 rows of 8 features, five MAF layers of 100 hidden units
+    (interleaved, fresh batches), :meth:`Plan.loss_and_grad` 2.07-2.43 ms
+    against 2.67-2.84 ms, about 0.4 ms (15%) less; the products alone take
+    about 1.6 ms. The products stay with torch. Arguments are passed as addresses: every
+    tensor handed over is contiguous, of ``like``'s dtype, on the CPU, and
+    kept alive by the caller for the duration of the call.
+    """
+
+    def __init__(self, like):
+        self.code = _DTYPE_CODES[like.dtype]
+        self.dtype = like.dtype
+
+    def _address(self, tensor):
+        """``tensor``'s address, once it is checked: a tensor of another layout would be misread."""
+        if not tensor.is_contiguous() or tensor.dtype != self.dtype or not tensor.is_cpu:
+            raise ValueError(
+                f"the fused passes need contiguous {self.dtype} tensors on the CPU, got "
+                f"{tensor.dtype} on {tensor.device} (contiguous: {tensor.is_contiguous()})"
+            )
+        return tensor.data_ptr()
+
+    def affine_forward(self, out, x, bound, log_det):
+        """``(u, cache)`` of :meth:`_Affine.forward`; adds the log-det per row to ``log_det``."""
+        n_rows, d = x.shape
+        factors = x.new_empty((3, n_rows, d))  # u, sigmoid(-2 raw / bound), exp(-alpha)
+        address, step = factors.data_ptr(), n_rows * d * factors.element_size()
+        _fused.affine_forward(
+            self.code, n_rows, d, bound, self._address(out), self._address(x),
+            address, address + step, address + 2 * step, self._address(log_det), True,
+        )  # fmt: skip
+        return factors[0], factors
+
+    def affine_backward(self, factors, grad_u, share, bias_grad):
+        """``(d loss / d out, d loss / d x)`` of :meth:`_Affine.backward`; writes ``bias_grad``."""
+        _, n_rows, d = factors.shape
+        grad_out = grad_u.new_empty((n_rows, 2 * d))
+        grad_x = grad_u.new_empty((n_rows, d))
+        address, step = factors.data_ptr(), n_rows * d * factors.element_size()
+        _fused.affine_backward(
+            self.code, n_rows, d, self._address(grad_u), address + 2 * step, address, address + step,
+            self._address(share), int(share.dim() > 0), grad_out.data_ptr(), grad_x.data_ptr(),
+            self._address(bias_grad),
+        )  # fmt: skip
+        return grad_out, grad_x
+
+    def activation_backward(self, grad, hidden, tanh, bias_grad):
+        """``grad`` times the activation's derivative (in place), given its output; writes ``bias_grad``."""
+        n_rows, n_units = grad.shape
+        _fused.activation_backward(
+            self.code, n_rows, n_units, tanh, self._address(grad), self._address(hidden),
+            self._address(bias_grad),
+        )  # fmt: skip
+        return grad
+
+    def gaussian_loss(self, u, log_det, share):
+        """``(loss, d loss / d u)`` for the N(0, I) base, less its constant."""
+        n_rows, d = u.shape
+        loss = u.new_empty(())
+        grad = u.new_empty((n_rows, d))
+        _fused.gaussian_loss(
+            self.code, n_rows, d, self._address(u), self._address(log_det), self._address(share),
+            int(share.dim() > 0), grad.data_ptr(), loss.data_ptr(),
+        )  # fmt: skip
+        return loss, grad
 
 
 class _Constants:
@@ -229,7 +333,9 @@ class _Constants:
 class _MADE:
     """Forward and backward pass of one :class:`MADE`: its masked layers, up to the output product."""
 
-    def __init__(self, made, assume_masked):
+    def __init__(self, made, assume_masked, fused=None):
+        self.fused = fused
+        self.tanh = made.activation == "tanh"
         self.linears = list(made.layers)
         # the gradient buffers the plan set, looked up once: reading a
         # module's parameter and then its .grad costs about 3 us per access
@@ -262,22 +368,29 @@ class _MADE:
         # one product for all the blocks (see the module docstring)
         return torch.addmm(self.biases[-1], h, transposed[-1]), (hidden, weights)
 
-    def backward(self, cache, grad_out, need_input_grad=True):
-        """Write the parameter gradients, given d loss / d out; return d loss / d x, or None."""
+    def backward(self, cache, grad_out, need_input_grad=True, output_bias_done=False):
+        """Write the parameter gradients, given d loss / d out; return d loss / d x, or None.
+
+        With ``output_bias_done``, the caller has written the output layer's bias gradient.
+        """
         hidden, weights = cache
         weight_grads, bias_grads = self.weight_grads, self.bias_grads
         torch.mm(grad_out.t(), hidden[-1], out=weight_grads[-1])
-        torch.sum(grad_out, dim=0, out=bias_grads[-1])
+        if not output_bias_done:
+            torch.sum(grad_out, dim=0, out=bias_grads[-1])
         if len(weights) == 1 and not need_input_grad:
             return None
         grad_below = grad_out.mm(weights[-1])
         for depth in range(len(weights) - 2, -1, -1):
-            grad_out = self.activation_backward(grad_below, hidden[depth + 1])
+            if self.fused is not None:  # with the bias gradient, in one pass
+                grad_out = self.fused.activation_backward(grad_below, hidden[depth + 1], self.tanh, bias_grads[depth])
+            else:
+                grad_out = self.activation_backward(grad_below, hidden[depth + 1])
+                torch.sum(grad_out, dim=0, out=bias_grads[depth])
             if depth > 0:
                 torch.mm(grad_out.t(), hidden[depth], out=weight_grads[depth])
             else:  # the products with the data's few columns, transposed (module docstring)
                 weight_grads[0].copy_(hidden[0].t().mm(grad_out).t())
-            torch.sum(grad_out, dim=0, out=bias_grads[depth])
             if depth == 0 and not need_input_grad:
                 return None
             grad_below = grad_out.mm(weights[depth]) if depth > 0 else weights[0].t().mm(grad_out.t()).t()
@@ -289,17 +402,21 @@ class _MADE:
 class _Affine:
     """Forward and backward pass of one :class:`AffineMADE` layer."""
 
-    def __init__(self, layer, assume_masked, constant):
-        self.made = _MADE(layer.made, assume_masked)
+    def __init__(self, layer, assume_masked, constant, fused=None):
+        self.fused = fused
+        self.made = _MADE(layer.made, assume_masked, fused)
         self.bound = layer.log_scale_bound
         self.n_features = layer.made.n_features
         self.minus_two_over_bound = constant(-2.0 / self.bound)
         self.minus_bound = constant(-self.bound)
         self.zero = constant(0.0)
 
-    def forward(self, x, weight=None, context=None):
-        """``(u, log-det per row, cache)``."""
+    def forward(self, x, weight=None, context=None, log_det=None):
+        """``(u, log-det per row, cache)``; fused, the log-det is added to ``log_det`` (and None returned)."""
         out, made_cache = self.made.forward(x, context)
+        if self.fused is not None:
+            u, factors = self.fused.affine_forward(out, x, self.bound, log_det)
+            return u, None, (made_cache, factors)
         shift, raw_log_scale = out[:, : self.n_features], out[:, self.n_features :]
         bound = self.bound
         # -alpha = bound * tanh(raw / -bound) = 2 bound * sigmoid(-2 raw / bound) - bound
@@ -311,6 +428,11 @@ class _Affine:
 
     def backward(self, cache, grad_u, share, need_input_grad=True):
         """Write the layer's parameter gradients; return d loss / d (its input), or None."""
+        if self.fused is not None:
+            made_cache, factors = cache
+            grad_out, grad_x = self.fused.affine_backward(factors, grad_u, share, self.made.bias_grads[-1])
+            grad_below = self.made.backward(made_cache, grad_out, need_input_grad, output_bias_done=True)
+            return None if grad_below is None else grad_x.add_(grad_below)
         made_cache, sigmoid, scale, u = cache
         n_rows, d = grad_u.shape
         # the output layer's gradient, shift block then log-scale block, as its layout
@@ -390,8 +512,8 @@ class _MoG:
     backward pass adds the rest.
     """
 
-    def __init__(self, base, assume_masked):
-        self.made = _MADE(base.made, assume_masked)
+    def __init__(self, base, assume_masked, fused=None):
+        self.made = _MADE(base.made, assume_masked, fused)
         self.offset = base.offset
         self.grad_offset = base.offset.grad  # as in _MADE
         self.n_components = base.n_components
@@ -443,7 +565,7 @@ class _BatchNorm:
         self.grad_log_gamma, self.grad_beta = layer.log_gamma.grad, layer.beta.grad  # as in _MADE
         self.one = constant(1.0)
 
-    def forward(self, x, weight=None, context=None):
+    def forward(self, x, weight=None, context=None, log_det=None):
         """Batch norm with (weighted) batch statistics; updates the running ones."""
         y, log_scale, centred, var_eps, scale = self.layer.normalize(x, weight)
         return y, log_scale.sum().expand(x.shape[0]), (centred, var_eps, scale)
