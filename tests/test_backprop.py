@@ -237,3 +237,16 @@ def test_a_plan_step_leaves_the_module_usable_by_autograd():
     _autograd(manual, X)
     make_optimizer(manual, 1e-2, 0.0).step()
     manual.load_state_dict(reference.state_dict())
+
+
+def test_c_passes_asked_for_where_they_cannot_run_are_refused(passes):
+    X, (_, flow) = _pair(3)
+    if passes == "torch":  # the module missing, as without a C compiler
+        with pytest.raises(ValueError, match="module _fused missing"):
+            Plan(flow, fused=True)
+        assert Plan(flow).fused is None
+    else:
+        assert Plan(flow, fused=True).fused is not None and Plan(flow).fused is not None
+        with pytest.raises(ValueError, match="torch.float16"):
+            Plan(flow.to(torch.float16), fused=True)
+    assert Plan(flow, fused=False).fused is None

@@ -131,7 +131,10 @@ class Plan:
     something else may have replaced a ``.grad``). With ``assume_masked``,
     the masked entries of the weights must be zero; a training loop zeroes
     them once and keeps them so with :meth:`mask_gradients` after each
-    :meth:`loss_and_grad`.
+    :meth:`loss_and_grad`. ``fused`` chooses the element-wise passes: in C
+    (True; see :class:`_Fused`), as torch operations (False), or in C where
+    :func:`fusable` allows (None, the default); the gradients are the same up
+    to round-off.
     """
 
     def __init__(self, module, assume_masked=False, fused=None):
@@ -148,6 +151,11 @@ class Plan:
             param.grad = grad.view_as(param)
         self._constant = _Constants(params[0]).get
         # the element-wise passes in C where the module is built (see _Fused)
+        if fused and not fusable(params[0]):
+            raise ValueError(
+                f"the C passes cannot run here: module _fused {'missing' if _fused is None else 'built'}, "
+                f"parameters {params[0].dtype} on {params[0].device}"
+            )
         self.fused = _Fused(params[0]) if (fusable(params[0]) if fused is None else fused) else None
         self.layers = [
             _Affine(t, assume_masked, self._constant, self.fused) if isinstance(t, AffineMADE)
@@ -247,9 +255,11 @@ class _Fused:
     thread on 256 rows of 8 features, five MAF layers of 100 hidden units
     (interleaved, fresh batches), :meth:`Plan.loss_and_grad` 2.07-2.43 ms
     against 2.67-2.84 ms, about 0.4 ms (15%) less; the products alone take
-    about 1.6 ms. The products stay with torch. Arguments are passed as addresses: every
-    tensor handed over is contiguous, of ``like``'s dtype, on the CPU, and
-    kept alive by the caller for the duration of the call.
+    about 1.6 ms. The products stay with torch.
+
+    Arguments are passed as addresses: every tensor handed over is checked to
+    be contiguous, of ``like``'s dtype and on the CPU (:meth:`_address`), or
+    was made here so; the caller keeps them alive for the duration of the call.
     """
 
     def __init__(self, like):
@@ -383,7 +393,9 @@ class _MADE:
         grad_below = grad_out.mm(weights[-1])
         for depth in range(len(weights) - 2, -1, -1):
             if self.fused is not None:  # with the bias gradient, in one pass
-                grad_out = self.fused.activation_backward(grad_below, hidden[depth + 1], self.tanh, bias_grads[depth])
+                grad_out = self.fused.activation_backward(
+                    grad_below, hidden[depth + 1], self.tanh, bias_grads[depth]
+                )
             else:
                 grad_out = self.activation_backward(grad_below, hidden[depth + 1])
                 torch.sum(grad_out, dim=0, out=bias_grads[depth])
