@@ -13,7 +13,9 @@
  *                        and the output layer's bias gradient;
  *   activation_backward  through ReLU or tanh, in place, and the layer's bias gradient;
  *   gaussian_loss        the N(0, I) base: the mean negative log-likelihood
- *                        (less its constant) and d loss / d u.
+ *                        (less its constant) and d loss / d u;
+ *   adam_step            the optimizer's step on flat buffers of all the parameters:
+ *                        gradient masks, clipping, L2 penalty, Adam, weight averaging.
  *
  * Arguments are addresses of contiguous row-major buffers (torch's
  * data_ptr()) and sizes, checked by the Python caller, which owns the memory.
@@ -28,6 +30,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -61,11 +64,11 @@ fast_expf(float x)
     return p * two_n.f;
 }
 
-#define DEFINE_PASSES(T, EXP, SUFFIX)                                                          \
+#define DEFINE_PASSES(T, EXP, SQRT, SUFFIX, ATTR)                                                          \
     /* u = (x - shift) exp(m), m = 2 bound sigmoid(-2 raw / bound) - bound; log_det (+)= sum m.   \
        In flat loops over contiguous buffers, which the compiler vectorises (rows of d numbers    \
        are too short to); u, sig and scale must not overlap the inputs. */                        \
-    static void affine_forward_##SUFFIX(Py_ssize_t n, Py_ssize_t d, double bound,             \
+    ATTR static void affine_forward_##SUFFIX(Py_ssize_t n, Py_ssize_t d, double bound,             \
                                         const T *out, const T *x, T *restrict u,               \
                                         T *restrict sig, T *restrict scale, T *log_det,         \
                                         int accumulate)                                        \
@@ -93,7 +96,7 @@ fast_expf(float x)
                                                                                                \
     /* grad_x = grad_u c; d / d shift = -grad_x;                                               \
        d / d raw = 4 (share - grad_u u) s (1 - s); bias_grad = column sums of both blocks */   \
-    static void affine_backward_##SUFFIX(Py_ssize_t n, Py_ssize_t d, const T *grad_u,         \
+    ATTR static void affine_backward_##SUFFIX(Py_ssize_t n, Py_ssize_t d, const T *grad_u,         \
                                          const T *scale, const T *u, const T *sig,             \
                                          const T *share, Py_ssize_t share_stride,              \
                                          T *grad_out, T *grad_x, T *bias_grad, T *sums)        \
@@ -119,7 +122,7 @@ fast_expf(float x)
     }                                                                                          \
                                                                                                \
     /* grad *= f'(pre-activation), given the activation's output h; bias_grad = column sums */ \
-    static void activation_backward_##SUFFIX(Py_ssize_t n, Py_ssize_t k, int tanh_,           \
+    ATTR static void activation_backward_##SUFFIX(Py_ssize_t n, Py_ssize_t k, int tanh_,           \
                                              T *grad, const T *h, T *bias_grad, T *sums)       \
     {                                                                                          \
         for (Py_ssize_t j = 0; j < k; ++j)                                                     \
@@ -144,7 +147,7 @@ fast_expf(float x)
     }                                                                                          \
                                                                                                \
     /* loss = sum_r share_r (|u_r|^2 / 2 - log_det_r); grad_u = share u */                    \
-    static void gaussian_loss_##SUFFIX(Py_ssize_t n, Py_ssize_t d, const T *u,                \
+    ATTR static void gaussian_loss_##SUFFIX(Py_ssize_t n, Py_ssize_t d, const T *u,                \
                                        const T *log_det, const T *share,                       \
                                        Py_ssize_t share_stride, T *grad_u, T *loss)            \
     {                                                                                          \
@@ -161,10 +164,82 @@ fast_expf(float x)
             total += (double)p * ((double)squares * 0.5 - (double)log_det[r]);                 \
         }                                                                                      \
         *loss = (T)total;                                                                      \
+    }                                                                                          \
+                                                                                               \
+    /* One optimizer step on flat buffers (see adam_step below); returns the gradient's norm. */ \
+    ATTR static double adam_step_##SUFFIX(Py_ssize_t n, T *restrict param, const T *grad,          \
+                                     const T *mask, const T *decay, T *restrict exp_avg,      \
+                                     T *restrict exp_avg_sq, T *restrict average,              \
+                                     T *clip_average, int clip_first, double clip_factor,      \
+                                     double clip_momentum, double lr, double beta1,            \
+                                     double beta2, double eps, double bias_correction1,        \
+                                     double bias_correction2, double average_weight)           \
+    {                                                                                          \
+        /* eight running sums: one would be a chain of dependent additions */                \
+        double sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                             \
+        Py_ssize_t i = 0;                                                                      \
+        for (; i + 8 <= n; i += 8)                                                             \
+            for (int j = 0; j < 8; ++j) {                                                      \
+                double g = (double)(grad[i + j] * mask[i + j]);                                \
+                sums[j] += g * g;                                                              \
+            }                                                                                  \
+        for (; i < n; ++i) {                                                                   \
+            double g = (double)(grad[i] * mask[i]);                                            \
+            sums[0] += g * g;                                                                  \
+        }                                                                                      \
+        double squares = 0.0;                                                                  \
+        for (int j = 0; j < 8; ++j)                                                            \
+            squares += sums[j];                                                                \
+        double norm = sqrt(squares), scale = 1.0;                                              \
+        if (clip_average != NULL) {                                                            \
+            double running = clip_first ? norm : (double)*clip_average;                        \
+            double limit = running * clip_factor;                                              \
+            double floor_ = norm > DBL_MIN ? norm : DBL_MIN;                                   \
+            scale = limit / floor_ < 1.0 ? limit / floor_ : 1.0;                               \
+            double kept = norm < limit ? norm : limit;                                         \
+            *clip_average = (T)(running + clip_momentum * (kept - running));                   \
+        }                                                                                      \
+        const T s = (T)scale, b1 = (T)beta1, b2 = (T)beta2, one_b1 = (T)(1.0 - beta1);          \
+        const T one_b2 = (T)(1.0 - beta2), step_size = (T)(lr / bias_correction1);             \
+        const T root_bc2 = (T)sqrt(bias_correction2), e = (T)eps, w = (T)average_weight;       \
+        for (i = 0; i < n; ++i) {                                                              \
+            T g = grad[i] * mask[i] * s + decay[i] * param[i];                                 \
+            T m = exp_avg[i] + one_b1 * (g - exp_avg[i]);                                      \
+            T v = b2 * exp_avg_sq[i] + one_b2 * g * g;                                         \
+            T p = param[i] - step_size * m / (SQRT(v) / root_bc2 + e);                         \
+            exp_avg[i] = m;                                                                    \
+            exp_avg_sq[i] = v;                                                                 \
+            param[i] = p;                                                                      \
+            if (average != NULL)                                                               \
+                average[i] += w * (p - average[i]);                                            \
+        }                                                                                      \
+        (void)b1;                                                                              \
+        return norm;                                                                           \
     }
 
-DEFINE_PASSES(float, fast_expf, f32)
-DEFINE_PASSES(double, exp, f64)
+DEFINE_PASSES(float, fast_expf, sqrtf, f32, )
+DEFINE_PASSES(double, exp, sqrt, f64, )
+
+/*
+ * The same passes compiled for AVX2 and FMA, chosen at import where the CPU
+ * has them (GCC and Clang on x86-64): twice the width of the baseline's SSE2
+ * vectors, which halves the time of the square roots and divisions of the
+ * optimizer's step and of the exponentials (measured: adam_step on 63,000
+ * float32 parameters, 70-100 us against 170-190 us).
+ */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define HAVE_AVX2_PASSES 1
+DEFINE_PASSES(float, fast_expf, sqrtf, f32_avx2, __attribute__((target("avx2,fma"))))
+DEFINE_PASSES(double, exp, sqrt, f64_avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+static int use_avx2 = 0;
+
+#ifdef HAVE_AVX2_PASSES
+#define PICK(name, suffix) (use_avx2 ? name##_##suffix##_avx2 : name##_##suffix)
+#else
+#define PICK(name, suffix) name##_##suffix
+#endif
 
 /* ---------------------------------------------------------------- Python bindings */
 
@@ -239,9 +314,9 @@ py_affine_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (dbl)
-        affine_forward_f64(nd[0], nd[1], bound, p[0], p[1], p[2], p[3], p[4], p[5], accumulate);
+        PICK(affine_forward, f64)(nd[0], nd[1], bound, p[0], p[1], p[2], p[3], p[4], p[5], accumulate);
     else
-        affine_forward_f32(nd[0], nd[1], bound, p[0], p[1], p[2], p[3], p[4], p[5], accumulate);
+        PICK(affine_forward, f32)(nd[0], nd[1], bound, p[0], p[1], p[2], p[3], p[4], p[5], accumulate);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -261,9 +336,9 @@ py_affine_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     if (dbl)
-        affine_backward_f64(nd[0], nd[1], p[0], p[1], p[2], p[3], p[4], stride, q[0], q[1], q[2], (void *)sums);
+        PICK(affine_backward, f64)(nd[0], nd[1], p[0], p[1], p[2], p[3], p[4], stride, q[0], q[1], q[2], (void *)sums);
     else
-        affine_backward_f32(nd[0], nd[1], p[0], p[1], p[2], p[3], p[4], stride, q[0], q[1], q[2], (void *)sums);
+        PICK(affine_backward, f32)(nd[0], nd[1], p[0], p[1], p[2], p[3], p[4], stride, q[0], q[1], q[2], (void *)sums);
     Py_END_ALLOW_THREADS
     free(sums);
     Py_RETURN_NONE;
@@ -286,9 +361,9 @@ py_activation_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     if (dbl)
-        activation_backward_f64(nk[0], nk[1], tanh_, p[0], p[1], p[2], (void *)sums);
+        PICK(activation_backward, f64)(nk[0], nk[1], tanh_, p[0], p[1], p[2], (void *)sums);
     else
-        activation_backward_f32(nk[0], nk[1], tanh_, p[0], p[1], p[2], (void *)sums);
+        PICK(activation_backward, f32)(nk[0], nk[1], tanh_, p[0], p[1], p[2], (void *)sums);
     Py_END_ALLOW_THREADS
     free(sums);
     Py_RETURN_NONE;
@@ -306,14 +381,82 @@ py_gaussian_loss(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (dbl)
-        gaussian_loss_f64(nd[0], nd[1], p[0], p[1], p[2], stride, q[0], q[1]);
+        PICK(gaussian_loss, f64)(nd[0], nd[1], p[0], p[1], p[2], stride, q[0], q[1]);
     else
-        gaussian_loss_f32(nd[0], nd[1], p[0], p[1], p[2], stride, q[0], q[1]);
+        PICK(gaussian_loss, f32)(nd[0], nd[1], p[0], p[1], p[2], stride, q[0], q[1]);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
+/* adam_step(dtype, n, param, grad, mask, decay, exp_avg, exp_avg_sq, average, clip_average, clip_first,
+ *           clip_factor, clip_momentum, lr, beta1, beta2, eps, bias_correction1, bias_correction2,
+ *           average_weight) -> the norm of the masked gradient, before clipping
+ *
+ * Masks the gradient (grad * mask), scales it to at most clip_factor times the
+ * running norm at *clip_average (which it updates; clip_first: start it at this
+ * norm; address 0: no clipping), adds the L2 term decay * param, takes torch's Adam
+ * step, and moves the running average of the parameters (address 0: none) by
+ * average_weight towards them. average and clip_average may be 0. */
+static PyObject *
+py_adam_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int dbl;
+    Py_ssize_t n;
+    void *p[8];
+    double v[9];
+    if (check_nargs("adam_step", nargs, 20) || is_double(args[0], &dbl) || sizes(args, 1, 1, &n)
+        || addresses(args, 2, 8, p))
+        return NULL;
+    int clip_first = PyObject_IsTrue(args[10]);
+    if (clip_first < 0)
+        return NULL;
+    for (int i = 0; i < 9; ++i) {
+        v[i] = PyFloat_AsDouble(args[11 + i]);
+        if (v[i] == -1.0 && PyErr_Occurred())
+            return NULL;
+    }
+    for (int i = 0; i < 6; ++i)
+        if (p[i] == NULL) {
+            PyErr_SetString(PyExc_ValueError, "adam_step: a required buffer has address 0");
+            return NULL;
+        }
+    double norm;
+    Py_BEGIN_ALLOW_THREADS
+    if (dbl)
+        norm = PICK(adam_step, f64)(n, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], clip_first, v[0], v[1],
+                             v[2], v[3], v[4], v[5], v[6], v[7], v[8]);
+    else
+        norm = PICK(adam_step, f32)(n, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], clip_first, v[0], v[1],
+                             v[2], v[3], v[4], v[5], v[6], v[7], v[8]);
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(norm);
+}
+
+/* set_avx2(flag) -> the previous setting: run the AVX2 passes (where the CPU has them) or the baseline's */
+static PyObject *
+py_set_avx2(PyObject *self, PyObject *arg)
+{
+    int flag = PyObject_IsTrue(arg), previous = use_avx2;
+    if (flag < 0)
+        return NULL;
+#ifdef HAVE_AVX2_PASSES
+    if (flag && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) {
+        PyErr_SetString(PyExc_ValueError, "this CPU has no AVX2 and FMA");
+        return NULL;
+    }
+#else
+    if (flag) {
+        PyErr_SetString(PyExc_ValueError, "the module was built without the AVX2 passes");
+        return NULL;
+    }
+#endif
+    use_avx2 = flag;
+    return PyBool_FromLong(previous);
+}
+
 static PyMethodDef methods[] = {
+    {"set_avx2", py_set_avx2, METH_O,
+     "set_avx2(flag) -> previous: use the AVX2 passes (where the CPU has them) or the baseline's (for tests)"},
     {"affine_forward", (PyCFunction)(void (*)(void))py_affine_forward, METH_FASTCALL,
      "affine_forward(dtype, n, d, bound, out, x, u, sig, scale, log_det, accumulate)"},
     {"affine_backward", (PyCFunction)(void (*)(void))py_affine_backward, METH_FASTCALL,
@@ -322,6 +465,9 @@ static PyMethodDef methods[] = {
      "activation_backward(dtype, n, k, tanh, grad, h, bias_grad)"},
     {"gaussian_loss", (PyCFunction)(void (*)(void))py_gaussian_loss, METH_FASTCALL,
      "gaussian_loss(dtype, n, d, u, log_det, share, share_stride, grad_u, loss)"},
+    {"adam_step", (PyCFunction)(void (*)(void))py_adam_step, METH_FASTCALL,
+     "adam_step(dtype, n, param, grad, mask, decay, exp_avg, exp_avg_sq, average, clip_average, clip_first, "
+     "clip_factor, clip_momentum, lr, beta1, beta2, eps, bias_correction1, bias_correction2, average_weight)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -333,5 +479,9 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__fused(void)
 {
+#ifdef HAVE_AVX2_PASSES
+    __builtin_cpu_init();
+    use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
     return PyModule_Create(&module);
 }

@@ -126,7 +126,8 @@ class Plan:
     blocks of each output layer) and on new gradient tensors. Adam updates
     the parameters in place, so views taken once stay views of the current
     weights; the gradients are written into buffers allocated here, which
-    stay each parameter's ``.grad`` (views of one flat buffer, ``flat_grad``).
+    stay each parameter's ``.grad`` (views of one flat buffer, ``flat_grad``,
+    which the caller may give: a :class:`_training._FlatAdam`'s).
     Build a plan per epoch (or whenever
     something else may have replaced a ``.grad``). With ``assume_masked``,
     the masked entries of the weights must be zero; a training loop zeroes
@@ -137,7 +138,7 @@ class Plan:
     to round-off.
     """
 
-    def __init__(self, module, assume_masked=False, fused=None):
+    def __init__(self, module, assume_masked=False, fused=None, flat_grad=None):
         from .flow import AffineMADE, BatchNorm  # flow imports this module
 
         transforms = list(module.transforms)
@@ -146,7 +147,12 @@ class Plan:
         # Every gradient is a view of one flat buffer: what the whole gradient
         # needs (its norm, a scaling) is then one operation, not one per parameter.
         params = list(module.parameters())
-        self.flat_grad = params[0].new_zeros(sum(param.numel() for param in params))
+        n_values = sum(param.numel() for param in params)
+        if flat_grad is None:
+            flat_grad = params[0].new_zeros(n_values)
+        elif flat_grad.shape != (n_values,) or not flat_grad.is_contiguous():
+            raise ValueError(f"flat_grad must be a contiguous tensor of shape ({n_values},)")
+        self.flat_grad = flat_grad
         for param, grad in zip(params, self.flat_grad.split([param.numel() for param in params])):
             param.grad = grad.view_as(param)
         self._constant = _Constants(params[0]).get
