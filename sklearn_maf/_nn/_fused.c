@@ -14,6 +14,8 @@
  *   activation_backward  through ReLU or tanh, in place, and the layer's bias gradient;
  *   gaussian_loss        the N(0, I) base: the mean negative log-likelihood
  *                        (less its constant) and d loss / d u;
+ *   batch_norm_forward   batch norm with the (weighted) batch's moments, and its
+ *   batch_norm_backward  gradients;
  *   adam_step            the optimizer's step on flat buffers of all the parameters:
  *                        gradient masks, clipping, L2 penalty, Adam, weight averaging.
  *
@@ -64,7 +66,7 @@ fast_expf(float x)
     return p * two_n.f;
 }
 
-#define DEFINE_PASSES(T, EXP, SQRT, SUFFIX, ATTR)                                                          \
+#define DEFINE_PASSES(T, EXP, LOG, SQRT, SUFFIX, ATTR)                                                          \
     /* u = (x - shift) exp(m), m = 2 bound sigmoid(-2 raw / bound) - bound; log_det (+)= sum m.   \
        In flat loops over contiguous buffers, which the compiler vectorises (rows of d numbers    \
        are too short to); u, sig and scale must not overlap the inputs. */                        \
@@ -166,6 +168,79 @@ fast_expf(float x)
         *loss = (T)total;                                                                      \
     }                                                                                          \
                                                                                                \
+    /* Batch norm in training mode, rows weighted by share: the moments (two passes), the     \
+       running averages, y = beta + (x - mean) scale with scale = exp(log_gamma) / sqrt(var +  \
+       eps); writes centred and, per feature, var + eps, scale; adds sum log scale to log_det. */ \
+    ATTR static void batch_norm_forward_##SUFFIX(Py_ssize_t n, Py_ssize_t d, const T *x,      \
+                                                 const T *share, Py_ssize_t share_stride,      \
+                                                 const T *log_gamma, const T *beta,            \
+                                                 T *running_mean, T *running_var,              \
+                                                 double momentum, double eps, T *y,            \
+                                                 T *centred, T *var_eps, T *scale, T *log_det, \
+                                                 T *mean)                                      \
+    {                                                                                          \
+        for (Py_ssize_t j = 0; j < d; ++j)                                                     \
+            mean[j] = 0;                                                                       \
+        for (Py_ssize_t r = 0; r < n; ++r) {                                                   \
+            const T p = share[r * share_stride];                                               \
+            for (Py_ssize_t j = 0; j < d; ++j)                                                 \
+                mean[j] += p * x[r * d + j];                                                   \
+        }                                                                                      \
+        for (Py_ssize_t j = 0; j < d; ++j)                                                     \
+            var_eps[j] = 0;                                                                    \
+        for (Py_ssize_t r = 0; r < n; ++r) {                                                   \
+            const T p = share[r * share_stride];                                               \
+            for (Py_ssize_t j = 0; j < d; ++j) {                                               \
+                T c = x[r * d + j] - mean[j];                                                  \
+                centred[r * d + j] = c;                                                        \
+                var_eps[j] += p * c * c;                                                       \
+            }                                                                                  \
+        }                                                                                      \
+        T total = 0;                                                                           \
+        for (Py_ssize_t j = 0; j < d; ++j) {                                                   \
+            running_mean[j] += (T)momentum * (mean[j] - running_mean[j]);                      \
+            running_var[j] += (T)momentum * (var_eps[j] - running_var[j]);                     \
+            var_eps[j] += (T)eps;                                                              \
+            T log_scale = log_gamma[j] - (T)0.5 * LOG(var_eps[j]);                             \
+            scale[j] = EXP(log_scale);                                                         \
+            total += log_scale;                                                                \
+        }                                                                                      \
+        for (Py_ssize_t r = 0; r < n; ++r) {                                                   \
+            for (Py_ssize_t j = 0; j < d; ++j)                                                 \
+                y[r * d + j] = beta[j] + centred[r * d + j] * scale[j];                        \
+            log_det[r] += total;                                                               \
+        }                                                                                      \
+    }                                                                                          \
+                                                                                               \
+    /* Its gradients: d / d log_gamma = scale sum grad_y centred - 1, d / d beta = sum grad_y; \
+       grad_x = scale (grad_y - p sum grad_y) - p centred (d / d log_gamma) / (var + eps). */    \
+    ATTR static void batch_norm_backward_##SUFFIX(Py_ssize_t n, Py_ssize_t d, const T *grad_y, \
+                                                  const T *centred, const T *var_eps,          \
+                                                  const T *scale, const T *share,              \
+                                                  Py_ssize_t share_stride, T *grad_log_gamma,  \
+                                                  T *grad_beta, T *grad_x, T *grad_var)        \
+    {                                                                                          \
+        for (Py_ssize_t j = 0; j < d; ++j)                                                     \
+            grad_log_gamma[j] = grad_beta[j] = 0;                                              \
+        for (Py_ssize_t r = 0; r < n; ++r)                                                     \
+            for (Py_ssize_t j = 0; j < d; ++j) {                                               \
+                grad_log_gamma[j] += grad_y[r * d + j] * centred[r * d + j];                   \
+                grad_beta[j] += grad_y[r * d + j];                                             \
+            }                                                                                  \
+        for (Py_ssize_t j = 0; j < d; ++j) {                                                   \
+            grad_log_gamma[j] = grad_log_gamma[j] * scale[j] - (T)1;                           \
+            grad_var[j] = grad_log_gamma[j] / var_eps[j];                                      \
+        }                                                                                      \
+        if (grad_x == NULL)                                                                    \
+            return;                                                                            \
+        for (Py_ssize_t r = 0; r < n; ++r) {                                                   \
+            const T p = share[r * share_stride];                                               \
+            for (Py_ssize_t j = 0; j < d; ++j)                                                 \
+                grad_x[r * d + j] = (grad_y[r * d + j] - p * grad_beta[j]) * scale[j]          \
+                                    - p * centred[r * d + j] * grad_var[j];                    \
+        }                                                                                      \
+    }                                                                                          \
+                                                                                               \
     /* One optimizer step on flat buffers (see adam_step below); returns the gradient's norm. */ \
     ATTR static double adam_step_##SUFFIX(Py_ssize_t n, T *restrict param, const T *grad,          \
                                      const T *mask, const T *decay, T *restrict exp_avg,      \
@@ -217,8 +292,8 @@ fast_expf(float x)
         return norm;                                                                           \
     }
 
-DEFINE_PASSES(float, fast_expf, sqrtf, f32, )
-DEFINE_PASSES(double, exp, sqrt, f64, )
+DEFINE_PASSES(float, fast_expf, logf, sqrtf, f32, )
+DEFINE_PASSES(double, exp, log, sqrt, f64, )
 
 /*
  * The same passes compiled for AVX2 and FMA, chosen at import where the CPU
@@ -229,8 +304,8 @@ DEFINE_PASSES(double, exp, sqrt, f64, )
  */
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define HAVE_AVX2_PASSES 1
-DEFINE_PASSES(float, fast_expf, sqrtf, f32_avx2, __attribute__((target("avx2,fma"))))
-DEFINE_PASSES(double, exp, sqrt, f64_avx2, __attribute__((target("avx2,fma"))))
+DEFINE_PASSES(float, fast_expf, logf, sqrtf, f32_avx2, __attribute__((target("avx2,fma"))))
+DEFINE_PASSES(double, exp, log, sqrt, f64_avx2, __attribute__((target("avx2,fma"))))
 #endif
 
 static int use_avx2 = 0;
@@ -388,6 +463,66 @@ py_gaussian_loss(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* batch_norm_forward(dtype, n, d, x, share, share_stride, log_gamma, beta, running_mean, running_var,
+ *                    momentum, eps, y, centred, var_eps, scale, log_det) */
+static PyObject *
+py_batch_norm_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int dbl;
+    Py_ssize_t nd[2], stride;
+    void *p[2], *q[4], *r[5];
+    double v[2];
+    if (check_nargs("batch_norm_forward", nargs, 17) || is_double(args[0], &dbl) || sizes(args, 1, 2, nd)
+        || addresses(args, 3, 2, p) || sizes(args, 5, 1, &stride) || addresses(args, 6, 4, q))
+        return NULL;
+    for (int i = 0; i < 2; ++i) {
+        v[i] = PyFloat_AsDouble(args[10 + i]);
+        if (v[i] == -1.0 && PyErr_Occurred())
+            return NULL;
+    }
+    if (addresses(args, 12, 5, r))
+        return NULL;
+    double *mean = malloc(sizeof(double) * (size_t)(nd[1] + 1));
+    if (mean == NULL)
+        return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    if (dbl)
+        PICK(batch_norm_forward, f64)(nd[0], nd[1], p[0], p[1], stride, q[0], q[1], q[2], q[3], v[0], v[1],
+                                      r[0], r[1], r[2], r[3], r[4], (void *)mean);
+    else
+        PICK(batch_norm_forward, f32)(nd[0], nd[1], p[0], p[1], stride, q[0], q[1], q[2], q[3], v[0], v[1],
+                                      r[0], r[1], r[2], r[3], r[4], (void *)mean);
+    Py_END_ALLOW_THREADS
+    free(mean);
+    Py_RETURN_NONE;
+}
+
+/* batch_norm_backward(dtype, n, d, grad_y, centred, var_eps, scale, share, share_stride, grad_log_gamma,
+ *                     grad_beta, grad_x) -- grad_x may be 0 (not needed) */
+static PyObject *
+py_batch_norm_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int dbl;
+    Py_ssize_t nd[2], stride;
+    void *p[5], *q[3];
+    if (check_nargs("batch_norm_backward", nargs, 12) || is_double(args[0], &dbl) || sizes(args, 1, 2, nd)
+        || addresses(args, 3, 5, p) || sizes(args, 8, 1, &stride) || addresses(args, 9, 3, q))
+        return NULL;
+    double *grad_var = malloc(sizeof(double) * (size_t)(nd[1] + 1));
+    if (grad_var == NULL)
+        return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    if (dbl)
+        PICK(batch_norm_backward, f64)(nd[0], nd[1], p[0], p[1], p[2], p[3], p[4], stride, q[0], q[1], q[2],
+                                       (void *)grad_var);
+    else
+        PICK(batch_norm_backward, f32)(nd[0], nd[1], p[0], p[1], p[2], p[3], p[4], stride, q[0], q[1], q[2],
+                                       (void *)grad_var);
+    Py_END_ALLOW_THREADS
+    free(grad_var);
+    Py_RETURN_NONE;
+}
+
 /* adam_step(dtype, n, param, grad, mask, decay, exp_avg, exp_avg_sq, average, clip_average, clip_first,
  *           clip_factor, clip_momentum, lr, beta1, beta2, eps, bias_correction1, bias_correction2,
  *           average_weight) -> the norm of the masked gradient, before clipping
@@ -465,6 +600,12 @@ static PyMethodDef methods[] = {
      "activation_backward(dtype, n, k, tanh, grad, h, bias_grad)"},
     {"gaussian_loss", (PyCFunction)(void (*)(void))py_gaussian_loss, METH_FASTCALL,
      "gaussian_loss(dtype, n, d, u, log_det, share, share_stride, grad_u, loss)"},
+    {"batch_norm_forward", (PyCFunction)(void (*)(void))py_batch_norm_forward, METH_FASTCALL,
+     "batch_norm_forward(dtype, n, d, x, share, share_stride, log_gamma, beta, running_mean, running_var, "
+     "momentum, eps, y, centred, var_eps, scale, log_det)"},
+    {"batch_norm_backward", (PyCFunction)(void (*)(void))py_batch_norm_backward, METH_FASTCALL,
+     "batch_norm_backward(dtype, n, d, grad_y, centred, var_eps, scale, share, share_stride, "
+     "grad_log_gamma, grad_beta, grad_x)"},
     {"adam_step", (PyCFunction)(void (*)(void))py_adam_step, METH_FASTCALL,
      "adam_step(dtype, n, param, grad, mask, decay, exp_avg, exp_avg_sq, average, clip_average, clip_first, "
      "clip_factor, clip_momentum, lr, beta1, beta2, eps, bias_correction1, bias_correction2, average_weight)"},

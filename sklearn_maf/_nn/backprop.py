@@ -165,7 +165,7 @@ class Plan:
         self.fused = _Fused(params[0]) if (fusable(params[0]) if fused is None else fused) else None
         self.layers = [
             _Affine(t, assume_masked, self._constant, self.fused) if isinstance(t, AffineMADE)
-            else _BatchNorm(t, self._constant)
+            else _BatchNorm(t, self._constant, self.fused)
             for t in learned
         ]  # fmt: skip
         # the base: N(0, I), whose minus log-density is |u|^2 / 2 plus a constant,
@@ -219,7 +219,7 @@ class Plan:
         fused_log_det = None if self.fused is None else x.new_zeros(x.shape[0])
         caches = []
         for layer in self.layers:
-            x, ld, cache = layer.forward(x, weight, context, fused_log_det)
+            x, ld, cache = layer.forward(x, weight, context, fused_log_det, share)
             caches.append(cache)
             if ld is not None:
                 log_det = ld if log_det is None else log_det + ld
@@ -256,8 +256,9 @@ class _Fused:
 
     A training step's element-wise work between the products (the affine
     layers' transform and its derivatives, the activations' derivatives, the
-    bias gradients, the Gaussian base's loss) is then one pass per layer and
-    direction instead of about twenty torch operations: measured with one
+    bias gradients, batch norm and its gradients, the Gaussian base's loss)
+    is then one pass per layer and direction instead of ten to twenty torch
+    operations: measured with one
     thread on 256 rows of 8 features, five MAF layers of 100 hidden units
     (interleaved, fresh batches), :meth:`Plan.loss_and_grad` 2.07-2.43 ms
     against 2.67-2.84 ms, about 0.4 ms (15%) less; the products alone take
@@ -313,6 +314,33 @@ class _Fused:
             self._address(bias_grad),
         )  # fmt: skip
         return grad
+
+    def batch_norm_forward(self, layer, x, share, log_det):
+        """``(y, cache)`` of :class:`_BatchNorm` (the running averages updated); adds the log-det to ``log_det``."""
+        n_rows, d = x.shape
+        rows = x.new_empty((2, n_rows, d))  # y, x - mean
+        features = x.new_empty((2, d))  # var + eps, exp(log_gamma) / sqrt(var + eps)
+        address, step = rows.data_ptr(), n_rows * d * rows.element_size()
+        _fused.batch_norm_forward(
+            self.code, n_rows, d, self._address(x), self._address(share), int(share.dim() > 0),
+            self._address(layer.log_gamma), self._address(layer.beta), self._address(layer.running_mean),
+            self._address(layer.running_var), layer.momentum, layer.eps, address, address + step,
+            features.data_ptr(), features.data_ptr() + d * features.element_size(), self._address(log_det),
+        )  # fmt: skip
+        return rows[0], (rows, features)
+
+    def batch_norm_backward(self, cache, grad_y, share, grad_log_gamma, grad_beta, need_input_grad):
+        """Write the gradients of ``log_gamma`` and ``beta``; return d loss / d x, or None."""
+        rows, features = cache
+        _, n_rows, d = rows.shape
+        grad_x = grad_y.new_empty((n_rows, d)) if need_input_grad else None
+        _fused.batch_norm_backward(
+            self.code, n_rows, d, self._address(grad_y), rows.data_ptr() + n_rows * d * rows.element_size(),
+            features.data_ptr(), features.data_ptr() + d * features.element_size(), self._address(share),
+            int(share.dim() > 0), self._address(grad_log_gamma), self._address(grad_beta),
+            0 if grad_x is None else grad_x.data_ptr(),
+        )  # fmt: skip
+        return grad_x
 
     def gaussian_loss(self, u, log_det, share):
         """``(loss, d loss / d u)`` for the N(0, I) base, less its constant."""
@@ -429,7 +457,7 @@ class _Affine:
         self.minus_bound = constant(-self.bound)
         self.zero = constant(0.0)
 
-    def forward(self, x, weight=None, context=None, log_det=None):
+    def forward(self, x, weight=None, context=None, log_det=None, share=None):
         """``(u, log-det per row, cache)``; fused, the log-det is added to ``log_det`` (and None returned)."""
         out, made_cache = self.made.forward(x, context)
         if self.fused is not None:
@@ -578,13 +606,20 @@ class _MoG:
 class _BatchNorm:
     """Forward and backward pass of one :class:`BatchNorm` layer in training mode."""
 
-    def __init__(self, layer, constant):
+    def __init__(self, layer, constant, fused=None):
         self.layer = layer
+        self.fused = fused
         self.grad_log_gamma, self.grad_beta = layer.log_gamma.grad, layer.beta.grad  # as in _MADE
         self.one = constant(1.0)
 
-    def forward(self, x, weight=None, context=None, log_det=None):
-        """Batch norm with (weighted) batch statistics; updates the running ones."""
+    def forward(self, x, weight=None, context=None, log_det=None, share=None):
+        """Batch norm with (weighted) batch statistics; updates the running ones.
+
+        Fused, the log-det is added to ``log_det`` (and None returned).
+        """
+        if self.fused is not None:
+            y, cache = self.fused.batch_norm_forward(self.layer, x, share, log_det)
+            return y, None, cache
         y, log_scale, centred, var_eps, scale = self.layer.normalize(x, weight)
         return y, log_scale.sum().expand(x.shape[0]), (centred, var_eps, scale)
 
@@ -596,6 +631,10 @@ class _BatchNorm:
         ``var = sum p_i (x_i - mean)^2``, so ``d loss / d x_i =
         s (grad_y_i - p_i sum_k grad_y_k) + 2 p_i (x_i - mean) d loss / d var``.
         """
+        if self.fused is not None:
+            return self.fused.batch_norm_backward(
+                cache, grad_y, share, self.grad_log_gamma, self.grad_beta, need_input_grad
+            )
         centred, var_eps, scale = cache
         # y = beta + (x - mean) s, log s = log_gamma - log(var + eps) / 2, log-det = sum(log s)
         grad_log_scale = self.grad_log_gamma
