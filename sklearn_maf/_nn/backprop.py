@@ -43,7 +43,8 @@ layer beside the features, unmasked; it gets no gradient (it is data).
 On the CPU in float32 and float64, the element-wise work between the
 products runs in C where the package was built with its optional module
 ``_fused`` (``setup.py``; see :class:`_Fused`): one pass per layer and
-direction instead of about twenty torch operations, about 15% off a step.
+direction instead of ten to twenty torch operations, about 15% off a step
+(and the optimizer's step in C, :class:`_training._FlatAdam`, about 10% more).
 Without it (no C compiler at install, or another device or dtype) the same
 passes run as torch operations; ``tests/test_backprop.py`` checks both
 against autograd.
