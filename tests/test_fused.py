@@ -200,3 +200,16 @@ def test_flat_adam_takes_autograd_gradients_too():
     # gradient's size (well above Adam's eps)
     moved = (optimizer.flat_param - before).abs()
     assert float(moved[(grads * optimizer.mask).abs() > 1e-6].min()) > 9e-3
+
+
+def test_a_plan_writes_the_gradients_where_flat_adam_reads_them():
+    """With the optimizer's flat buffer, the plan keeps its gradient views: nothing to copy per step."""
+    from sklearn_maf._training import _FlatAdam
+
+    X, flow = _flow(torch.float64)
+    optimizer = _FlatAdam(flow, 1e-2, 0.0)
+    views = [param.grad for param in flow.parameters()]
+    plan = Plan(flow, assume_masked=True, flat_grad=optimizer.flat_grad)
+    plan.loss_and_grad(X)
+    assert all(param.grad is view for param, view in zip(flow.parameters(), views))
+    assert float(optimizer.flat_grad.abs().sum()) > 0

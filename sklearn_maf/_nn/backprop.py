@@ -155,7 +155,9 @@ class Plan:
             raise ValueError(f"flat_grad must be a contiguous tensor of shape ({n_values},)")
         self.flat_grad = flat_grad
         for param, grad in zip(params, self.flat_grad.split([param.numel() for param in params])):
-            param.grad = grad.view_as(param)
+            # a .grad that is already this view (a _FlatAdam's) stays the same tensor
+            if param.grad is None or param.grad.data_ptr() != grad.data_ptr() or param.grad.shape != param.shape:
+                param.grad = grad.view_as(param)
         self._constant = _Constants(params[0]).get
         # the element-wise passes in C where the module is built (see _Fused)
         if fused and not fusable(params[0]):
