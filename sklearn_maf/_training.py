@@ -121,7 +121,7 @@ class _FlatAdam:
     (:class:`_GradientClip`'s rule), the L2 term added (``alpha`` on the
     ``.weight`` matrices, as :func:`_parameter_groups`), torch's Adam step,
     and the averaged weights (:class:`_ParameterAverage`) moved. The same
-    arithmetic as those, up to round-off (``tests/test_fast_paths.py``).
+    arithmetic as those, up to round-off (``tests/test_fused.py``).
 
     The parameters must stay where they were put: :meth:`step` checks it and
     raises if something replaced them (``module.to(...)`` with another dtype
@@ -195,7 +195,7 @@ class _FlatAdam:
                 clip.average = self.flat_grad.new_zeros(())
             clip_address = clip.average.data_ptr()
         average_address, average_weight = 0, 0.0
-        if averaged is not None:
+        if averaged is not None and averaged.flat is not None:  # one made with this optimizer's buffer
             average_address, average_weight = averaged.flat.data_ptr(), averaged.next_weight()
         backprop._fused.adam_step(
             self._code, self.flat_param.numel(), self.flat_param.data_ptr(), self.flat_grad.data_ptr(),
@@ -204,6 +204,8 @@ class _FlatAdam:
             CLIP_FACTOR if clip is None else clip.factor, CLIP_MOMENTUM if clip is None else clip.momentum,
             self.lr, beta1, beta2, self.eps, 1 - beta1**self.steps, 1 - beta2**self.steps, average_weight,
         )  # fmt: skip
+        if averaged is not None and averaged.flat is None:
+            averaged.update()
 
 
 class _FusedAdam:

@@ -213,3 +213,20 @@ def test_a_plan_writes_the_gradients_where_flat_adam_reads_them():
     plan.loss_and_grad(X)
     assert all(param.grad is view for param, view in zip(flow.parameters(), views))
     assert float(optimizer.flat_grad.abs().sum()) > 0
+
+
+def test_flat_adam_moves_an_average_made_without_its_buffer_too():
+    """An average of copies of the parameters (not of the optimizer's buffer) is moved after the step."""
+    from sklearn_maf._training import _FlatAdam, _ParameterAverage
+
+    _, flow = _flow(torch.float64)
+    optimizer = _FlatAdam(flow, 1e-2, 0.0)
+    averaged = _ParameterAverage(flow)
+    before = [average.clone() for average in averaged.average]
+    grad = torch.randn(optimizer.flat_grad.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    optimizer.flat_grad.copy_(grad)
+    optimizer.step(averaged=averaged)
+    assert averaged.steps == 1
+    weight = 1 - 2 / 11  # the first step's weight (the warm-up of _ParameterAverage)
+    for average, start, param in zip(averaged.average, before, flow.parameters()):
+        torch.testing.assert_close(average, torch.lerp(start, param.detach(), weight))
