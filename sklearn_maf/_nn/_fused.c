@@ -67,13 +67,12 @@ fast_expf(float x)
 }
 
 #define DEFINE_PASSES(T, EXP, LOG, SQRT, SUFFIX, ATTR)                                                          \
-    /* u = (x - shift) exp(m), m = 2 bound sigmoid(-2 raw / bound) - bound; log_det (+)= sum m.   \
+    /* u = (x - shift) exp(m), m = 2 bound sigmoid(-2 raw / bound) - bound; log_det += sum m.    \
        In flat loops over contiguous buffers, which the compiler vectorises (rows of d numbers    \
        are too short to); u, sig and scale must not overlap the inputs. */                        \
     ATTR static void affine_forward_##SUFFIX(Py_ssize_t n, Py_ssize_t d, double bound,             \
                                         const T *out, const T *x, T *restrict u,               \
-                                        T *restrict sig, T *restrict scale, T *log_det,         \
-                                        int accumulate)                                        \
+                                        T *restrict sig, T *restrict scale, T *log_det)        \
     {                                                                                          \
         const T gain = (T)(2.0 / bound), two_bound = (T)(2.0 * bound), b = (T)bound;           \
         const Py_ssize_t size = n * d;                                                         \
@@ -92,7 +91,7 @@ fast_expf(float x)
                 total += sig[r * d + i];                                                       \
             }                                                                                  \
             total = two_bound * total - (T)d * b; /* sum of m */                               \
-            log_det[r] = accumulate ? log_det[r] + total : total;                              \
+            log_det[r] += total;                                                               \
         }                                                                                      \
     }                                                                                          \
                                                                                                \
@@ -370,28 +369,25 @@ is_double(PyObject *arg, int *out)
     return 0;
 }
 
-/* affine_forward(dtype, n, d, bound, out, x, u, sig, scale, log_det, accumulate) */
+/* affine_forward(dtype, n, d, bound, out, x, u, sig, scale, log_det) */
 static PyObject *
 py_affine_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     int dbl;
     Py_ssize_t nd[2];
     void *p[6];
-    if (check_nargs("affine_forward", nargs, 11) || is_double(args[0], &dbl) || sizes(args, 1, 2, nd))
+    if (check_nargs("affine_forward", nargs, 10) || is_double(args[0], &dbl) || sizes(args, 1, 2, nd))
         return NULL;
     double bound = PyFloat_AsDouble(args[3]);
     if (bound == -1.0 && PyErr_Occurred())
         return NULL;
     if (addresses(args, 4, 6, p))
         return NULL;
-    int accumulate = PyObject_IsTrue(args[10]);
-    if (accumulate < 0)
-        return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (dbl)
-        PICK(affine_forward, f64)(nd[0], nd[1], bound, p[0], p[1], p[2], p[3], p[4], p[5], accumulate);
+        PICK(affine_forward, f64)(nd[0], nd[1], bound, p[0], p[1], p[2], p[3], p[4], p[5]);
     else
-        PICK(affine_forward, f32)(nd[0], nd[1], bound, p[0], p[1], p[2], p[3], p[4], p[5], accumulate);
+        PICK(affine_forward, f32)(nd[0], nd[1], bound, p[0], p[1], p[2], p[3], p[4], p[5]);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -593,7 +589,7 @@ static PyMethodDef methods[] = {
     {"set_avx2", py_set_avx2, METH_O,
      "set_avx2(flag) -> previous: use the AVX2 passes (where the CPU has them) or the baseline's (for tests)"},
     {"affine_forward", (PyCFunction)(void (*)(void))py_affine_forward, METH_FASTCALL,
-     "affine_forward(dtype, n, d, bound, out, x, u, sig, scale, log_det, accumulate)"},
+     "affine_forward(dtype, n, d, bound, out, x, u, sig, scale, log_det)"},
     {"affine_backward", (PyCFunction)(void (*)(void))py_affine_backward, METH_FASTCALL,
      "affine_backward(dtype, n, d, grad_u, scale, u, sig, share, share_stride, grad_out, grad_x, bias_grad)"},
     {"activation_backward", (PyCFunction)(void (*)(void))py_activation_backward, METH_FASTCALL,

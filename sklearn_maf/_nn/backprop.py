@@ -160,12 +160,13 @@ class Plan:
                 param.grad = grad.view_as(param)
         self._constant = _Constants(params[0]).get
         # the element-wise passes in C where the module is built (see _Fused)
-        if fused and not fusable(params[0]):
+        can_fuse = fusable(params[0])
+        if fused and not can_fuse:
             raise ValueError(
                 f"the C passes cannot run here: module _fused {'missing' if _fused is None else 'built'}, "
                 f"parameters {params[0].dtype} on {params[0].device}"
             )
-        self.fused = _Fused(params[0]) if (fusable(params[0]) if fused is None else fused) else None
+        self.fused = _Fused(params[0]) if (can_fuse if fused is None else fused) else None
         self.layers = [
             _Affine(t, assume_masked, self._constant, self.fused) if isinstance(t, AffineMADE)
             else _BatchNorm(t, self._constant, self.fused)
@@ -285,14 +286,19 @@ class _Fused:
             )
         return tensor.data_ptr()
 
+    @staticmethod
+    def _slabs(tensor):
+        """The addresses of ``tensor[0]``, ``tensor[1]``, ...: buffers made here, stacked in one."""
+        step = tensor.numel() // tensor.shape[0] * tensor.element_size()
+        return [tensor.data_ptr() + index * step for index in range(tensor.shape[0])]
+
     def affine_forward(self, out, x, bound, log_det):
         """``(u, cache)`` of :meth:`_Affine.forward`; adds the log-det per row to ``log_det``."""
         n_rows, d = x.shape
         factors = x.new_empty((3, n_rows, d))  # u, sigmoid(-2 raw / bound), exp(-alpha)
-        address, step = factors.data_ptr(), n_rows * d * factors.element_size()
         _fused.affine_forward(
-            self.code, n_rows, d, bound, self._address(out), self._address(x),
-            address, address + step, address + 2 * step, self._address(log_det), True,
+            self.code, n_rows, d, bound, self._address(out), self._address(x), *self._slabs(factors),
+            self._address(log_det),
         )  # fmt: skip
         return factors[0], factors
 
@@ -301,10 +307,9 @@ class _Fused:
         _, n_rows, d = factors.shape
         grad_out = grad_u.new_empty((n_rows, 2 * d))
         grad_x = grad_u.new_empty((n_rows, d))
-        address, step = factors.data_ptr(), n_rows * d * factors.element_size()
+        u, sigmoid, scale = self._slabs(factors)
         _fused.affine_backward(
-            self.code, n_rows, d, self._address(grad_u), address + 2 * step, address, address + step,
-            self._address(share), int(share.dim() > 0), grad_out.data_ptr(), grad_x.data_ptr(),
+            self.code, n_rows, d, self._address(grad_u), scale, u, sigmoid, self._address(share), int(share.dim() > 0), grad_out.data_ptr(), grad_x.data_ptr(),
             self._address(bias_grad),
         )  # fmt: skip
         return grad_out, grad_x
@@ -323,12 +328,11 @@ class _Fused:
         n_rows, d = x.shape
         rows = x.new_empty((2, n_rows, d))  # y, x - mean
         features = x.new_empty((2, d))  # var + eps, exp(log_gamma) / sqrt(var + eps)
-        address, step = rows.data_ptr(), n_rows * d * rows.element_size()
         _fused.batch_norm_forward(
             self.code, n_rows, d, self._address(x), self._address(share), int(share.dim() > 0),
             self._address(layer.log_gamma), self._address(layer.beta), self._address(layer.running_mean),
-            self._address(layer.running_var), layer.momentum, layer.eps, address, address + step,
-            features.data_ptr(), features.data_ptr() + d * features.element_size(), self._address(log_det),
+            self._address(layer.running_var), layer.momentum, layer.eps, *self._slabs(rows),
+            *self._slabs(features), self._address(log_det),
         )  # fmt: skip
         return rows[0], (rows, features)
 
@@ -337,9 +341,9 @@ class _Fused:
         rows, features = cache
         _, n_rows, d = rows.shape
         grad_x = grad_y.new_empty((n_rows, d)) if need_input_grad else None
+        _, centred = self._slabs(rows)
         _fused.batch_norm_backward(
-            self.code, n_rows, d, self._address(grad_y), rows.data_ptr() + n_rows * d * rows.element_size(),
-            features.data_ptr(), features.data_ptr() + d * features.element_size(), self._address(share),
+            self.code, n_rows, d, self._address(grad_y), centred, *self._slabs(features), self._address(share),
             int(share.dim() > 0), self._address(grad_log_gamma), self._address(grad_beta),
             0 if grad_x is None else grad_x.data_ptr(),
         )  # fmt: skip
