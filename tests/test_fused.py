@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sklearn_maf._nn import MAF, backprop
+from sklearn_maf._nn.backprop import Plan
 
 pytestmark = pytest.mark.skipif(
     backprop._fused is None, reason="sklearn_maf._nn._fused was not built (no C compiler at install)"
@@ -42,8 +43,6 @@ def _loss_and_grads(flow, X, weight, fused):
     loss = Plan(flow, fused=fused).loss_and_grad(X, weight)
     return float(loss), [param.grad.clone() for param in flow.parameters()]
 
-
-Plan = backprop.Plan
 
 
 @pytest.mark.parametrize("batch_norm", [True, False])
