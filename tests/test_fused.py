@@ -1,8 +1,9 @@
-"""The C passes of sklearn_maf._nn._fused: float32 accuracy and argument checks.
+"""The C passes of sklearn_maf._nn._fused: float32 accuracy, scoring and argument checks.
 
 tests/test_backprop.py runs every gradient test (float64) with and without
 them; here the float32 passes, whose exp is the module's own, are compared
-with torch's operations.
+with torch's operations, and so is the float64 scoring pass (its exp is the
+module's own too).
 """
 
 import math
@@ -10,7 +11,7 @@ import math
 import pytest
 import torch
 
-from sklearn_maf._nn import MAF, backprop
+from sklearn_maf._nn import MAF, backprop, flow as flow_module
 from sklearn_maf._nn.backprop import Plan
 
 pytestmark = pytest.mark.skipif(
@@ -106,8 +107,93 @@ def test_tensors_of_another_layout_are_refused():
         fused.activation_backward(grad, hidden.double(), False, bias_grad)
 
 
+def _score_inputs(n_rows, n_features, raw):
+    """Feature-major ``x``, and ``shift`` and ``raw`` as views of one product, as scoring lays them out."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n_features, n_rows, generator=generator, dtype=torch.float64).t()
+    out = torch.cat([torch.randn(n_features, n_rows, generator=generator, dtype=torch.float64), raw.t()])
+    shift, raw = (block.t() for block in out.chunk(2))
+    return x, shift, raw
+
+
+def _affine_score_torch(x, shift, raw, bound):
+    minus_log_scale = torch.sigmoid(raw * (-2.0 / bound)) * (2.0 * bound) - bound
+    return (x - shift) * torch.exp(minus_log_scale), minus_log_scale.sum(dim=1)
+
+
+def test_affine_score_matches_torch_operations_over_the_whole_range(instructions):
+    bound, n_rows, d = 5.0, 1001, 4
+    raw = torch.linspace(-1e4, 1e4, n_rows * d, dtype=torch.float64)
+    raw[: 8 * d] = torch.linspace(-50, 50, 8 * d, dtype=torch.float64)  # where the sigmoid is not saturated
+    x, shift, raw = _score_inputs(n_rows, d, raw.reshape(n_rows, d))
+    assert flow_module._scores_in_c(x, shift, raw)
+
+    u, log_det = flow_module._affine_score(x, shift, raw, bound)
+
+    u_torch, log_det_torch = _affine_score_torch(x, shift, raw, bound)
+    torch.testing.assert_close(u, u_torch, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(log_det, log_det_torch, rtol=0, atol=1e-13)
+
+
+def test_affine_score_exp_within_two_ulp_over_the_double_range(instructions):
+    """With a bound of 700 the log-scale spans (-700, 700): exp(log_det) is the pass's own exp."""
+    bound, n_rows = 700.0, 20_001
+    raw = torch.linspace(-3000.0, 3000.0, n_rows, dtype=torch.float64)[:, None]
+    x, shift, raw = _score_inputs(n_rows, 1, raw)
+    x, shift = torch.ones_like(x), torch.zeros_like(shift)
+
+    u, log_det = flow_module._affine_score(x, shift, raw, bound)
+
+    assert float(log_det.min()) < -699 and float(log_det.max()) > 699
+    reference = torch.exp(log_det)
+    ulp = torch.nextafter(reference, torch.tensor(math.inf, dtype=torch.float64)) - reference
+    assert float(((u[:, 0] - reference).abs() / ulp).max()) <= 2
+
+
+def test_affine_score_of_non_finite_raw_log_scales_stays_in_its_bounds_or_nan(instructions):
+    raw = torch.tensor([[-math.inf, math.inf, math.nan, 1e300]], dtype=torch.float64)
+    x, shift, raw = _score_inputs(1, 4, raw)
+    u, log_det = flow_module._affine_score(x, shift, raw, 5.0)
+    u_torch, _ = _affine_score_torch(x, shift, raw, 5.0)
+    assert torch.isnan(u[0, 2]) and torch.isnan(log_det[0])
+    torch.testing.assert_close(u[0, [0, 1, 3]], u_torch[0, [0, 1, 3]], rtol=1e-15, atol=0)
+
+
+def test_affine_score_of_a_row_does_not_depend_on_the_rows_scored_with_it(instructions):
+    """Bit for bit: a row in a vector of the pass, or in its remainder, or alone."""
+    bound, n_rows, d = 5.0, 37, 3
+    raw = torch.randn(n_rows, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 4
+    x, shift, raw = _score_inputs(n_rows, d, raw)
+    u, log_det = flow_module._affine_score(x, shift, raw, bound)
+    for start, stop in [(0, 1), (5, 6), (36, 37), (1, 4), (3, 20), (2, 37)]:
+        part = [tensor[start:stop].t().contiguous().t() for tensor in (x, shift, raw)]
+        u_part, log_det_part = flow_module._affine_score(*part, bound)
+        assert torch.equal(u_part, u[start:stop]) and torch.equal(log_det_part, log_det[start:stop])
+
+
+@pytest.mark.parametrize("params", [{}, {"batch_norm": True, "activation": "tanh"}])
+def test_scoring_with_the_c_pass_matches_torch_operations(params, monkeypatch):
+    X, flow = _flow(torch.float64, **params)
+    flow.eval()
+    with torch.inference_mode():
+        fused = flow.log_prob(X)
+        monkeypatch.setattr(flow_module, "_fused", None)
+        reference = flow.log_prob(X)
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-12)
+
+
+def test_the_scoring_pass_runs_on_feature_major_float64_only():
+    x, shift, raw = _score_inputs(5, 3, torch.zeros(5, 3, dtype=torch.float64))
+    assert flow_module._scores_in_c(x, shift, raw)
+    assert not flow_module._scores_in_c(x.contiguous(), shift, raw)  # rows, not features, contiguous
+    assert not flow_module._scores_in_c(x.float(), shift, raw)
+    assert not flow_module._scores_in_c(x, shift.contiguous(), raw)
+
+
 def test_the_c_functions_check_their_arguments():
     module = backprop._fused
+    with pytest.raises(TypeError, match="takes 9 arguments"):
+        module.affine_score(1, 2)
     with pytest.raises(TypeError, match="takes 7 arguments"):
         module.activation_backward(0, 1, 1)
     with pytest.raises(ValueError, match="dtype code"):

@@ -66,6 +66,80 @@ fast_expf(float x)
     return p * two_n.f;
 }
 
+/*
+ * exp for float64 that the compiler can vectorise, for scoring: exp(x) = 2^n
+ * exp(r), n = round(x / log 2), r = x - n log 2 in two parts (Cody and
+ * Waite), |r| <= log(2) / 2, exp(r) by its Taylor polynomial of degree 13
+ * (truncation below 1e-17 relative). 2^n is built from n's bits with integer
+ * operations, which AVX2 has for 64-bit lanes (it has no conversion from
+ * double to int64). Within 2 ulp of exp over [-708, 709]; below, about
+ * 2e-308, above about 8e307 (1 / (1 + exp(z)) rounds both like exp's 0 and
+ * inf); NaN stays NaN.
+ */
+static inline double
+fast_exp(double x)
+{
+    x = x < -708.0 ? -708.0 : x;
+    x = x > 709.0 ? 709.0 : x;
+    const double shift = 6755399441055744.0; /* 1.5 * 2^52: adding it rounds to an integer */
+    union { double d; uint64_t u; } k, two_n;
+    k.d = x * 1.4426950408889634074 + shift;
+    double n = k.d - shift;
+    double r = x - n * 6.93147180369123816490e-01; /* log 2, high part: n * it is exact */
+    r = r - n * 1.90821492927058770002e-10;        /* low part */
+    /* exp(r) = 1 + r + r^2 q(r), q(r) = sum_m r^m / (m + 2)!, m <= 11, by Estrin's scheme:
+       four multiply-adds deep instead of Horner's eleven, so that the numbers of a vector
+       are not waiting on one long chain of dependent operations */
+    double r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
+    double e0 = 1.0 / 2.0 + r * (1.0 / 6.0), e1 = 1.0 / 24.0 + r * (1.0 / 120.0);
+    double e2 = 1.0 / 720.0 + r * (1.0 / 5040.0), e3 = 1.0 / 40320.0 + r * (1.0 / 362880.0);
+    double e4 = 1.0 / 3628800.0 + r * (1.0 / 39916800.0);
+    double e5 = 1.0 / 479001600.0 + r * (1.0 / 6227020800.0);
+    double f0 = e0 + r2 * e1, f1 = e2 + r2 * e3, f2 = e4 + r2 * e5;
+    double q = (f0 + r4 * f1) + r8 * f2;
+    double p = (r + r2 * q) + 1.0;
+    /* k's low bits hold n; adding the exponent bias and shifting leaves (n + 1023) << 52 */
+    two_n.u = (k.u + 1023) << 52;
+    return p * two_n.d;
+}
+
+/*
+ * Scoring, float64 without gradients: one MAF layer on feature-major rows,
+ * as MADE._forward_inference lays them out (flow._affine_score). shift and
+ * raw (the MADE's raw log-scale) are (d, n), x has d rows of n numbers
+ * x_stride apart; writes u (d, n) and log_det (n):
+ * m = 2 bound sigmoid(-2 raw / bound) - bound, u = (x - shift) exp(m), log_det = sum m.
+ * Each number is computed alone, in the same operations whether it falls in a
+ * vector or in the loop's remainder, so that a row's score does not depend on
+ * the other rows scored with it (tests/test_fused.py).
+ */
+#define DEFINE_SCORE_PASS(SUFFIX, ATTR)                                                          \
+    ATTR static void affine_score_##SUFFIX(Py_ssize_t n, Py_ssize_t d, double bound,             \
+                                           const double *shift_, const double *raw_,              \
+                                           const double *x,                                       \
+                                           Py_ssize_t x_stride, double *restrict u,               \
+                                           double *restrict log_det)                              \
+    {                                                                                            \
+        const double gain = 2.0 / bound, two_bound = 2.0 * bound;                                 \
+        for (Py_ssize_t j = 0; j < n; ++j)                                                       \
+            log_det[j] = 0.0;                                                                    \
+        for (Py_ssize_t i = 0; i < d; ++i) {                                                     \
+            const double *shift = shift_ + i * n, *raw = raw_ + i * n;                           \
+            const double *xi = x + i * x_stride;                                                 \
+            double *restrict ui = u + i * n;                                                     \
+            /* two loops of one exp each: more numbers in flight than one loop of two */        \
+            for (Py_ssize_t j = 0; j < n; ++j) {                                                 \
+                double m = two_bound / (1.0 + fast_exp(gain * raw[j])) - bound;                  \
+                ui[j] = m;                                                                       \
+                log_det[j] += m;                                                                 \
+            }                                                                                    \
+            for (Py_ssize_t j = 0; j < n; ++j)                                                   \
+                ui[j] = (xi[j] - shift[j]) * fast_exp(ui[j]);                                    \
+        }                                                                                        \
+    }
+
+DEFINE_SCORE_PASS(f64, )
+
 #define DEFINE_PASSES(T, EXP, LOG, SQRT, SUFFIX, ATTR)                                                          \
     /* u = (x - shift) exp(m), m = 2 bound sigmoid(-2 raw / bound) - bound; log_det += sum m.    \
        In flat loops over contiguous buffers, which the compiler vectorises (rows of d numbers    \
@@ -305,6 +379,7 @@ DEFINE_PASSES(double, exp, log, sqrt, f64, )
 #define HAVE_AVX2_PASSES 1
 DEFINE_PASSES(float, fast_expf, logf, sqrtf, f32_avx2, __attribute__((target("avx2,fma"))))
 DEFINE_PASSES(double, exp, log, sqrt, f64_avx2, __attribute__((target("avx2,fma"))))
+DEFINE_SCORE_PASS(f64_avx2, __attribute__((target("avx2,fma"))))
 #endif
 
 static int use_avx2 = 0;
@@ -563,6 +638,24 @@ py_adam_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyFloat_FromDouble(norm);
 }
 
+/* affine_score(n, d, bound, shift, raw, x, x_stride, u, log_det): float64 only */
+static PyObject *
+py_affine_score(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t nd[2], stride;
+    void *p[3], *q[2];
+    if (check_nargs("affine_score", nargs, 9) || sizes(args, 0, 2, nd))
+        return NULL;
+    double bound = PyFloat_AsDouble(args[2]);
+    if ((bound == -1.0 && PyErr_Occurred()) || addresses(args, 3, 3, p) || sizes(args, 6, 1, &stride)
+        || addresses(args, 7, 2, q))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    PICK(affine_score, f64)(nd[0], nd[1], bound, p[0], p[1], p[2], stride, q[0], q[1]);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* set_avx2(flag) -> the previous setting: run the AVX2 passes (where the CPU has them) or the baseline's */
 static PyObject *
 py_set_avx2(PyObject *self, PyObject *arg)
@@ -602,6 +695,8 @@ static PyMethodDef methods[] = {
     {"batch_norm_backward", (PyCFunction)(void (*)(void))py_batch_norm_backward, METH_FASTCALL,
      "batch_norm_backward(dtype, n, d, grad_y, centred, var_eps, scale, share, share_stride, "
      "grad_log_gamma, grad_beta, grad_x)"},
+    {"affine_score", (PyCFunction)(void (*)(void))py_affine_score, METH_FASTCALL,
+     "affine_score(n, d, bound, shift, raw, x, x_stride, u, log_det): a MAF layer in scoring, float64, feature-major"},
     {"adam_step", (PyCFunction)(void (*)(void))py_adam_step, METH_FASTCALL,
      "adam_step(dtype, n, param, grad, mask, decay, exp_avg, exp_avg_sq, average, clip_average, clip_first, "
      "clip_factor, clip_momentum, lr, beta1, beta2, eps, bias_correction1, bias_correction2, average_weight)"},

