@@ -1,5 +1,5 @@
 /*
- * Fused element-wise passes of a MAF training step (see backprop.py).
+ * Fused element-wise passes of a MAF training step (see backprop.py), and of scoring.
  *
  * A training step at the usual sizes (a few hundred rows, hidden layers of
  * about a hundred units) spends as much time dispatching torch's element-wise
@@ -17,11 +17,15 @@
  *   batch_norm_forward   batch norm with the (weighted) batch's moments, and its
  *   batch_norm_backward  gradients;
  *   adam_step            the optimizer's step on flat buffers of all the parameters:
- *                        gradient masks, clipping, L2 penalty, Adam, weight averaging.
+ *                        gradient masks, clipping, L2 penalty, Adam, weight averaging;
+ *
+ * and one of scoring (float64, no gradients; flow._affine_score):
+ *
+ *   affine_score         a MAF layer's affine transform and log-det on feature-major rows.
  *
  * Arguments are addresses of contiguous row-major buffers (torch's
  * data_ptr()) and sizes, checked by the Python caller, which owns the memory.
- * Each function has a float and a double version; a "share" is each row's
+ * Each training pass has a float and a double version; a "share" is each row's
  * weight in the mean: one value for every row (stride 0) or one per row
  * (stride 1). Sums over rows accumulate column by column in the tensors'
  * dtype (as torch's sums do), the loss in double.
@@ -705,7 +709,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fused",
-    "Fused element-wise passes of a MAF training step, on raw buffers (see backprop.py).", -1, methods,
+    "Fused element-wise passes of a MAF training step and of scoring, on raw buffers (see backprop.py).", -1,
+    methods,
 };
 
 PyMODINIT_FUNC
