@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from sklearn_maf._nn import MAF, backprop, flow as flow_module
+from sklearn_maf._nn import MAF, backprop, flow as flow_module, made as made_module
 from sklearn_maf._nn.backprop import Plan
 
 pytestmark = pytest.mark.skipif(
@@ -177,7 +177,7 @@ def test_scoring_with_the_c_pass_matches_torch_operations(params, monkeypatch):
     flow.eval()
     with torch.inference_mode():
         fused = flow.log_prob(X)
-        monkeypatch.setattr(flow_module, "_fused", None)
+        monkeypatch.setattr(made_module, "_fused", None)  # both scoring passes
         reference = flow.log_prob(X)
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-12)
 
@@ -190,10 +190,63 @@ def test_the_scoring_pass_runs_on_feature_major_float64_only():
     assert not flow_module._scores_in_c(x, shift.contiguous(), raw)
 
 
+def _linear_relu_score(weight, x):
+    out = torch.empty(weight.shape[0], x.shape[1], dtype=torch.float64)
+    backprop._fused.linear_relu_score(
+        x.shape[1], weight.shape[0], weight.shape[1], weight.data_ptr(), x.data_ptr(), x.stride(0),
+        out.data_ptr(), out.stride(0),
+    )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("n_units, n_inputs, n_rows", [(100, 9, 2621), (103, 5, 37), (3, 17, 7), (8, 1, 8)])
+def test_first_layer_in_c_matches_the_product_and_relu(n_units, n_inputs, n_rows, instructions):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(n_units, n_inputs, generator=generator, dtype=torch.float64)
+    x = torch.randn(n_inputs, n_rows, generator=generator, dtype=torch.float64)
+    out = _linear_relu_score(weight, x)
+    torch.testing.assert_close(out, torch.relu(weight @ x), rtol=1e-14, atol=1e-14)
+    assert (out == 0).any() and (out > 0).any()
+
+
+def test_first_layer_in_c_of_a_row_does_not_depend_on_the_rows_computed_with_it(instructions):
+    """Bit for bit, in the blocks of 4 units by 8 rows and in the remainders."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(103, 9, generator=generator, dtype=torch.float64)
+    x = torch.randn(9, 45, generator=generator, dtype=torch.float64)
+    out = _linear_relu_score(weight, x)
+    for start, stop in [(0, 1), (7, 8), (44, 45), (3, 20), (1, 45)]:
+        assert torch.equal(_linear_relu_score(weight, x[:, start:stop].contiguous()), out[:, start:stop])
+
+
+def test_first_layer_in_c_keeps_nan(instructions):
+    weight = torch.ones(4, 2, dtype=torch.float64)
+    x = torch.tensor([[1.0] * 8, [-2.0] * 7 + [math.nan]], dtype=torch.float64)
+    out = _linear_relu_score(weight, x)
+    assert torch.isnan(out[:, 7]).all() and (out[:, :7] == 0).all()
+
+
+def test_first_layer_runs_in_c_for_few_inputs_relu_and_float64_only():
+    made = made_module.MADE(
+        made_module.input_degrees(torch.arange(4)), 16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    below = torch.ones(5, 10, dtype=torch.float64)
+    blocks = [(torch.ones(16, 5, dtype=torch.float64), 0, 16)]
+    assert made._first_layer_in_c(below, blocks) == backprop._fused.avx2()
+    assert not made._first_layer_in_c(below.float(), blocks)
+    assert not made._first_layer_in_c(below, blocks * 2)
+    wide = torch.ones(made_module._C_FIRST_LAYER_MAX_INPUTS + 1, 10, dtype=torch.float64)
+    assert not made._first_layer_in_c(wide, [(torch.ones(16, wide.shape[0], dtype=torch.float64), 0, 16)])
+    made.activation = "tanh"
+    assert not made._first_layer_in_c(below, blocks)
+
+
 def test_the_c_functions_check_their_arguments():
     module = backprop._fused
     with pytest.raises(TypeError, match="takes 9 arguments"):
         module.affine_score(1, 2)
+    with pytest.raises(TypeError, match="takes 8 arguments"):
+        module.linear_relu_score(1, 2)
     with pytest.raises(TypeError, match="takes 7 arguments"):
         module.activation_backward(0, 1, 1)
     with pytest.raises(ValueError, match="dtype code"):

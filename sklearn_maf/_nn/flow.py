@@ -15,12 +15,8 @@ from torch import nn
 
 from .base import MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
+from . import made as _made
 from .made import MADE, input_degrees, reused_buffers
-
-try:  # the optional C module (setup.py); without it scoring runs torch operations
-    from . import _fused
-except ImportError:
-    _fused = None
 
 __all__ = ["MAF", "AffineMADE", "BatchNorm", "Standardize", "power_tails", "soft_clamp"]
 
@@ -394,7 +390,7 @@ class MAF(nn.Module):
 
 def _scores_in_c(x, shift, raw_log_scale):
     """Whether :func:`_affine_score` can run: float64 on a CPU, feature-major, the C module built."""
-    if _fused is None or x.dtype != torch.float64 or x.device.type != "cpu":
+    if _made._fused is None or x.dtype != torch.float64 or x.device.type != "cpu":
         return False
     n_rows = x.shape[0]
     # the blocks as MADE._forward_inference returns them: transposed views of
@@ -418,7 +414,7 @@ def _affine_score(x, shift, raw_log_scale, bound):
     n_rows, n_features = x.shape
     u = torch.empty((n_features, n_rows), dtype=torch.float64)
     log_det = torch.empty(n_rows, dtype=torch.float64)
-    _fused.affine_score(
+    _made._fused.affine_score(
         n_rows,
         n_features,
         float(bound),

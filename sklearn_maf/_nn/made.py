@@ -15,11 +15,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+try:  # the optional C module (setup.py); without it scoring runs torch operations only
+    from . import _fused
+except ImportError:
+    _fused = None
+
 __all__ = ["MADE", "MaskedLinear", "hidden_degrees", "input_degrees", "reused_buffers"]
 
 _ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
 # For MADE.solve, which runs without autograd: in place on a fresh product.
 _ACTIVATIONS_INPLACE = {"relu": torch.relu_, "tanh": torch.tanh_}
+# Scoring computes a first ReLU layer of at most this many inputs (features,
+# context and the bias's row of ones) in C: measured in float64 on 2,621 rows
+# and 100 units, 130 against 250 us (product and ReLU) with 9 inputs, 280
+# against 390 with 17, and no faster from 33 on.
+_C_FIRST_LAYER_MAX_INPUTS = 24
 
 
 # Per thread, inside `reused_buffers`: the buffers and prepared weights of inference passes.
@@ -268,12 +278,32 @@ class MADE(nn.Module):
         below[1:] = h.t()
         for index, (n_units, blocks) in enumerate(hidden):
             out = _ones_first(index % 2, (n_units + 1, n_rows), h)
-            for weight, start, stop in blocks:
-                torch.mm(weight, below[: weight.shape[1]], out=out[1 + start : 1 + stop])
-            activation(out[1:])
+            if index == 0 and self._first_layer_in_c(below, blocks):
+                (weight, _, _), = blocks
+                _fused.linear_relu_score(
+                    n_rows, n_units, weight.shape[1], weight.data_ptr(), below.data_ptr(), n_rows,
+                    out[1:].data_ptr(), n_rows,
+                )  # fmt: skip
+            else:
+                for weight, start, stop in blocks:
+                    torch.mm(weight, below[: weight.shape[1]], out=out[1 + start : 1 + stop])
+                activation(out[1:])
             below = out
         out = torch.mm(output, below)
         return tuple(block.t() for block in out.chunk(self.n_params))
+
+    def _first_layer_in_c(self, below, blocks):
+        """Whether ``_fused.linear_relu_score`` computes the first layer (see its comment in C)."""
+        if _fused is None or self.activation != "relu" or len(blocks) != 1 or not _fused.avx2():
+            return False
+        weight = blocks[0][0]
+        return (
+            below.dtype == weight.dtype == torch.float64
+            and below.device.type == weight.device.type == "cpu"
+            and weight.shape[1] == below.shape[0] <= _C_FIRST_LAYER_MAX_INPUTS
+            and weight.is_contiguous()
+            and below.is_contiguous()
+        )
 
     def _inference_weights(self):
         """The weights of :meth:`_forward_inference`, as :meth:`_inference_plan` lays them out.
