@@ -77,7 +77,7 @@ def fit_mvt(Z, df=10.0, max_iter=500, tol=1e-8):
         centred = Z - mu
         scatter = (weight[:, None] * centred).T @ centred / n
         result = optimize.minimize_scalar(
-            lambda log_df: -mvt_log_density(Z, mu, scatter, np.exp(log_df))[0].mean(),
+            lambda log_df, mu=mu, scatter=scatter: -mvt_log_density(Z, mu, scatter, np.exp(log_df))[0].mean(),
             bounds=np.log(DF_RANGE), method="bounded",
         )  # fmt: skip
         df = float(np.exp(result.x))

@@ -11,7 +11,9 @@ import math
 import pytest
 import torch
 
-from sklearn_maf._nn import MAF, backprop, flow as flow_module, made as made_module
+from sklearn_maf._nn import MAF, backprop
+from sklearn_maf._nn import flow as flow_module
+from sklearn_maf._nn import made as made_module
 from sklearn_maf._nn.backprop import Plan
 
 pytestmark = pytest.mark.skipif(

@@ -13,9 +13,9 @@ import math
 import torch
 from torch import nn
 
+from . import made as _made
 from .base import MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
-from . import made as _made
 from .made import MADE, input_degrees, reused_buffers
 
 __all__ = ["MAF", "AffineMADE", "BatchNorm", "Standardize", "power_tails", "soft_clamp"]
