@@ -116,8 +116,8 @@ fast_exp(double x)
  * x_stride apart; writes u (d, n) and log_det (n):
  * m = 2 bound sigmoid(-2 raw / bound) - bound, u = (x - shift) exp(m), log_det = sum m.
  * Each number is computed alone, in the same operations whether it falls in a
- * vector or in the loop's remainder, so that a row's score does not depend on
- * the other rows scored with it (tests/test_fused.py).
+ * vector or in the loop's remainder, so that this pass's result for a row does
+ * not depend on the other rows scored with it (tests/test_fused.py).
  */
 #define DEFINE_SCORE_PASS(SUFFIX, ATTR)                                                          \
     ATTR static void affine_score_##SUFFIX(Py_ssize_t n, Py_ssize_t d, double bound,             \
