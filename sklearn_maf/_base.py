@@ -12,6 +12,7 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
+from scipy import optimize, special
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -56,7 +57,7 @@ class _BaseMAF(BaseEstimator):
         "activation": [StrOptions({"relu", "tanh"})],
         "batch_norm": ["boolean"],
         "order": [StrOptions({"reverse", "random"})],
-        "base": [StrOptions({"gaussian", "mog", "student-t"})],
+        "base": [StrOptions({"gaussian", "mog", "student-t", "elliptical-t"})],
         "n_components": [Interval(Integral, 1, None, closed="left")],
         "tail_cut": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither"), None],
         "bounds": ["array-like", None],
@@ -446,7 +447,7 @@ class _BaseMAF(BaseEstimator):
         if bounds is not None:
             Y = Bounded(*map(torch.as_tensor, bounds))(torch.as_tensor(X))[0].numpy()
         loc, scale = _weighted_loc_scale(Y, sample_weight)
-        return MAF(
+        module = MAF(
             torch.as_tensor(loc),
             torch.as_tensor(scale),
             n_layers=self.n_layers,
@@ -463,6 +464,9 @@ class _BaseMAF(BaseEstimator):
             generator=generator,
             dtype=torch.float64,
         )
+        if self.base == "elliptical-t":
+            module.base.set_df(_multivariate_t_df((Y - loc) / scale, sample_weight))
+        return module
 
     def _bounds(self, n_features):
         """``bounds`` as two float64 arrays (low, high), or None when unbounded."""
@@ -566,6 +570,62 @@ def _weighted_loc_scale(X, weight):
             "sklearn.feature_selection.VarianceThreshold)."
         )
     return loc, scale
+
+
+# The degrees of freedom that _multivariate_t_df searches, and its cost: ECME
+# on at most this many rows (evenly spaced), a few dozen iterations.
+_MVT_DF_RANGE = (0.5, 1e4)
+_MVT_MAX_ROWS = 20_000
+_MVT_MAX_ITER = 100
+
+
+def _multivariate_t_df(Z, weight, tol=1e-8):
+    """Degrees of freedom of a multivariate t fitted to the rows ``Z`` (weighted), at least 1.05.
+
+    ECME (Liu & Rubin, 1995): EM steps for the location and scatter, the
+    degrees of freedom maximising the observed likelihood in between. Where
+    the rows are lighter-tailed than any t, it ends at the top of
+    ``_MVT_DF_RANGE``, nearly a normal; the floor of 1.05 keeps the base's
+    mean (``df > 1``). On more than ``_MVT_MAX_ROWS`` rows, evenly spaced ones.
+    ``Z`` is standardised (unit variance per feature).
+    """
+    Z, weight = Z[weight > 0], weight[weight > 0]
+    step = -(-Z.shape[0] // _MVT_MAX_ROWS)
+    Z, weight = Z[::step], weight[::step] / weight[::step].sum()
+    n_features = Z.shape[1]
+    # Z is standardised: a ridge of 1e-8 keeps the scatter positive definite
+    # where the rows do not span every direction (fewer rows than features)
+    ridge = 1e-8 * np.eye(n_features)
+    mu = weight @ Z
+    scatter = (weight[:, None] * (Z - mu)).T @ (Z - mu) + ridge
+    df, previous = 10.0, -np.inf
+
+    def log_density(df, radius2):
+        # the rows' log-densities less the scatter's log-det term, which does not depend on df
+        return (
+            special.gammaln((df + n_features) / 2) - special.gammaln(df / 2)
+            - n_features / 2 * np.log(df) - (df + n_features) / 2 * np.log1p(radius2 / df)
+        )  # fmt: skip
+
+    for _ in range(_MVT_MAX_ITER):
+        chol = np.linalg.cholesky(scatter)
+        radius2 = np.square(np.linalg.solve(chol, (Z - mu).T)).sum(axis=0)
+        expected = (df + n_features) / (df + radius2)  # E[w | z] of the scale mixture
+        mu = (weight * expected) @ Z / (weight @ expected)
+        centred = Z - mu
+        scatter = (weight * expected * centred.T) @ centred + ridge
+        chol = np.linalg.cholesky(scatter)
+        radius2 = np.square(np.linalg.solve(chol, centred.T)).sum(axis=0)
+        result = optimize.minimize_scalar(
+            lambda log_df, radius2=radius2: -(weight @ log_density(np.exp(log_df), radius2)),
+            bounds=np.log(_MVT_DF_RANGE), method="bounded",
+        )  # fmt: skip
+        df = float(np.exp(result.x))
+        current = weight @ log_density(df, radius2) - np.log(np.diag(chol)).sum()
+        if current - previous < tol:
+            break
+        previous = current
+    return max(df, 1.05)
 
 
 def _weighted_moments(X, weight):

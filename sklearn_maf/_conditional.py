@@ -43,14 +43,19 @@ class MAFConditionalDensity(_BaseMAF):
         in the fitted model.
     order : {"reverse", "random"}, default="reverse"
         Variable order of the target columns in successive layers.
-    base : {"gaussian", "mog", "student-t"}, default="gaussian"
+    base : {"gaussian", "mog", "student-t", "elliptical-t"}, default="gaussian"
         Base density under the MAF layers: a standard normal; the paper's
         "MAF MoG" base, a MADE whose every conditional is a mixture of
-        ``n_components`` Gaussians, which suits strongly multi-modal data; or
+        ``n_components`` Gaussians, which suits strongly multi-modal data;
         independent Student t's with one learned degrees of freedom per
         feature (starting at 30, nearly normal; always above 1), which suits
         heavy-tailed data, where a Gaussian base can give rows beyond the
-        training range log-densities far too low.
+        training range log-densities far too low; or
+        ``"elliptical-t"``, the multivariate Student t with one learned
+        degrees of freedom, started at that of a multivariate t fitted to
+        the training rows (by ECME), which suits elliptical heavy tails
+        (``benchmarks/RESULTS.md``: a candidate for the default, measured
+        beside GMM on multivariate t data).
     n_components : int, default=10
         Mixture components per conditional of the MoG base; ignored by the
         other bases.

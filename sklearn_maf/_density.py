@@ -5,7 +5,7 @@ from sklearn.base import DensityMixin, _fit_context
 from sklearn.utils._tags import TransformerTags
 
 from ._base import _BaseMAF
-from ._nn import StudentT
+from ._nn import EllipticalT, StudentT
 
 
 class MAFDensity(DensityMixin, _BaseMAF):
@@ -41,14 +41,19 @@ class MAFDensity(DensityMixin, _BaseMAF):
         Variable order of the layers: alternating natural and reversed, as in
         the paper, or a random permutation per layer drawn from
         ``random_state``.
-    base : {"gaussian", "mog", "student-t"}, default="gaussian"
+    base : {"gaussian", "mog", "student-t", "elliptical-t"}, default="gaussian"
         Base density under the MAF layers: a standard normal; the paper's
         "MAF MoG" base, a MADE whose every conditional is a mixture of
-        ``n_components`` Gaussians, which suits strongly multi-modal data; or
+        ``n_components`` Gaussians, which suits strongly multi-modal data;
         independent Student t's with one learned degrees of freedom per
         feature (starting at 30, nearly normal; always above 1), which suits
         heavy-tailed data, where a Gaussian base can give rows beyond the
-        training range log-densities far too low.
+        training range log-densities far too low; or
+        ``"elliptical-t"``, the multivariate Student t with one learned
+        degrees of freedom, started at that of a multivariate t fitted to
+        the training rows (by ECME), which suits elliptical heavy tails
+        (``benchmarks/RESULTS.md``: a candidate for the default, measured
+        beside GMM on multivariate t data).
     n_components : int, default=10
         Mixture components per conditional of the MoG base; ignored by the
         other bases.
@@ -292,7 +297,10 @@ class MAFDensity(DensityMixin, _BaseMAF):
         ``base="student-t"`` the output of the last layer, independent t's
         under the model, is also mapped feature by feature through the t
         distribution function and the normal quantile, so that the latents are
-        independent standard normals for this base too. With ``base="mog"`` it
+        independent standard normals for this base too; with
+        ``base="elliptical-t"``, a multivariate t under the model, its radius
+        is mapped through its distribution function and the chi quantile,
+        the direction kept, to the same effect. With ``base="mog"`` it
         is the MADE MoG base density, which is neither Gaussian nor independent
         across coordinates. Either way the map is the exact bijection that
         :meth:`inverse_transform` undoes. Discrete features enter at the middle
@@ -307,12 +315,12 @@ class MAFDensity(DensityMixin, _BaseMAF):
         -------
         U : ndarray of shape (n_samples, n_features), dtype float64
             Latent coordinates; for data drawn from a model with
-            ``base="gaussian"`` or ``base="student-t"`` they are independent
-            standard normals.
+            ``base="gaussian"``, ``"student-t"`` or ``"elliptical-t"`` they
+            are independent standard normals.
         """
         X = self._validate_fitted_input(X) + 0.5 * self.discrete_features_
         base = self.module_.base
-        if isinstance(base, StudentT):
+        if isinstance(base, (StudentT, EllipticalT)):
             return self._map_rows(lambda x: base.normal_scores(self.module_(x)[0]), self.n_features_in_, X)
         return self._map_rows(lambda x: self.module_(x)[0], self.n_features_in_, X)
 
@@ -364,7 +372,7 @@ class MAFDensity(DensityMixin, _BaseMAF):
         """
         U = self._validate_fitted_input(X)
         base = self.module_.base
-        if isinstance(base, StudentT):
+        if isinstance(base, (StudentT, EllipticalT)):
             U = self._map_rows(base.from_normal_scores, self.n_features_in_, U)
         X = self._map_rows(lambda u: self.module_.inverse(u)[0], self.n_features_in_, U)
         return self._floor_discrete(X)

@@ -103,12 +103,17 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
     order : {"reverse", "random"}, default="reverse"
         Variable order of the layers: alternating natural and reversed, or a
         random permutation per layer drawn from ``random_state``.
-    base : {"gaussian", "mog", "student-t"}, default="gaussian"
+    base : {"gaussian", "mog", "student-t", "elliptical-t"}, default="gaussian"
         Base density under the MAF layers: a standard normal; the paper's
         "MAF MoG" base, a MADE whose every conditional is a mixture of
-        ``n_components`` Gaussians; or independent Student t's with one learned
+        ``n_components`` Gaussians; independent Student t's with one learned
         degrees of freedom per feature (starting at 30, nearly normal), for
-        heavy tails.
+        heavy tails; or
+        ``"elliptical-t"``, the multivariate Student t with one learned
+        degrees of freedom, started at that of a multivariate t fitted to
+        the training rows (by ECME), which suits elliptical heavy tails
+        (``benchmarks/RESULTS.md``: a candidate for the default, measured
+        beside GMM on multivariate t data).
     n_components : int, default=10
         Mixture components per conditional of the MoG base; ignored by the
         other bases.

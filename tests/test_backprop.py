@@ -106,10 +106,23 @@ def test_student_t_base_gradients_equal_autograd(n_features, batch_norm, weighte
     assert float(manual.base.raw_df.grad.abs().min()) > 0
 
 
+@pytest.mark.parametrize("df", [1.5, 3.0, 200.0])
+@pytest.mark.parametrize(
+    "n_features, batch_norm, weighted", list(itertools.product([1, 3], [True, False], [False, True]))
+)
+def test_elliptical_t_base_gradients_equal_autograd(n_features, batch_norm, weighted, df):
+    """The multivariate t base's degrees of freedom get autograd's gradient too."""
+    X, (reference, manual) = _pair(n_features, batch_norm=batch_norm, base="elliptical-t")
+    for flow in (reference, manual):
+        flow.base.set_df(df)
+    _compare(reference, manual, X, weighted=weighted)
+    assert float(manual.base.raw_df.grad.abs().min()) > 0
+
+
 @pytest.mark.parametrize(
     "n_features, n_hidden_layers, base, weighted",
     [(1, 0, "gaussian", False), (3, 1, "gaussian", False), (3, 2, "gaussian", True),
-     (1, 2, "student-t", False), (3, 0, "student-t", True)],
+     (1, 2, "student-t", False), (3, 0, "student-t", True), (3, 1, "elliptical-t", True)],
 )  # fmt: skip
 def test_context_gradients_equal_autograd(n_features, n_hidden_layers, base, weighted):
     """A conditional flow: the context enters each MADE's first layer and gets no gradient."""
@@ -167,6 +180,9 @@ def test_only_supported_models_take_the_fast_path():
     student_t = MAF(X.mean(0), X.std(0), n_layers=1, hidden_units=5, n_hidden_layers=1, base="student-t",
                     generator=torch.Generator().manual_seed(0), dtype=DTYPE)  # fmt: skip
     assert supports(student_t)
+    elliptical_t = MAF(X.mean(0), X.std(0), n_layers=1, hidden_units=5, n_hidden_layers=1, base="elliptical-t",
+                       generator=torch.Generator().manual_seed(0), dtype=DTYPE)  # fmt: skip
+    assert supports(elliptical_t)
     assert not supports(torch.nn.Identity())
 
 

@@ -1,4 +1,4 @@
-"""Base densities: the standard normal, the paper's MADE MoG and the Student t."""
+"""Base densities: the standard normal, the paper's MADE MoG, the Student t and the elliptical t."""
 
 import pickle
 import warnings
@@ -11,7 +11,8 @@ from scipy.special import logsumexp
 from sklearn.exceptions import ConvergenceWarning
 
 from sklearn_maf import MAFDensity
-from sklearn_maf._nn import MADEMoG, StandardNormal, StudentT, input_degrees
+from sklearn_maf._base import _multivariate_t_df
+from sklearn_maf._nn import EllipticalT, MADEMoG, StandardNormal, StudentT, input_degrees
 from sklearn_maf._nn.base import _DF_RATE, _OFFSET_GAIN
 from sklearn_maf._training import _parameter_groups
 
@@ -282,3 +283,99 @@ def test_learned_df_follows_the_tails(precision, rng):
         normal = MAFDensity(**params).fit(rng.normal(size=(3000, 1)))
     assert 1.5 < heavy.module_.base.df.item() < 3.0
     assert normal.module_.base.df.item() > 15
+
+
+# ------------------------------------------------------------ the elliptical t
+
+
+def _elliptical_t(n_features, df, dtype=torch.float64):
+    return EllipticalT(n_features, df_init=df, dtype=dtype)
+
+
+@pytest.mark.parametrize("n_features", [1, 2, 5])
+def test_elliptical_t_log_prob_is_the_multivariate_t_density(n_features):
+    u = torch.randn(50, n_features, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 5
+    for df in (1.2, 3.0, 1e4):
+        expected = stats.multivariate_t(np.zeros(n_features), np.eye(n_features), df=df).logpdf(u.numpy())
+        log_prob = _elliptical_t(n_features, df).log_prob(u).detach().numpy()
+        np.testing.assert_allclose(log_prob, np.atleast_1d(expected), rtol=1e-11)
+
+
+def test_elliptical_t_sets_df_above_one_only():
+    base = _elliptical_t(3, 30.0)
+    np.testing.assert_allclose(base.df.detach().numpy(), [30.0])
+    base.set_df(1.5)
+    np.testing.assert_allclose(base.df.detach().numpy(), [1.5])
+    with pytest.raises(ValueError, match="above 1"):
+        base.set_df(1.0)
+
+
+def test_elliptical_t_samples_have_its_radius_and_directions():
+    """|u|^2 / D is F(D, df); the direction is uniform (the coordinates' signs balance)."""
+    base = _elliptical_t(3, 2.5)
+    u = base.sample(20_000, generator=torch.Generator().manual_seed(0), like=torch.zeros(1, dtype=torch.float64))
+    assert u.shape == (20_000, 3)
+    radius2 = u.square().sum(dim=1).numpy()
+    assert stats.kstest(radius2 / 3, stats.f(3, 2.5).cdf).pvalue > 0.01
+    assert np.all(np.abs((u.numpy() > 0).mean(axis=0) - 0.5) < 0.02)
+    # the test has power: the radius of a t with df = 4 is rejected
+    assert stats.kstest(radius2 / 3, stats.f(3, 4.0).cdf).pvalue < 1e-6
+
+
+def test_elliptical_t_normal_scores_are_normal_invert_and_stay_finite_far_out():
+    base = _elliptical_t(3, 2.0)
+    u = base.sample(5000, generator=torch.Generator().manual_seed(1), like=torch.zeros(1, dtype=torch.float64))
+    z = base.normal_scores(u)
+    assert stats.kstest(z.square().sum(dim=1).numpy(), stats.chi2(3).cdf).pvalue > 0.01
+    torch.testing.assert_close(base.from_normal_scores(z), u, rtol=1e-9, atol=1e-12)
+    extreme = torch.tensor([[1e8, 0.0, 0.0], [0.0, -40.0, 0.0], [1e-9, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    z = base.normal_scores(extreme)
+    assert torch.isfinite(z).all() and z[0, 0] > 8 and z[1, 1] < -3 and z[3].abs().sum() == 0
+    torch.testing.assert_close(base.from_normal_scores(z), extreme, rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("df", [2.5, 8.0])
+def test_multivariate_t_df_recovers_the_degrees_of_freedom(df):
+    rng = np.random.default_rng(0)
+    shape = np.array([[2.0, 0.8, 0.0], [0.8, 1.0, 0.3], [0.0, 0.3, 0.5]])
+    Z = stats.multivariate_t(np.ones(3), shape, df=df).rvs(20_000, random_state=rng)
+    assert _multivariate_t_df(Z, np.ones(len(Z))) == pytest.approx(df, rel=0.1)
+    assert _multivariate_t_df(rng.normal(size=(5000, 3)), np.ones(5000)) > 100  # lighter than any t
+
+
+def test_multivariate_t_df_of_fewer_rows_than_features_is_finite():
+    rng = np.random.default_rng(3)
+    df = _multivariate_t_df(rng.normal(size=(3, 5)), np.ones(3))
+    assert np.isfinite(df) and df >= 1.05
+
+
+def test_multivariate_t_df_weights_are_repetitions():
+    rng = np.random.default_rng(1)
+    Z = stats.multivariate_t(np.zeros(2), np.eye(2), df=3.0).rvs(1000, random_state=rng)
+    weight = rng.integers(0, 3, size=1000).astype(float)
+    repeated = np.repeat(Z, weight.astype(int), axis=0)
+    assert _multivariate_t_df(Z, weight) == pytest.approx(_multivariate_t_df(repeated, np.ones(len(repeated))), rel=1e-6)
+
+
+def test_elliptical_t_model_starts_at_the_fitted_df_and_models_a_multivariate_t():
+    """The fitted model of a 3-D t (df=3): df started where ECME puts it, a good density,
+    standard-normal latents that invert, samples like held-out rows."""
+    rng = np.random.default_rng(2)
+    true = stats.multivariate_t(np.zeros(3), np.array([[1.0, 0.6, 0.0], [0.6, 1.0, 0.3], [0.0, 0.3, 1.0]]), df=3.0)
+    X, X_test = true.rvs(3000, random_state=rng), true.rvs(2000, random_state=rng)
+    params = dict(n_layers=2, hidden_units=16, random_state=0)
+    model = MAFDensity(base="elliptical-t", max_iter=1, **params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        start = float(model.fit(X).module_.base.df.detach())  # after one epoch: near ECME's start
+        model.set_params(max_iter=200).fit(X)
+        gaussian = MAFDensity(max_iter=200, tail_cut=None, **params).fit(X)
+    assert 2.0 < start < 4.5
+    gap = true.logpdf(X_test).mean() - model.score_samples(X_test).mean()
+    gap_gaussian = true.logpdf(X_test).mean() - gaussian.score_samples(X_test).mean()
+    assert gap < 0.05 and gap < gap_gaussian
+    U = model.transform(X_test)
+    assert stats.kstest(U[:, 0], "norm").pvalue > 0.01
+    np.testing.assert_allclose(model.inverse_transform(U), X_test, rtol=1e-8, atol=1e-8)
+    samples = model.sample(2000, random_state=0)
+    assert stats.ks_2samp(np.square(samples).sum(1), np.square(X_test).sum(1)).pvalue > 0.01

@@ -1,6 +1,6 @@
 """Pure-torch building blocks of the flows; nothing here imports scikit-learn."""
 
-from .base import MADEMoG, StandardNormal, StudentT
+from .base import EllipticalT, MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
 from .flow import MAF, AffineMADE, BatchNorm, Standardize, soft_clamp
 from .made import MADE, MaskedLinear, hidden_degrees, input_degrees, reused_buffers
@@ -12,6 +12,7 @@ __all__ = [
     "AffineMADE",
     "BatchNorm",
     "Bounded",
+    "EllipticalT",
     "MaskedLinear",
     "Standardize",
     "StandardNormal",

@@ -55,7 +55,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from .base import _DF_RATE, _OFFSET_GAIN, MADEMoG, StandardNormal, StudentT
+from .base import _DF_RATE, _OFFSET_GAIN, EllipticalT, MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
 from .made import _ACTIVATIONS_INPLACE
 
@@ -75,7 +75,7 @@ def supports(module, weight=None, context=None):
 
     if not isinstance(module, MAF) or (context is None) != (module.n_context == 0):
         return False
-    if type(module.base) not in (StandardNormal, StudentT, MADEMoG):
+    if type(module.base) not in (StandardNormal, StudentT, EllipticalT, MADEMoG):
         return False
     fixed = [type(t) in (Standardize, Bounded) for t in module.transforms]
     learned = [type(t) in (AffineMADE, BatchNorm) for t in module.transforms]
@@ -178,10 +178,12 @@ class Plan:
         self.base = None
         if isinstance(module.base, StudentT):
             self.base = _StudentT(module.base, self._constant)
+        elif isinstance(module.base, EllipticalT):
+            self.base = _EllipticalT(module.base, self._constant)
         elif isinstance(module.base, MADEMoG):
             self.base = _MoG(module.base, assume_masked, self.fused)
         self._fixed_loss = None  # the t's normaliser depends on df: its layer adds it
-        if not isinstance(module.base, StudentT):
+        if not isinstance(module.base, (StudentT, EllipticalT)):
             self._fixed_loss = self._constant(0.5 * module.n_features * _LOG_2PI)
         self._weights, self._masks = masked_weights(module)
         self._weight_grads = [weight.grad for weight in self._weights]
@@ -549,6 +551,48 @@ class _StudentT:
         norm_derivative = 0.5 * (torch.digamma(0.5 * (df64 + 1)) - torch.digamma(0.5 * df64) - 1 / df64)
         per_row = torch.addcmul(log1p_q.mul_(self.half), h * q, inverse, value=-1.0).mul_(share)
         grad_df = per_row.sum(dim=0).sub_(norm_derivative.to(df.dtype))
+        torch.mul(grad_df, (df - 1).mul_(_DF_RATE), out=self.grad_raw_df)
+        return grad_u
+
+
+class _EllipticalT:
+    """Minus the log-density of the :class:`EllipticalT` base, and its gradients.
+
+    With ``s = |u|^2``, ``q = s / df`` and ``h = (df + D) / 2``: ``-log p(u) =
+    h log(1 + q) - N(df)``, ``N(df) = lgamma(h) - lgamma(df / 2) - D log(pi
+    df) / 2``. Its derivative in ``u`` is ``2 h u / (df (1 + q))``; in ``df``,
+    ``log(1 + q) / 2 - h q / (df (1 + q)) - N'(df)`` with ``N'(df) =
+    (digamma(h) - digamma(df / 2) - D / df) / 2``; and ``df = 1 +
+    exp(_DF_RATE raw_df)``. ``N`` and ``N'`` in float64, as in :class:`_StudentT`.
+    """
+
+    def __init__(self, base, constant):
+        self.base = base
+        self.grad_raw_df = base.raw_df.grad  # as in _MADE
+        self.half = constant(0.5)
+        self.log_pi = math.log(math.pi)
+
+    def forward(self, u, context=None):
+        """``(-log p(u) per row, cache)``."""
+        d, df = u.shape[1], self.base.df
+        df64 = df.double()
+        norm = torch.lgamma(0.5 * (df64 + d)) - torch.lgamma(0.5 * df64) - 0.5 * d * (torch.log(df64) + self.log_pi)
+        h = torch.add(self.half * d, df, alpha=0.5)
+        q = u.mul(u).sum(dim=1).div_(df)
+        log1p_q = torch.log1p(q)
+        rows = (log1p_q * h).sub_(norm.to(u.dtype))
+        return rows, (u, df, df64, h, q, log1p_q)
+
+    def backward(self, cache, share):
+        """Write the gradient of ``raw_df``; return d loss / d u."""
+        u, df, df64, h, q, log1p_q = cache
+        d = u.shape[1]
+        share = share.reshape(-1) if share.dim() else share  # per row, or one for all
+        inverse = q.add(1).mul_(df).reciprocal_()  # 1 / (df (1 + q))
+        grad_u = u * (inverse * (2 * h) * share)[:, None]
+        norm_derivative = 0.5 * (torch.digamma(0.5 * (df64 + d)) - torch.digamma(0.5 * df64) - d / df64)
+        per_row = (log1p_q.mul_(self.half) - h * q * inverse).mul_(share)
+        grad_df = per_row.sum(dim=0, keepdim=True).sub_(norm_derivative.to(df.dtype))
         torch.mul(grad_df, (df - 1).mul_(_DF_RATE), out=self.grad_raw_df)
         return grad_u
 

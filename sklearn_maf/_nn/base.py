@@ -1,5 +1,6 @@
-"""Base densities under the flow: a standard normal, the paper's MADE MoG, or
-independent Student t's with learned degrees of freedom.
+"""Base densities under the flow: a standard normal, the paper's MADE MoG,
+independent Student t's with learned degrees of freedom, or a multivariate
+(elliptical) Student t.
 
 Each has ``log_prob(u, context)`` for points ``u`` in the space where the last
 MAF layer ends, and draws from uniform noise: ``from_uniform(noise, context)``
@@ -18,7 +19,7 @@ from torch.nn import functional as F
 
 from .made import MADE
 
-__all__ = ["MADEMoG", "StandardNormal", "StudentT"]
+__all__ = ["EllipticalT", "MADEMoG", "StandardNormal", "StudentT"]
 
 _LOG_2PI = math.log(2 * math.pi)
 # Initial component means of the MADE MoG are evenly spaced in (-spread, spread).
@@ -240,3 +241,92 @@ class StudentT(_UniformNoiseBase):
 
     def _df_numpy(self):
         return self.df.detach().cpu().numpy().astype(np.float64)
+
+
+class EllipticalT(_UniformNoiseBase):
+    """The standard multivariate Student t: identity scatter, one learned degrees of freedom.
+
+    ``p(u) = c(df) (1 + |u|^2 / df) ** (-(df + D) / 2)`` with ``df = 1 +
+    exp(10 * raw_df)`` (as :class:`StudentT`, so ``df > 1``). Unlike
+    :class:`StudentT`'s independent t's it is elliptical: its tails are those
+    of the radius, the way a multivariate t's are, so that data with such
+    tails need no flow layer to bend them. The estimators start ``df`` at
+    that of a multivariate t fitted to the training rows (see
+    ``set_df``); the starting point, not the learning, is what decides the
+    fit: started at 30, ``df`` stays far too large (``benchmarks/RESULTS.md``).
+
+    Parameters
+    ----------
+    n_features : int
+        Dimension.
+    df_init : float, default=30.0
+        Initial degrees of freedom.
+    dtype : torch.dtype, optional
+        Dtype of ``raw_df``.
+    """
+
+    def __init__(self, n_features, *, df_init=30.0, dtype=None):
+        super().__init__()
+        self.n_features = n_features
+        self.n_noise = n_features + 1  # the normal direction and scale, then the chi-square
+        self.raw_df = nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.set_df(df_init)
+
+    @property
+    def df(self):
+        """Degrees of freedom, shape (1,)."""
+        return 1 + torch.exp(_DF_RATE * self.raw_df)
+
+    @torch.no_grad()
+    def set_df(self, df):
+        """Set the degrees of freedom (above 1)."""
+        if not df > 1:
+            raise ValueError(f"df must be above 1, got {df}.")
+        self.raw_df.fill_(math.log(df - 1) / _DF_RATE)
+
+    def log_prob(self, u, context=None):
+        d, df = u.shape[-1], self.df
+        df64 = df.double()  # the normaliser in float64, as StudentT's
+        norm = torch.lgamma(0.5 * (df64 + d)) - torch.lgamma(0.5 * df64) - 0.5 * d * torch.log(math.pi * df64)
+        return norm.to(u.dtype) - 0.5 * (df + d) * torch.log1p(u.square().sum(dim=-1) / df)
+
+    def from_uniform(self, noise, context=None):
+        """``z sqrt(df / w)``: ``z`` the normal quantiles of the first ``n_features`` uniforms,
+        ``w`` the chi-square(df) quantile of the last (scipy's, in float64 on the CPU)."""
+        noise = _open_unit(noise)
+        z = torch.special.ndtri(noise[:, : self.n_features])
+        df = float(self._df_numpy())
+        p = noise[:, -1].detach().cpu().numpy().astype(np.float64)
+        w = 2 * special.gammainccinv(df / 2, p)
+        return z * torch.as_tensor(np.sqrt(df / w), dtype=z.dtype, device=z.device)[:, None]
+
+    def normal_scores(self, u):
+        """Map to standard normals by the radius: ``u |z| / |u|``, ``|z|`` the chi quantile of ``|u|``'s probability.
+
+        ``|u|^2 df / (df + |u|^2)`` is Beta(D / 2, df / 2); each tail is
+        computed from its own side, so that neither rounds to 1.
+        """
+        r2 = u.square().sum(dim=-1).detach().cpu().numpy().astype(np.float64)
+        d, df = self.n_features, float(self._df_numpy())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            upper = special.betainc(df / 2, d / 2, df / (df + r2))  # P(|U|^2 > r2)
+            lower = special.betainc(d / 2, df / 2, r2 / (df + r2))
+            s2 = np.where(upper < 0.5, 2 * special.gammainccinv(d / 2, upper), 2 * special.gammaincinv(d / 2, lower))
+            ratio = np.where(r2 > 0, np.sqrt(s2 / r2), 1.0)
+        return u * torch.as_tensor(ratio, dtype=u.dtype, device=u.device)[:, None]
+
+    def from_normal_scores(self, z):
+        """The inverse of :meth:`normal_scores`."""
+        s2 = z.square().sum(dim=-1).detach().cpu().numpy().astype(np.float64)
+        d, df = self.n_features, float(self._df_numpy())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            upper = special.gammaincc(d / 2, s2 / 2)
+            lower = special.gammainc(d / 2, s2 / 2)
+            y = special.betaincinv(df / 2, d / 2, upper)  # df / (df + r2), from the upper tail
+            x = special.betaincinv(d / 2, df / 2, lower)  # r2 / (df + r2)
+            r2 = np.where(upper < 0.5, df * (1 - y) / y, df * x / (1 - x))
+            ratio = np.where(s2 > 0, np.sqrt(r2 / s2), 1.0)
+        return z * torch.as_tensor(ratio, dtype=z.dtype, device=z.device)[:, None]
+
+    def _df_numpy(self):
+        return self.df.detach().cpu().numpy().astype(np.float64)[0]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import made as _made
-from .base import MADEMoG, StandardNormal, StudentT
+from .base import EllipticalT, MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
 from .made import MADE, input_degrees, reused_buffers
 
@@ -232,11 +232,13 @@ class MAF(nn.Module):
         reverse, as in the paper; "random": a random order per layer.
     n_context : int, default=0
         Context features fed, unmasked, into every MADE (a conditional flow).
-    base : {"gaussian", "mog", "student-t"}, default="gaussian"
+    base : {"gaussian", "mog", "student-t", "elliptical-t"}, default="gaussian"
         The base density: N(0, I), or a :class:`MADEMoG` whose conditionals are
         mixtures of ``n_components`` Gaussians (the paper's "MAF MoG"), with the
         next variable order of the alternation, or a :class:`StudentT`:
-        independent t's with learned degrees of freedom, for heavy tails.
+        independent t's with learned degrees of freedom, for heavy tails, or
+        an :class:`EllipticalT`: the multivariate t, one learned degrees of
+        freedom.
     n_components : int, default=10
         Components per conditional of the MADE MoG base.
     bounds : tuple (low, high) of tensors of shape (n_features,), optional
@@ -309,6 +311,8 @@ class MAF(nn.Module):
             )
         elif base == "student-t":
             self.base = StudentT(n_features, dtype=dtype)
+        elif base == "elliptical-t":
+            self.base = EllipticalT(n_features, dtype=dtype)
         else:
             self.base = StandardNormal(n_features)
         self.tail_cut = tail_cut if base == "gaussian" else None
