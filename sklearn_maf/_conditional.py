@@ -170,11 +170,11 @@ class MAFConditionalDensity(_BaseMAF):
     -----
     :meth:`predict` returns the conditional mean ``E[y | x]``, estimated by
     turning the same ``n_draws`` scrambled-Sobol quasi-random points into draws
-    of the base density (standard normal, MoG or Student t) and through the
+    of the base density (standard normal, MoG, Student t's or multivariate t) and through the
     inverse flow for every row, and averaging: the result is deterministic and
     does not depend on which other rows are predicted with it. With
-    ``base="student-t"`` the mean exists (every learned degrees of freedom is
-    above 1), but where one falls to 2 or below the draws have no finite
+    ``base="student-t"`` or ``"elliptical-t"`` the mean exists (every learned
+    degrees of freedom is above 1), but where one falls to 2 or below the draws have no finite
     variance and the average converges slowly in ``n_draws``.
 
     Examples
