@@ -555,7 +555,7 @@ class _StudentT:
         return grad_u
 
 
-class _EllipticalT:
+class _EllipticalT(_StudentT):
     """Minus the log-density of the :class:`EllipticalT` base, and its gradients.
 
     With ``s = |u|^2``, ``q = s / df`` and ``h = (df + D) / 2``: ``-log p(u) =
@@ -563,14 +563,9 @@ class _EllipticalT:
     df) / 2``. Its derivative in ``u`` is ``2 h u / (df (1 + q))``; in ``df``,
     ``log(1 + q) / 2 - h q / (df (1 + q)) - N'(df)`` with ``N'(df) =
     (digamma(h) - digamma(df / 2) - D / df) / 2``; and ``df = 1 +
-    exp(_DF_RATE raw_df)``. ``N`` and ``N'`` in float64, as in :class:`_StudentT`.
+    exp(_DF_RATE raw_df)``. ``N`` and ``N'`` in float64, as in :class:`_StudentT`,
+    whose constructor it shares.
     """
-
-    def __init__(self, base, constant):
-        self.base = base
-        self.grad_raw_df = base.raw_df.grad  # as in _MADE
-        self.half = constant(0.5)
-        self.log_pi = math.log(math.pi)
 
     def forward(self, u, context=None):
         """``(-log p(u) per row, cache)``."""
