@@ -607,9 +607,11 @@ def _multivariate_t_df(Z, weight, tol=1e-8):
             - n_features / 2 * np.log(df) - (df + n_features) / 2 * np.log1p(radius2 / df)
         )  # fmt: skip
 
+    # the squared radii under the current location and scatter: here, and at
+    # the end of each iteration for the next one
+    chol = np.linalg.cholesky(scatter)
+    radius2 = np.square(np.linalg.solve(chol, (Z - mu).T)).sum(axis=0)
     for _ in range(_MVT_MAX_ITER):
-        chol = np.linalg.cholesky(scatter)
-        radius2 = np.square(np.linalg.solve(chol, (Z - mu).T)).sum(axis=0)
         expected = (df + n_features) / (df + radius2)  # E[w | z] of the scale mixture
         mu = (weight * expected) @ Z / (weight @ expected)
         centred = Z - mu
