@@ -159,7 +159,31 @@ class MADEMoG(_UniformNoiseBase):
         return self.made.solve(step, noise.shape[0], context, like=normal)[0]
 
 
-class StudentT(_UniformNoiseBase):
+class _LearnedDF(_UniformNoiseBase):
+    """A base with learned degrees of freedom ``df = 1 + exp(_DF_RATE raw_df)``, each above 1.
+
+    They are a parameter named ``raw_df``, not ``weight``, so the L2 penalty
+    on the weight matrices leaves them alone.
+    """
+
+    def _init_df(self, size, df, dtype):
+        self.raw_df = nn.Parameter(torch.full((size,), _raw_df(df), dtype=dtype))
+
+    @property
+    def df(self):
+        """Degrees of freedom, the shape of ``raw_df``."""
+        return 1 + torch.exp(_DF_RATE * self.raw_df)
+
+    def _df_numpy(self):
+        return self.df.detach().cpu().numpy().astype(np.float64)
+
+
+def _raw_df(df):
+    """``raw_df`` for the degrees of freedom ``df`` (above 1)."""
+    return math.log(df - 1) / _DF_RATE
+
+
+class StudentT(_LearnedDF):
     """Independent 1-D Student t's, one learned degrees of freedom per feature.
 
     ``p(u) = prod_i t(u_i; df_i)`` with ``df_i = 1 + exp(10 * raw_df_i)``, so
@@ -170,9 +194,6 @@ class StudentT(_UniformNoiseBase):
     training range then cost hundreds or thousands of nats. A t base falls like
     ``-(df + 1) log|x|`` and lets the data choose how heavy the tails are; at
     large ``df`` it is the standard normal.
-
-    The degrees of freedom are a parameter named ``raw_df``, not ``weight``,
-    so the L2 penalty on the weight matrices leaves them alone.
 
     Parameters
     ----------
@@ -190,13 +211,7 @@ class StudentT(_UniformNoiseBase):
         super().__init__()
         self.n_features = n_features
         self.n_noise = n_features
-        raw = math.log(df_init - 1) / _DF_RATE
-        self.raw_df = nn.Parameter(torch.full((n_features,), raw, dtype=dtype))
-
-    @property
-    def df(self):
-        """Degrees of freedom per feature, shape (n_features,)."""
-        return 1 + torch.exp(_DF_RATE * self.raw_df)
+        self._init_df(n_features, df_init, dtype)  # one per feature
 
     def log_prob(self, u, context=None):
         df = self.df
@@ -239,11 +254,8 @@ class StudentT(_UniformNoiseBase):
         u = -np.sign(s) * special.stdtrit(self._df_numpy(), special.ndtr(-np.abs(s)))
         return torch.as_tensor(u, dtype=z.dtype, device=z.device)
 
-    def _df_numpy(self):
-        return self.df.detach().cpu().numpy().astype(np.float64)
 
-
-class EllipticalT(_UniformNoiseBase):
+class EllipticalT(_LearnedDF):
     """The standard multivariate Student t: identity scatter, one learned degrees of freedom.
 
     ``p(u) = c(df) (1 + |u|^2 / df) ** (-(df + D) / 2)`` with ``df = 1 +
@@ -269,20 +281,14 @@ class EllipticalT(_UniformNoiseBase):
         super().__init__()
         self.n_features = n_features
         self.n_noise = n_features + 1  # the normal direction and scale, then the chi-square
-        self.raw_df = nn.Parameter(torch.zeros(1, dtype=dtype))
-        self.set_df(df_init)
-
-    @property
-    def df(self):
-        """Degrees of freedom, shape (1,)."""
-        return 1 + torch.exp(_DF_RATE * self.raw_df)
+        self._init_df(1, df_init, dtype)  # one for all the features
 
     @torch.no_grad()
     def set_df(self, df):
         """Set the degrees of freedom (above 1)."""
         if not df > 1:
             raise ValueError(f"df must be above 1, got {df}.")
-        self.raw_df.fill_(math.log(df - 1) / _DF_RATE)
+        self.raw_df.fill_(_raw_df(df))
 
     def log_prob(self, u, context=None):
         d, df = u.shape[-1], self.df
@@ -295,7 +301,7 @@ class EllipticalT(_UniformNoiseBase):
         ``w`` the chi-square(df) quantile of the last (scipy's, in float64 on the CPU)."""
         noise = _open_unit(noise)
         z = torch.special.ndtri(noise[:, : self.n_features])
-        df = float(self._df_numpy())
+        df = float(self._df_numpy()[0])
         p = noise[:, -1].detach().cpu().numpy().astype(np.float64)
         w = 2 * special.gammainccinv(df / 2, p)
         return z * torch.as_tensor(np.sqrt(df / w), dtype=z.dtype, device=z.device)[:, None]
@@ -307,7 +313,7 @@ class EllipticalT(_UniformNoiseBase):
         computed from its own side, so that neither rounds to 1.
         """
         r2 = u.square().sum(dim=-1).detach().cpu().numpy().astype(np.float64)
-        d, df = self.n_features, float(self._df_numpy())
+        d, df = self.n_features, float(self._df_numpy()[0])
         with np.errstate(divide="ignore", invalid="ignore"):
             upper = special.betainc(df / 2, d / 2, df / (df + r2))  # P(|U|^2 > r2)
             lower = special.betainc(d / 2, df / 2, r2 / (df + r2))
@@ -318,7 +324,7 @@ class EllipticalT(_UniformNoiseBase):
     def from_normal_scores(self, z):
         """The inverse of :meth:`normal_scores`."""
         s2 = z.square().sum(dim=-1).detach().cpu().numpy().astype(np.float64)
-        d, df = self.n_features, float(self._df_numpy())
+        d, df = self.n_features, float(self._df_numpy()[0])
         with np.errstate(divide="ignore", invalid="ignore"):
             upper = special.gammaincc(d / 2, s2 / 2)
             lower = special.gammainc(d / 2, s2 / 2)
@@ -327,6 +333,3 @@ class EllipticalT(_UniformNoiseBase):
             r2 = np.where(upper < 0.5, df * (1 - y) / y, df * x / (1 - x))
             ratio = np.where(s2 > 0, np.sqrt(r2 / s2), 1.0)
         return z * torch.as_tensor(ratio, dtype=z.dtype, device=z.device)[:, None]
-
-    def _df_numpy(self):
-        return self.df.detach().cpu().numpy().astype(np.float64)[0]
