@@ -192,6 +192,7 @@ def ours(**params):
         early_stopping=False,
         batch_size=BATCH,
         tail_cut=None,
+        base="gaussian",  # the peers' base (the default, "auto", would fit a t first to decide)
         random_state=0,
     )
     return MAFDensity(**{**defaults, **params})

@@ -369,7 +369,7 @@ def test_elliptical_t_model_starts_at_the_fitted_df_and_models_a_multivariate_t(
         warnings.simplefilter("ignore", ConvergenceWarning)
         start = float(model.fit(X).module_.base.df.detach())  # after one epoch: near ECME's start
         model.set_params(max_iter=200).fit(X)
-        gaussian = MAFDensity(max_iter=200, tail_cut=None, **params).fit(X)
+        gaussian = MAFDensity(base="gaussian", max_iter=200, tail_cut=None, **params).fit(X)
     assert 2.0 < start < 4.5
     gap = true.logpdf(X_test).mean() - model.score_samples(X_test).mean()
     gap_gaussian = true.logpdf(X_test).mean() - gaussian.score_samples(X_test).mean()

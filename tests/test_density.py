@@ -16,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from sklearn_maf import MAFDensity
+from sklearn_maf._nn import EllipticalT, StandardNormal
 
 
 def _small(**params):
@@ -260,7 +261,7 @@ def test_extreme_finite_input_never_gives_nan(fitted_mixture):
 def test_one_feature_is_a_gaussian(rng):
     """With one feature every MAF layer is affine with constants: the fit is a Gaussian."""
     X = rng.standard_t(df=5, size=(500, 1)) * 3 + 1
-    model = _small(max_iter=200, n_iter_no_change=20, learning_rate_init=1e-2, tail_cut=None).fit(X)
+    model = _small(base="gaussian", max_iter=200, n_iter_no_change=20, learning_rate_init=1e-2, tail_cut=None).fit(X)
     grid = np.linspace(-10, 10, 7)[:, None]
     # log-density is exactly quadratic in x: its second differences are constant
     second = np.diff(model.score_samples(grid), 2)
@@ -530,8 +531,8 @@ def test_tail_cut_bounds_the_cost_of_rows_far_outside_the_training_range(rng):
     base point is inside the cut keep their scores."""
     X = rng.standard_t(df=2, size=(1000, 2))
     params = dict(early_stopping=False, max_iter=10)  # no validation score: identical training
-    plain = _small(tail_cut=None, **params).fit(X)
-    tailed = _small(tail_cut=2.0, **params).fit(X)
+    plain = _small(base="gaussian", tail_cut=None, **params).fit(X)
+    tailed = _small(base="gaussian", tail_cut=2.0, **params).fit(X)
     assert plain.tail_cut_ is None and tailed.tail_cut_ == tailed.module_.tail_cut == 2.0
     np.testing.assert_array_equal(plain.loss_curve_, tailed.loss_curve_)
     far = np.array([[1e3, -1e3], [5e3, 0.0]])
@@ -544,6 +545,34 @@ def test_tail_cut_bounds_the_cost_of_rows_far_outside_the_training_range(rng):
 def test_auto_tail_cut_gives_heavy_tailed_data_tails_and_other_bases_none(rng):
     """"auto" picks a cut where the validation rows have heavy tails; only the Gaussian base has one."""
     X = rng.standard_t(df=1.5, size=(2000, 2))
-    model = _small().fit(X)
+    model = _small(base="gaussian").fit(X)
     assert model.tail_cut_ is not None  # heavy tails: some cut beats the plain normal
     assert _small(base="student-t").fit(X).tail_cut_ is None
+
+
+def test_auto_base_takes_the_multivariate_t_for_heavy_tails_and_the_gaussian_otherwise(rng):
+    """base="auto" decides by the degrees of freedom of a multivariate t fitted by ECME."""
+    scatter = np.array([[1.0, 0.6, 0.2], [0.6, 1.0, 0.5], [0.2, 0.5, 1.0]])
+    heavy = stats.multivariate_t(np.zeros(3), scatter, df=3.0).rvs(2000, random_state=rng)
+    light = _mixture(2000, rng)
+    model = _small(max_iter=5).fit(heavy)
+    assert model.base_ == "elliptical-t" and isinstance(model.module_.base, EllipticalT)
+    assert 2.0 < float(model.module_.base.df.detach()) < 5.0  # started at ECME's df (about 3), a short fit
+    assert model.tail_cut_ is None  # the Gaussian base's tails: not for this base
+    for X in (light, rng.normal(size=(2000, 4))):
+        model = _small(max_iter=5).fit(X)
+        assert model.base_ == "gaussian" and isinstance(model.module_.base, StandardNormal)
+    for base in ("gaussian", "mog", "student-t", "elliptical-t"):  # an explicit base is kept
+        assert _small(base=base, max_iter=2, n_components=2).fit(light if base != "gaussian" else heavy).base_ == base
+
+
+def test_auto_base_is_resolved_once_and_kept_by_warm_start_and_partial_fit(rng):
+    heavy = rng.standard_t(df=2.5, size=(1000, 2))
+    light = rng.normal(size=(1000, 2))
+    model = _small(max_iter=3, warm_start=True).fit(heavy)
+    assert model.base_ == "elliptical-t"
+    assert model.fit(light).base_ == "elliptical-t"  # the same flow, trained on
+    partial = _small()
+    assert partial.partial_fit(heavy).base_ == "elliptical-t"
+    assert partial.partial_fit(light).base_ == "elliptical-t"
+    assert clone(partial).partial_fit(light).base_ == "gaussian"
