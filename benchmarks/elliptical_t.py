@@ -167,13 +167,13 @@ LIBRARY = {
 }
 
 
-def draw(density, data_seed):
+def draw(density, data_seed, n_test=N_TEST):
     """``quality.draw``'s rows for data seed 0; fresh, independent rows for the others."""
     if data_seed == 0:
-        return quality.draw(density, N_TRAIN, N_TEST)
+        return quality.draw(density, N_TRAIN, n_test)
     key = zlib.crc32(density.name.encode())
     rngs = [np.random.default_rng([key, part, data_seed]) for part in (0, 1)]
-    return density.sample(N_TRAIN, rngs[0]), density.sample(N_TEST, rngs[1])
+    return density.sample(N_TRAIN, rngs[0]), density.sample(n_test, rngs[1])
 
 
 def fit(name, X, seed):
@@ -212,6 +212,7 @@ def main(argv=None):
     parser.add_argument(
         "--data-seed", type=int, default=0, help="0: quality.draw's rows; another: fresh rows drawn from it"
     )
+    parser.add_argument("--n-test", type=int, default=N_TEST, help=f"test rows (default {N_TEST:,})")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="also write the Markdown report to this file")
     args = parser.parse_args(argv)
@@ -219,7 +220,7 @@ def main(argv=None):
     models = args.models.split(",")
     lines = [
         f"- command: `python benchmarks/elliptical_t.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
-        f"- rows: {N_TRAIN} training, {N_TEST} test per data set (data seed {args.data_seed})",
+        f"- rows: {N_TRAIN} training, {args.n_test} test per data set (data seed {args.data_seed})",
         "",
         f"| data set | seed | model | gap to truth (nats) | vs {models[0]} | vs GMM | fit (s) | notes |",
         "|---|---|---|---|---|---|---|---|",
@@ -227,7 +228,7 @@ def main(argv=None):
     print("\n".join(lines), flush=True)
     for dataset in args.datasets.split(","):
         density = DENSITIES[dataset]
-        X_train, X_test = draw(density, args.data_seed)
+        X_train, X_test = draw(density, args.data_seed, args.n_test)
         truth = density.log_prob(X_test)
         gmm = None
         for seed in args.seeds:

@@ -43,19 +43,25 @@ class MAFConditionalDensity(_BaseMAF):
         in the fitted model.
     order : {"reverse", "random"}, default="reverse"
         Variable order of the target columns in successive layers.
-    base : {"gaussian", "mog", "student-t", "elliptical-t"}, default="gaussian"
-        Base density under the MAF layers: a standard normal; the paper's
-        "MAF MoG" base, a MADE whose every conditional is a mixture of
-        ``n_components`` Gaussians, which suits strongly multi-modal data;
-        independent Student t's with one learned degrees of freedom per
-        feature (starting at 30, nearly normal; always above 1), which suits
-        heavy-tailed data, where a Gaussian base can give rows beyond the
-        training range log-densities far too low; or
-        ``"elliptical-t"``, the multivariate Student t with one learned
-        degrees of freedom, started at that of a multivariate t fitted to
-        the training rows (by ECME), which suits elliptical heavy tails
-        (``benchmarks/RESULTS.md``: a candidate for the default, measured
-        beside GMM on multivariate t data).
+    base : {"auto", "gaussian", "mog", "student-t", "elliptical-t"}, default="auto"
+        Base density under the MAF layers:
+
+        - "gaussian": a standard normal (the paper's MAF);
+        - "mog": the paper's "MAF MoG" base, a MADE whose every conditional
+          is a mixture of ``n_components`` Gaussians, which suits strongly
+          multi-modal data;
+        - "student-t": independent Student t's with one learned degrees of
+          freedom per feature (starting at 30, nearly normal; always above
+          1), for heavy tails, where a Gaussian base can give rows beyond
+          the training range log-densities far too low;
+        - "elliptical-t": the multivariate Student t with one learned
+          degrees of freedom, started at that of a multivariate t fitted to
+          the standardised training rows by ECME (Liu & Rubin, 1995), which
+          suits heavy tails;
+        - "auto": "elliptical-t" where that ECME fit has fewer than 7
+          degrees of freedom (heavy tails), "gaussian" elsewhere; the
+          choice is stored as ``base_`` (``benchmarks/RESULTS.md``,
+          "base='auto'").
     n_components : int, default=10
         Mixture components per conditional of the MoG base; ignored by the
         other bases.
@@ -154,6 +160,8 @@ class MAFConditionalDensity(_BaseMAF):
         Mean validation conditional log-likelihood per epoch.
     best_validation_score_ : float or None
         Best of ``validation_scores_``.
+    base_ : str
+        The base of the fitted flow: ``base``, with "auto" resolved.
     tail_cut_ : float or None
         The cut of the fitted base's power-law tails (see ``tail_cut``); None
         for the plain normal, and for the other bases.

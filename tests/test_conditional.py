@@ -165,3 +165,13 @@ def test_predict_with_a_student_t_base_is_the_conditional_mean(rng):
     assert model.module_.base.df.item() < 10  # it did learn heavy tails
     np.testing.assert_allclose(model.predict(X[:20]), 2 * X[:20, 0], atol=0.1)
     np.testing.assert_array_equal(model.predict(X[:20]), model.predict(X[:20]))
+
+
+def test_auto_base_decides_on_the_targets(rng):
+    """base="auto" fits its multivariate t to the targets, not to the context."""
+    X = rng.standard_t(1.5, size=(2000, 2))  # heavy-tailed context throughout
+    heavy = 0.5 * np.tanh(X[:, 0]) + 0.3 * rng.standard_t(2.5, size=2000)
+    light = 0.5 * np.tanh(X[:, 0]) + 0.3 * rng.normal(size=2000)
+    model = _small().fit(X, heavy)
+    assert model.base_ == "elliptical-t" and np.isfinite(model.score_samples(X[:50], heavy[:50])).all()
+    assert _small().fit(X, light).base_ == "gaussian"
