@@ -164,6 +164,7 @@ LIBRARY = {
     "MAF": {},
     "MAF-G": {"base": "gaussian"},
     "MAF-ET": {"base": "elliptical-t"},
+    "MAF-FT": {"base": "fitted-t"},
 }
 
 
@@ -195,7 +196,7 @@ def fit(name, X, seed):
     note = f"{model.n_iter_} epochs"
     if name in LIBRARY:
         note += f"; {model.base_}" if name == "MAF" else ""
-        if model.base_ == "elliptical-t":
+        if model.base_ in ("elliptical-t", "fitted-t"):
             note += f"; df -> {float(model.module_.base.df.detach()):.2f}"
     elif name != "MAF":
         note += f"; df {model.ecme_df_:.2f} (ECME) -> {float(model.module_.base.df.detach()):.2f}"

@@ -18,7 +18,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from ._nn import MAF, Bounded, EllipticalT, MADEMoG, StandardNormal, StudentT, reused_buffers
+from ._nn import MAF, Bounded, EllipticalT, MADEMoG, StandardNormal, StudentT, Whiten, reused_buffers
 from ._nn.flow import power_tails
 from ._threads import limit_torch_threads, training_threads
 from ._training import _cyclic_gc_paused, make_optimizer, train_flow
@@ -57,7 +57,7 @@ class _BaseMAF(BaseEstimator):
         "activation": [StrOptions({"relu", "tanh"})],
         "batch_norm": ["boolean"],
         "order": [StrOptions({"reverse", "random"})],
-        "base": [StrOptions({"auto", "gaussian", "mog", "student-t", "elliptical-t"})],
+        "base": [StrOptions({"auto", "gaussian", "mog", "student-t", "elliptical-t", "fitted-t"})],
         "n_components": [Interval(Integral, 1, None, closed="left")],
         "tail_cut": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither"), None],
         "bounds": ["array-like", None],
@@ -449,11 +449,14 @@ class _BaseMAF(BaseEstimator):
         if bounds is not None:
             Y = Bounded(*map(torch.as_tensor, bounds))(torch.as_tensor(X))[0].numpy()
         loc, scale = _weighted_loc_scale(Y, sample_weight)
-        base, df = self.base, None
-        if base in ("auto", "elliptical-t"):
-            df = _multivariate_t_df((Y - loc) / scale, sample_weight)
+        base, df, whiten = self.base, None, None
+        if base in ("auto", "elliptical-t", "fitted-t"):
+            Z = (Y - loc) / scale
+            t_loc, scatter, df = _multivariate_t(Z, sample_weight)
             if base == "auto":
-                base = "elliptical-t" if df < _AUTO_T_BELOW_DF else "gaussian"
+                base = _auto_base(Z, sample_weight, df)
+            if base == "fitted-t":
+                whiten = (torch.as_tensor(t_loc), torch.as_tensor(np.linalg.cholesky(scatter)))
         module = MAF(
             torch.as_tensor(loc),
             torch.as_tensor(scale),
@@ -461,17 +464,20 @@ class _BaseMAF(BaseEstimator):
             hidden_units=self.hidden_units,
             n_hidden_layers=self.n_hidden_layers,
             activation=self.activation,
-            batch_norm=self.batch_norm,
+            # batch statistics of heavy-tailed rows swing from batch to batch
+            # (RESULTS.md, "The fitted t base"): none with the fitted t
+            batch_norm=self.batch_norm and base != "fitted-t",
             order=self.order,
             n_context=n_context,
-            base=base,
+            base="elliptical-t" if base == "fitted-t" else base,
             n_components=self.n_components,
             tail_cut=None if self.tail_cut == "auto" else self.tail_cut,
             bounds=bounds,
+            whiten=whiten,
             generator=generator,
             dtype=torch.float64,
         )
-        if base == "elliptical-t":
+        if base in ("elliptical-t", "fitted-t"):
             module.base.set_df(df)
         return module
 
@@ -579,7 +585,7 @@ def _weighted_loc_scale(X, weight):
     return loc, scale
 
 
-# The degrees of freedom that _multivariate_t_df searches, and its cost: ECME
+# The degrees of freedom that _multivariate_t searches, and its cost: ECME
 # on at most this many rows (evenly spaced), a few dozen iterations.
 _MVT_DF_RANGE = (0.5, 1e4)
 _MVT_MAX_ROWS = 20_000
@@ -593,25 +599,35 @@ _MVT_MAX_ITER = 100
 # Gaussian mixtures, where it is worse; 7 lies between (a t with 7 degrees of
 # freedom has an excess kurtosis of 2).
 _AUTO_T_BELOW_DF = 7.0
+# ... and the fitted t base where every feature's own ECME df is within this
+# factor of the whole's: on the multivariate t sets they agree to 5%; on the
+# t marginals (each feature a t with df 3, not jointly one) the whole's df is
+# 1.4-1.6 times the features', on the banana and the funnel 10-1e4 times.
+_AUTO_ELLIPTICAL_RATIO = 1.2
 
 
-def _multivariate_t_df(Z, weight, tol=1e-8):
-    """Degrees of freedom of a multivariate t fitted to the rows ``Z`` (weighted), at least 1.05.
+def _multivariate_t(Z, weight, tol=1e-8):
+    """``(loc, scatter, df)`` of a multivariate t fitted to the rows ``Z`` (weighted); df >= 1.05.
 
     ECME (Liu & Rubin, 1995): EM steps for the location and scatter, the
     degrees of freedom maximising the observed likelihood in between. Where
-    the rows are lighter-tailed than any t, it ends at the top of
-    ``_MVT_DF_RANGE``, nearly a normal; the floor of 1.05 keeps the base's
-    mean (``df > 1``). On more than ``_MVT_MAX_ROWS`` rows, evenly spaced ones.
+    the rows are lighter-tailed than any t, the df ends at the top of
+    ``_MVT_DF_RANGE``, nearly a normal (and the scatter nearly the
+    covariance); the floor of 1.05 keeps the base's mean (``df > 1``). On more than ``_MVT_MAX_ROWS`` rows, evenly spaced ones.
     ``Z`` is standardised (unit variance per feature).
     """
     Z, weight = Z[weight > 0], weight[weight > 0]
     step = -(-Z.shape[0] // _MVT_MAX_ROWS)
     Z, weight = Z[::step], weight[::step] / weight[::step].sum()
     n_features = Z.shape[1]
-    # Z is standardised: a ridge of 1e-8 keeps the scatter positive definite
-    # where the rows do not span every direction (fewer rows than features)
-    ridge = 1e-8 * np.eye(n_features)
+    # Z is standardised: a ridge of 1e-4 (of unit variances) keeps the scatter
+    # positive definite where the rows do not span every direction (fewer rows
+    # than features) and the likelihood bounded there, so that ECME converges
+    # to one point: with 1e-8, rows of weight 2 and the same rows repeated
+    # stopped at different iterations on 15 rows x 30 features, 7e-3 apart.
+    # It also bounds how much a whitening by this scatter (base="fitted-t")
+    # magnifies directions the rows do not span: 100 times at most.
+    ridge = 1e-4 * np.eye(n_features)
     mu = weight @ Z
     scatter = (weight[:, None] * (Z - mu)).T @ (Z - mu) + ridge
     df, previous = 10.0, -np.inf
@@ -647,11 +663,31 @@ def _multivariate_t_df(Z, weight, tol=1e-8):
         if current - previous < tol:
             break
         previous = current
-    return max(df, 1.05)
+    return mu, scatter, max(df, 1.05)
+
+
+def _auto_base(Z, weight, df):
+    """What ``base="auto"`` takes for the standardised rows ``Z``, given their ECME ``df``.
+
+    Light tails (``df`` at least ``_AUTO_T_BELOW_DF``): "gaussian". Heavy
+    tails: "fitted-t" where the rows look like a multivariate t, whose every
+    feature is a t with the same degrees of freedom as the whole (each
+    feature's own ECME fit within ``_AUTO_ELLIPTICAL_RATIO`` of ``df``);
+    "elliptical-t" otherwise.
+    """
+    if df >= _AUTO_T_BELOW_DF:
+        return "gaussian"
+    for feature in range(Z.shape[1]):
+        feature_df = _multivariate_t(Z[:, feature : feature + 1], weight)[2]
+        if abs(np.log(feature_df / df)) > np.log(_AUTO_ELLIPTICAL_RATIO):
+            return "elliptical-t"
+    return "fitted-t"
 
 
 def _base_name(module):
     """The ``base`` value that builds the flow's base density (``base_``, "auto" resolved)."""
+    if isinstance(module.base, EllipticalT) and any(isinstance(t, Whiten) for t in module.transforms):
+        return "fitted-t"
     names = {StandardNormal: "gaussian", MADEMoG: "mog", StudentT: "student-t", EllipticalT: "elliptical-t"}
     return names[type(module.base)]
 

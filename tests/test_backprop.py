@@ -167,6 +167,20 @@ def test_bounded_inputs_equal_autograd():
     _assert_same(flows[0], flows[1], _autograd(flows[0], X), _manual(flows[1], X))
 
 
+@pytest.mark.parametrize("base", ["gaussian", "elliptical-t"])
+def test_whitened_inputs_equal_autograd(base):
+    X, _ = _pair(3)
+    chol = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [-0.3, 0.2, 0.5]], dtype=DTYPE)
+    flows = [
+        MAF(X.mean(0), X.std(0), n_layers=2, hidden_units=5, n_hidden_layers=1, base=base,
+            whiten=(torch.tensor([0.1, -0.2, 0.3], dtype=DTYPE), chol),
+            generator=torch.Generator().manual_seed(0), dtype=DTYPE).train()
+        for _ in range(2)
+    ]  # fmt: skip
+    assert supports(flows[1])
+    _assert_same(flows[0], flows[1], _autograd(flows[0], X), _manual(flows[1], X))
+
+
 def test_only_supported_models_take_the_fast_path():
     X, (flow, _) = _pair(2)
     assert supports(flow)

@@ -11,7 +11,7 @@ from scipy.special import logsumexp
 from sklearn.exceptions import ConvergenceWarning
 
 from sklearn_maf import MAFDensity
-from sklearn_maf._base import _multivariate_t_df
+from sklearn_maf._base import _multivariate_t
 from sklearn_maf._nn import EllipticalT, MADEMoG, StandardNormal, StudentT, input_degrees
 from sklearn_maf._nn.base import _DF_RATE, _OFFSET_GAIN
 from sklearn_maf._training import _parameter_groups
@@ -268,7 +268,7 @@ def test_student_t_beats_the_gaussian_base_on_heavy_tails(fitted_t):
     X = _correlated_t(3000, rng)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        gaussian = MAFDensity(n_layers=3, hidden_units=32, max_iter=100, tail_cut=None, random_state=0)
+        gaussian = MAFDensity(base="gaussian", n_layers=3, hidden_units=32, max_iter=100, tail_cut=None, random_state=0)
         gaussian.fit(X)
     assert model.score_samples(X_test).mean() > gaussian.score_samples(X_test).mean() + 0.02
 
@@ -335,26 +335,34 @@ def test_elliptical_t_normal_scores_are_normal_invert_and_stay_finite_far_out():
 
 
 @pytest.mark.parametrize("df", [2.5, 8.0])
-def test_multivariate_t_df_recovers_the_degrees_of_freedom(df):
+def test_multivariate_t_recovers_location_scatter_and_degrees_of_freedom(df):
     rng = np.random.default_rng(0)
     shape = np.array([[2.0, 0.8, 0.0], [0.8, 1.0, 0.3], [0.0, 0.3, 0.5]])
     Z = stats.multivariate_t(np.ones(3), shape, df=df).rvs(20_000, random_state=rng)
-    assert _multivariate_t_df(Z, np.ones(len(Z))) == pytest.approx(df, rel=0.1)
-    assert _multivariate_t_df(rng.normal(size=(5000, 3)), np.ones(5000)) > 100  # lighter than any t
+    loc, scatter, fitted_df = _multivariate_t(Z, np.ones(len(Z)))
+    assert fitted_df == pytest.approx(df, rel=0.1)
+    np.testing.assert_allclose(loc, np.ones(3), atol=0.03)
+    np.testing.assert_allclose(scatter, shape, atol=0.06)
+    Z = rng.normal(size=(5000, 3))
+    loc, scatter, fitted_df = _multivariate_t(Z, np.ones(5000))
+    assert fitted_df > 100  # lighter than any t: a normal, the scatter its covariance
+    np.testing.assert_allclose(scatter, np.cov(Z.T, bias=True), rtol=0.05, atol=0.01)
 
 
-def test_multivariate_t_df_of_fewer_rows_than_features_is_finite():
+def test_multivariate_t_of_fewer_rows_than_features_is_finite():
     rng = np.random.default_rng(3)
-    df = _multivariate_t_df(rng.normal(size=(3, 5)), np.ones(3))
+    loc, scatter, df = _multivariate_t(rng.normal(size=(3, 5)), np.ones(3))
     assert np.isfinite(df) and df >= 1.05
+    assert np.all(np.linalg.eigvalsh(scatter) > 0)  # the ridge: Whiten needs its Cholesky factor
 
 
-def test_multivariate_t_df_weights_are_repetitions():
+def test_multivariate_t_weights_are_repetitions():
     rng = np.random.default_rng(1)
     Z = stats.multivariate_t(np.zeros(2), np.eye(2), df=3.0).rvs(1000, random_state=rng)
     weight = rng.integers(0, 3, size=1000).astype(float)
     repeated = np.repeat(Z, weight.astype(int), axis=0)
-    assert _multivariate_t_df(Z, weight) == pytest.approx(_multivariate_t_df(repeated, np.ones(len(repeated))), rel=1e-6)
+    for weighted, plain in zip(_multivariate_t(Z, weight), _multivariate_t(repeated, np.ones(len(repeated)))):
+        np.testing.assert_allclose(weighted, plain, rtol=1e-6, atol=1e-9)
 
 
 def test_elliptical_t_model_starts_at_the_fitted_df_and_models_a_multivariate_t():

@@ -16,7 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from sklearn_maf import MAFDensity
-from sklearn_maf._nn import EllipticalT, StandardNormal
+from sklearn_maf._nn import BatchNorm, EllipticalT, StandardNormal, Whiten
 
 
 def _small(**params):
@@ -550,29 +550,40 @@ def test_auto_tail_cut_gives_heavy_tailed_data_tails_and_other_bases_none(rng):
     assert _small(base="student-t").fit(X).tail_cut_ is None
 
 
-def test_auto_base_takes_the_multivariate_t_for_heavy_tails_and_the_gaussian_otherwise(rng):
-    """base="auto" decides by the degrees of freedom of a multivariate t fitted by ECME."""
+def test_auto_base_takes_a_t_for_heavy_tails_the_fitted_t_where_they_are_elliptical(rng):
+    """base="auto" decides by a multivariate t fitted by ECME, and by each feature's own."""
     scatter = np.array([[1.0, 0.6, 0.2], [0.6, 1.0, 0.5], [0.2, 0.5, 1.0]])
-    heavy = stats.multivariate_t(np.zeros(3), scatter, df=3.0).rvs(2000, random_state=rng)
-    light = _mixture(2000, rng)
-    model = _small(max_iter=5).fit(heavy)
-    assert model.base_ == "elliptical-t" and isinstance(model.module_.base, EllipticalT)
-    assert 2.0 < float(model.module_.base.df.detach()) < 5.0  # started at ECME's df (about 3), a short fit
+    elliptical = stats.multivariate_t(np.zeros(3), scatter, df=3.0).rvs(3000, random_state=rng)
+    # every feature a t with df 3, jointly not a t: a Gaussian copula
+    copula = stats.norm.cdf(rng.multivariate_normal(np.zeros(3), scatter, size=3000))
+    t_marginals = stats.t(3.0).ppf(copula)
+    light = _mixture(3000, rng)
+
+    model = _small(max_iter=5).fit(elliptical)
+    assert model.base_ == "fitted-t" and isinstance(model.module_.base, EllipticalT)
+    kinds = [type(transform) for transform in model.module_.transforms]
+    assert Whiten in kinds and BatchNorm not in kinds  # whitened by the fitted t; no batch norm
     assert model.tail_cut_ is None  # the Gaussian base's tails: not for this base
+    model = _small(max_iter=5).fit(t_marginals)
+    assert model.base_ == "elliptical-t" and isinstance(model.module_.base, EllipticalT)
+    kinds = [type(transform) for transform in model.module_.transforms]
+    assert Whiten not in kinds and BatchNorm in kinds
+    assert 2.0 < float(model.module_.base.df.detach()) < 6.0  # started at ECME's df (about 4.5)
     for X in (light, rng.normal(size=(2000, 4))):
         model = _small(max_iter=5).fit(X)
         assert model.base_ == "gaussian" and isinstance(model.module_.base, StandardNormal)
-    for base in ("gaussian", "mog", "student-t", "elliptical-t"):  # an explicit base is kept
-        assert _small(base=base, max_iter=2, n_components=2).fit(light if base != "gaussian" else heavy).base_ == base
+    for base in ("gaussian", "mog", "student-t", "elliptical-t", "fitted-t"):  # an explicit base is kept
+        X = light if base != "gaussian" else elliptical
+        assert _small(base=base, max_iter=2, n_components=2).fit(X).base_ == base
 
 
 def test_auto_base_is_resolved_once_and_kept_by_warm_start_and_partial_fit(rng):
-    heavy = rng.standard_t(df=2.5, size=(1000, 2))
+    heavy = stats.multivariate_t(np.zeros(2), np.eye(2), df=2.5).rvs(1000, random_state=rng)
     light = rng.normal(size=(1000, 2))
     model = _small(max_iter=3, warm_start=True).fit(heavy)
-    assert model.base_ == "elliptical-t"
-    assert model.fit(light).base_ == "elliptical-t"  # the same flow, trained on
+    assert model.base_ == "fitted-t"
+    assert model.fit(light).base_ == "fitted-t"  # the same flow, trained on
     partial = _small()
-    assert partial.partial_fit(heavy).base_ == "elliptical-t"
-    assert partial.partial_fit(light).base_ == "elliptical-t"
+    assert partial.partial_fit(heavy).base_ == "fitted-t"
+    assert partial.partial_fit(light).base_ == "fitted-t"
     assert clone(partial).partial_fit(light).base_ == "gaussian"

@@ -42,6 +42,7 @@ def _not_applicable(estimator):
         _small(MAFDensity, base="mog", n_components=3),
         _small(MAFDensity, base="student-t"),
         _small(MAFDensity, base="elliptical-t"),
+        _small(MAFDensity, base="fitted-t"),
         _small(MAFConditionalDensity),
         # Dequantization noise is drawn per row, so a weight of 2 cannot equal
         # two rows with their own noise: the detector's checks run without it.

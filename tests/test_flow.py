@@ -12,6 +12,7 @@ from sklearn_maf._nn.flow import (
     AffineMADE,
     BatchNorm,
     Standardize,
+    Whiten,
     power_tails,
     power_tails_inverse,
     soft_clamp,
@@ -45,8 +46,16 @@ def _randomise(flow, generator):
                 module.beta.normal_(generator=generator)
 
 
-def _flow(n_features, *, order="reverse", batch_norm=True, n_layers=3, n_context=0, seed=0):
-    """A small float64 MAF in eval mode, with random standardisation and parameters."""
+def _whitening(n_features, generator):
+    """A random location and lower-triangular factor (positive diagonal) for :class:`Whiten`."""
+    loc = torch.randn(n_features, generator=generator, dtype=DTYPE)
+    chol = torch.tril(0.5 * torch.randn(n_features, n_features, generator=generator, dtype=DTYPE), -1)
+    chol += torch.diag(torch.rand(n_features, generator=generator, dtype=DTYPE) + 0.5)
+    return loc, chol
+
+
+def _flow(n_features, *, order="reverse", batch_norm=True, n_layers=3, n_context=0, whiten=False, seed=0):
+    """A small float64 MAF in eval mode, with random standardisation (and whitening) and parameters."""
     generator = _generator(seed)
     loc = torch.randn(n_features, generator=generator, dtype=DTYPE)
     scale = torch.rand(n_features, generator=generator, dtype=DTYPE) + 0.5
@@ -60,6 +69,7 @@ def _flow(n_features, *, order="reverse", batch_norm=True, n_layers=3, n_context
         batch_norm=batch_norm,
         order=order,
         n_context=n_context,
+        whiten=_whitening(n_features, generator) if whiten else None,
         generator=generator,
         dtype=DTYPE,
     )
@@ -119,12 +129,13 @@ def test_random_orders_come_from_the_generator():
         assert torch.equal(tensor, other), name
 
 
+@pytest.mark.parametrize("whiten", [False, True])
 @pytest.mark.parametrize("n_context", [0, 2])
 @pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("order", ["reverse", "random"])
 @pytest.mark.parametrize("n_features", N_FEATURES)
-def test_inverse_inverts_forward(n_features, order, batch_norm, n_context):
-    flow = _flow(n_features, order=order, batch_norm=batch_norm, n_context=n_context)
+def test_inverse_inverts_forward(n_features, order, batch_norm, n_context, whiten):
+    flow = _flow(n_features, order=order, batch_norm=batch_norm, n_context=n_context, whiten=whiten)
     x = _data(7, n_features)
     context = _data(7, n_context, seed=2) if n_context else None
 
@@ -143,8 +154,8 @@ def test_inverse_inverts_forward(n_features, order, batch_norm, n_context):
 @pytest.mark.parametrize("order", ["reverse", "random"])
 @pytest.mark.parametrize("n_features", N_FEATURES)
 def test_each_transform_logabsdet_matches_slogdet_of_its_jacobian(n_features, order):
-    """Standardize, AffineMADE and BatchNorm, both ways, at the inputs they get in the flow."""
-    flow = _flow(n_features, order=order, batch_norm=True)
+    """Standardize, Whiten, AffineMADE and BatchNorm, both ways, at the inputs they get in the flow."""
+    flow = _flow(n_features, order=order, batch_norm=True, whiten=True)
     x = _data(5, n_features)
     seen = set()
     for transform in flow.transforms:
@@ -165,15 +176,16 @@ def test_each_transform_logabsdet_matches_slogdet_of_its_jacobian(n_features, or
         torch.testing.assert_close(inverse_logabsdet, -logabsdet, rtol=0, atol=1e-10)
         seen.add(type(transform))
         x = y
-    assert seen == {Standardize, AffineMADE, BatchNorm}
+    assert seen == {Standardize, Whiten, AffineMADE, BatchNorm}
 
 
+@pytest.mark.parametrize("whiten", [False, True])
 @pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("order", ["reverse", "random"])
 @pytest.mark.parametrize("n_features", N_FEATURES)
-def test_flow_logabsdet_and_log_prob_match_the_autograd_jacobian(n_features, order, batch_norm):
+def test_flow_logabsdet_and_log_prob_match_the_autograd_jacobian(n_features, order, batch_norm, whiten):
     """log p(x) = log N(f(x); 0, I) + log|det df/dx|, with the determinant from autograd."""
-    flow = _flow(n_features, order=order, batch_norm=batch_norm)
+    flow = _flow(n_features, order=order, batch_norm=batch_norm, whiten=whiten)
     x = _data(6, n_features)
     u, logabsdet = flow(x)
     slogdet = _row_slogdets(lambda r: flow(r)[0], x)
@@ -185,6 +197,35 @@ def test_flow_logabsdet_and_log_prob_match_the_autograd_jacobian(n_features, ord
     base = torch.distributions.Normal(0.0, 1.0).log_prob(u).sum(dim=-1)
     torch.testing.assert_close(flow.log_prob(x), base + slogdet, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(flow.base_log_prob(u), base, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_features", [1, 3, 6])
+def test_whiten_maps_location_and_scatter_to_zero_and_identity_in_either_layout(n_features):
+    loc, chol = _whitening(n_features, _generator(4))
+    whiten = Whiten(loc, chol)
+    z = torch.randn(1000, n_features, generator=_generator(6), dtype=DTYPE)
+    x = loc + z @ chol.T  # location loc, scatter chol chol^T
+    u, logabsdet = whiten(x)
+    torch.testing.assert_close(u, z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logabsdet, -torch.logdet(chol).expand(len(x)), rtol=0, atol=1e-12)
+    # rows laid out feature-major (as scoring gives them) come out feature-major, the same values
+    with torch.no_grad():
+        u_major, _ = whiten(x.t().contiguous().t())
+    assert u_major.stride(0) == 1 or n_features == 1
+    torch.testing.assert_close(u_major, u, rtol=1e-13, atol=1e-13)
+
+
+def test_whiten_still_inverts_exactly_after_a_round_trip_through_float32():
+    """A fit trains in float32 and scores in float64: the layer rounds its factor, not its inverse."""
+    loc, chol = _whitening(4, _generator(5))
+    whiten = Whiten(loc, chol).float().double()
+    x = _data(50, 4)
+    u, logabsdet = whiten(x)
+    x_back, inverse_logabsdet = whiten.inverse(u)
+    torch.testing.assert_close(x_back, x, rtol=0, atol=1e-13)
+    torch.testing.assert_close(inverse_logabsdet, -logabsdet, rtol=0, atol=0)
+    torch.testing.assert_close(logabsdet, _row_slogdets(lambda r: whiten(r)[0], x[:5]).mean().expand(50),
+                               rtol=0, atol=1e-12)  # fmt: skip
 
 
 def test_soft_clamp_is_a_smooth_odd_bound_and_the_identity_near_zero():

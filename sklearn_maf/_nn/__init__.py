@@ -2,7 +2,7 @@
 
 from .base import EllipticalT, MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
-from .flow import MAF, AffineMADE, BatchNorm, Standardize, soft_clamp
+from .flow import MAF, AffineMADE, BatchNorm, Standardize, Whiten, soft_clamp
 from .made import MADE, MaskedLinear, hidden_degrees, input_degrees, reused_buffers
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Standardize",
     "StandardNormal",
     "StudentT",
+    "Whiten",
     "hidden_degrees",
     "input_degrees",
     "reused_buffers",

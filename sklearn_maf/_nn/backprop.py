@@ -34,10 +34,10 @@ the masks in the forward pass, ``assume_masked=True``: ``weight`` then equals
 ``weight * mask`` exactly.
 
 Every model the estimators build has this path: a standard-normal,
-:class:`StudentT` or :class:`MADEMoG` base, with or without a context, and
-the layers :class:`Standardize`, :class:`Bounded`, :class:`AffineMADE` and
-:class:`BatchNorm`. Anything else is differentiated by autograd
-(:func:`supports` says which applies). A context enters each MADE's first
+:class:`StudentT`, :class:`EllipticalT` or :class:`MADEMoG` base, with or
+without a context, and the layers :class:`Standardize`, :class:`Whiten`,
+:class:`Bounded`, :class:`AffineMADE` and :class:`BatchNorm`. Anything else
+is differentiated by autograd (:func:`supports` says which applies). A context enters each MADE's first
 layer beside the features, unmasked; it gets no gradient (it is data).
 
 On the CPU in float32 and float64, the element-wise work between the
@@ -71,13 +71,13 @@ _LOG_2PI = math.log(2 * math.pi)
 
 def supports(module, weight=None, context=None):
     """Whether :func:`loss_and_grad` can train ``module`` on this batch."""
-    from .flow import MAF, AffineMADE, BatchNorm, Standardize  # flow imports this module
+    from .flow import MAF, AffineMADE, BatchNorm, Standardize, Whiten  # flow imports this module
 
     if not isinstance(module, MAF) or (context is None) != (module.n_context == 0):
         return False
     if type(module.base) not in (StandardNormal, StudentT, EllipticalT, MADEMoG):
         return False
-    fixed = [type(t) in (Standardize, Bounded) for t in module.transforms]
+    fixed = [type(t) in (Standardize, Whiten, Bounded) for t in module.transforms]
     learned = [type(t) in (AffineMADE, BatchNorm) for t in module.transforms]
     # every layer known, and the fixed ones (no parameters) all before the learned ones
     return all(f or l for f, l in zip(fixed, learned)) and fixed == sorted(fixed, reverse=True)

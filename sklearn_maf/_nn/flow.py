@@ -18,7 +18,7 @@ from .base import EllipticalT, MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
 from .made import MADE, input_degrees, reused_buffers
 
-__all__ = ["MAF", "AffineMADE", "BatchNorm", "Standardize", "power_tails", "soft_clamp"]
+__all__ = ["MAF", "AffineMADE", "BatchNorm", "Standardize", "Whiten", "power_tails", "soft_clamp"]
 
 
 def soft_clamp(x, bound):
@@ -72,6 +72,44 @@ class Standardize(nn.Module):
 
     def inverse(self, u, context=None):
         return u * self.scale + self.loc, -self._logabsdet(u)
+
+
+class Whiten(nn.Module):
+    """Fixed affine map ``L^-1 (x - loc)``, ``L`` lower triangular, with its log-det.
+
+    ``L`` is the Cholesky factor of a scatter matrix ``L L^T``: the map takes
+    rows of location ``loc`` and that scatter to location 0 and scatter I. It
+    is itself autoregressive (output ``i`` reads inputs ``1..i``), so the
+    flow stays a MAF. Without autograd, rows in the feature-major layout
+    (see :meth:`MAF.forward`) come out feature-major, as the next layer
+    reads them fastest.
+
+    Parameters
+    ----------
+    loc : torch.Tensor of shape (n_features,)
+    chol : torch.Tensor of shape (n_features, n_features)
+        Lower triangular with a positive diagonal.
+    """
+
+    def __init__(self, loc, chol):
+        super().__init__()
+        self.register_buffer("loc", loc.clone())
+        self.register_buffer("chol", torch.tril(chol))
+
+    def _logabsdet(self, x):
+        # from the factor itself, which may have been rounded (a float32 fit)
+        return (-torch.log(torch.diagonal(self.chol)).sum()).expand(x.shape[0])
+
+    def forward(self, x, context=None, weight=None):
+        # a triangular solve rather than a product with a stored inverse: exactly
+        # the inverse of ``inverse``'s product, whatever the factor's rounding
+        u = torch.linalg.solve_triangular(self.chol.t(), x - self.loc, upper=True, left=False)
+        # rows out as they came in: feature-major (scoring) or contiguous (training)
+        u = _feature_major(u) if x.stride(0) == 1 else u.contiguous()
+        return u, self._logabsdet(x)
+
+    def inverse(self, u, context=None):
+        return u @ self.chol.t() + self.loc, -self._logabsdet(u)
 
 
 class AffineMADE(nn.Module):
@@ -208,7 +246,7 @@ class BatchNorm(nn.Module):
 class MAF(nn.Module):
     """Masked Autoregressive Flow over a standard-normal, MADE MoG or Student-t base density.
 
-    ``Standardize -> AffineMADE -> [BatchNorm? -> AffineMADE] x (n_layers - 1) -> N(0, I)``,
+    ``Standardize -> Whiten? -> AffineMADE -> [BatchNorm? -> AffineMADE] x (n_layers - 1) -> N(0, I)``,
     with :func:`power_tails` before N(0, I) in eval mode when ``tail_cut`` is set.
 
     Batch norm sits *between* MAF layers. One after the last layer would be an
@@ -245,6 +283,11 @@ class MAF(nn.Module):
         Support of each feature (``-inf`` / ``inf`` for an open side): a fixed
         :class:`Bounded` layer then comes first, and ``loc`` / ``scale`` are
         those of its output.
+    whiten : tuple (loc, chol) of tensors, optional
+        A fixed :class:`Whiten` layer after the standardisation, mapping its
+        output by the location ``loc`` (n_features,) and the lower-triangular
+        Cholesky factor ``chol`` (n_features, n_features) of a scatter, both
+        in standardised units.
     tail_cut : float, optional
         With the Gaussian base, in eval mode only: :func:`power_tails` at
         ``tail_cut`` between the last layer and N(0, I), so that a row far
@@ -271,6 +314,7 @@ class MAF(nn.Module):
         base="gaussian",
         n_components=10,
         bounds=None,
+        whiten=None,
         log_scale_bound=5.0,
         tail_cut=None,
         generator=None,
@@ -281,6 +325,8 @@ class MAF(nn.Module):
         self.n_features = n_features
         self.n_context = n_context
         transforms = [Standardize(loc.to(dtype), scale.to(dtype))]
+        if whiten is not None:
+            transforms.append(Whiten(*(torch.as_tensor(t, dtype=dtype) for t in whiten)))
         if bounds is not None:
             transforms.insert(0, Bounded(*(torch.as_tensor(b, dtype=dtype) for b in bounds)))
         natural = torch.arange(n_features)
