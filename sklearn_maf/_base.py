@@ -590,14 +590,15 @@ def _weighted_loc_scale(X, weight):
 _MVT_DF_RANGE = (0.5, 1e4)
 _MVT_MAX_ROWS = 20_000
 _MVT_MAX_ITER = 100
-# base="auto" takes the multivariate t base where the t fitted by ECME has fewer
+# base="auto" takes a multivariate t base where the t fitted by ECME has fewer
 # degrees of freedom than this, and the Gaussian base elsewhere. Over six draws
-# each of the benchmark's data sets (benchmarks/RESULTS.md, "base='auto'"), ECME
-# gives 2.3-3.1 on the multivariate t's and the banana, 4.4-4.7 on the t
-# marginals, 1.05 (its floor) on the funnel, where the t base is as good as or
-# better than the Gaussian one, and 10.0-10.6 on the sine chain and 1e4 on the
-# Gaussian mixtures, where it is worse; 7 lies between (a t with 7 degrees of
-# freedom has an excess kurtosis of 2).
+# each of the benchmark's data sets (benchmarks/RESULTS.md, "The fitted t base
+# and base='auto'"), ECME gives 2.3-3.1 on the multivariate t's and the banana,
+# 4.4-4.7 on the t marginals and 1.05 (its floor) on the funnel, where a t base
+# is 0.01-0.17 nats better than the Gaussian one (0.001-0.005 worse on the
+# banana and the funnel), and 10.0-10.6 on the sine chain and 1e4 on the
+# Gaussian mixtures, where it is worse (the sine chain: 0.02-0.06); 7 lies
+# between (a t with 7 degrees of freedom has an excess kurtosis of 2).
 _AUTO_T_BELOW_DF = 7.0
 # ... and the fitted t base where every feature's own ECME df is within this
 # factor of the whole's: on the multivariate t sets they agree to 5%; on the

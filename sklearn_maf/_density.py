@@ -36,12 +36,14 @@ class MAFDensity(DensityMixin, _BaseMAF):
     batch_norm : bool, default=True
         Batch normalisation (with its log-determinant) after each MAF layer, as
         in the paper. Training uses batch statistics; the fitted model uses the
-        exact statistics of the training split (never validation rows).
+        exact statistics of the training split (never validation rows). Not
+        used with the fitted t base (``base="fitted-t"``, or where "auto"
+        takes it).
     order : {"reverse", "random"}, default="reverse"
         Variable order of the layers: alternating natural and reversed, as in
         the paper, or a random permutation per layer drawn from
         ``random_state``.
-    base : {"auto", "gaussian", "mog", "student-t", "elliptical-t"}, default="auto"
+    base : {"auto", "gaussian", "mog", "student-t", "elliptical-t", "fitted-t"}, default="auto"
         Base density under the MAF layers:
 
         - "gaussian": a standard normal (the paper's MAF);
@@ -56,10 +58,18 @@ class MAFDensity(DensityMixin, _BaseMAF):
           degrees of freedom, started at that of a multivariate t fitted to
           the standardised training rows by ECME (Liu & Rubin, 1995), which
           suits heavy tails;
-        - "auto": "elliptical-t" where that ECME fit has fewer than 7
-          degrees of freedom (heavy tails), "gaussian" elsewhere; the
-          choice is stored as ``base_`` (``benchmarks/RESULTS.md``,
-          "base='auto'").
+        - "fitted-t": that fitted multivariate t itself: a fixed first
+          layer whitens the rows by its location and scatter, the base's
+          degrees of freedom start at its value, and the MAF layers model
+          what it misses, without batch normalisation (``batch_norm`` is
+          ignored); for heavy tails that are elliptical, as in a
+          multivariate t;
+        - "auto": "fitted-t" where the ECME fit has fewer than 7 degrees of
+          freedom (heavy tails) and every feature's own fit agrees with it
+          to 20% (as in a multivariate t, whose every feature is a t with
+          the same degrees of freedom), "elliptical-t" where the tails are
+          heavy otherwise, "gaussian" elsewhere; the choice is stored as
+          ``base_`` (``benchmarks/RESULTS.md``, "base='auto'").
     n_components : int, default=10
         Mixture components per conditional of the MoG base; ignored by the
         other bases.
@@ -308,7 +318,7 @@ class MAFDensity(DensityMixin, _BaseMAF):
         under the model, is also mapped feature by feature through the t
         distribution function and the normal quantile, so that the latents are
         independent standard normals for this base too; with
-        ``base="elliptical-t"``, a multivariate t under the model, its radius
+        ``base="elliptical-t"`` or ``"fitted-t"``, a multivariate t under the model, its radius
         is mapped through its distribution function and the chi quantile,
         the direction kept, to the same effect. With ``base="mog"`` it
         is the MADE MoG base density, which is neither Gaussian nor independent
@@ -325,8 +335,8 @@ class MAFDensity(DensityMixin, _BaseMAF):
         -------
         U : ndarray of shape (n_samples, n_features), dtype float64
             Latent coordinates; for data drawn from a model with
-            ``base="gaussian"``, ``"student-t"`` or ``"elliptical-t"`` they
-            are independent standard normals.
+            ``base="gaussian"``, ``"student-t"``, ``"elliptical-t"`` or
+            ``"fitted-t"`` they are independent standard normals.
         """
         X = self._validate_fitted_input(X) + 0.5 * self.discrete_features_
         base = self.module_.base

@@ -100,10 +100,12 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
         Non-linearity of the MADE hidden layers.
     batch_norm : bool, default=True
         Batch normalisation (with its log-determinant) after each MAF layer.
+        Not used with the fitted t base (``base="fitted-t"``, or where "auto"
+        takes it).
     order : {"reverse", "random"}, default="reverse"
         Variable order of the layers: alternating natural and reversed, or a
         random permutation per layer drawn from ``random_state``.
-    base : {"auto", "gaussian", "mog", "student-t", "elliptical-t"}, default="gaussian"
+    base : {"auto", "gaussian", "mog", "student-t", "elliptical-t", "fitted-t"}, default="gaussian"
         Base density under the MAF layers:
 
         - "gaussian": a standard normal (the paper's MAF);
@@ -118,10 +120,18 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
           degrees of freedom, started at that of a multivariate t fitted to
           the standardised training rows by ECME (Liu & Rubin, 1995), which
           suits heavy tails;
-        - "auto": "elliptical-t" where that ECME fit has fewer than 7
-          degrees of freedom (heavy tails), "gaussian" elsewhere; the
-          choice is stored as ``base_`` (``benchmarks/RESULTS.md``,
-          "base='auto'").
+        - "fitted-t": that fitted multivariate t itself: a fixed first
+          layer whitens the rows by its location and scatter, the base's
+          degrees of freedom start at its value, and the MAF layers model
+          what it misses, without batch normalisation (``batch_norm`` is
+          ignored); for heavy tails that are elliptical, as in a
+          multivariate t;
+        - "auto": "fitted-t" where the ECME fit has fewer than 7 degrees of
+          freedom (heavy tails) and every feature's own fit agrees with it
+          to 20% (as in a multivariate t, whose every feature is a t with
+          the same degrees of freedom), "elliptical-t" where the tails are
+          heavy otherwise, "gaussian" elsewhere; the choice is stored as
+          ``base_`` (``benchmarks/RESULTS.md``, "base='auto'").
 
         The detector keeps "gaussian" as its default: its quantile
         preprocessing makes every marginal normal before the flow sees the

@@ -365,14 +365,15 @@ def test_multivariate_t_weights_are_repetitions():
         np.testing.assert_allclose(weighted, plain, rtol=1e-6, atol=1e-9)
 
 
-def test_elliptical_t_model_starts_at_the_fitted_df_and_models_a_multivariate_t():
+@pytest.mark.parametrize("base", ["elliptical-t", "fitted-t"])
+def test_multivariate_t_models_start_at_the_fitted_df_and_model_a_multivariate_t(base):
     """The fitted model of a 3-D t (df=3): df started where ECME puts it, a good density,
     standard-normal latents that invert, samples like held-out rows."""
     rng = np.random.default_rng(2)
     true = stats.multivariate_t(np.zeros(3), np.array([[1.0, 0.6, 0.0], [0.6, 1.0, 0.3], [0.0, 0.3, 1.0]]), df=3.0)
     X, X_test = true.rvs(3000, random_state=rng), true.rvs(2000, random_state=rng)
     params = dict(n_layers=2, hidden_units=16, random_state=0)
-    model = MAFDensity(base="elliptical-t", max_iter=1, **params)
+    model = MAFDensity(base=base, max_iter=1, **params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         start = float(model.fit(X).module_.base.df.detach())  # after one epoch: near ECME's start
@@ -387,3 +388,8 @@ def test_elliptical_t_model_starts_at_the_fitted_df_and_models_a_multivariate_t(
     np.testing.assert_allclose(model.inverse_transform(U), X_test, rtol=1e-8, atol=1e-8)
     samples = model.sample(2000, random_state=0)
     assert stats.ks_2samp(np.square(samples).sum(1), np.square(X_test).sum(1)).pvalue > 0.01
+    if base == "fitted-t":  # the rows whitened by the fitted t, within the estimate's error
+        standardize, whiten = model.module_.transforms[:2]
+        scatter = whiten.chol @ whiten.chol.T * torch.outer(standardize.scale, standardize.scale)
+        np.testing.assert_allclose(scatter.numpy(), true.shape, atol=0.1)
+        assert gap < 0.02
