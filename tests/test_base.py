@@ -344,14 +344,14 @@ def test_multivariate_t_recovers_location_scatter_and_degrees_of_freedom(df):
     np.testing.assert_allclose(loc, np.ones(3), atol=0.03)
     np.testing.assert_allclose(scatter, shape, atol=0.06)
     Z = rng.normal(size=(5000, 3))
-    loc, scatter, fitted_df = _multivariate_t(Z, np.ones(5000))
+    _, scatter, fitted_df = _multivariate_t(Z, np.ones(5000))
     assert fitted_df > 100  # lighter than any t: a normal, the scatter its covariance
     np.testing.assert_allclose(scatter, np.cov(Z.T, bias=True), rtol=0.05, atol=0.01)
 
 
 def test_multivariate_t_of_fewer_rows_than_features_is_finite():
     rng = np.random.default_rng(3)
-    loc, scatter, df = _multivariate_t(rng.normal(size=(3, 5)), np.ones(3))
+    _, scatter, df = _multivariate_t(rng.normal(size=(3, 5)), np.ones(3))
     assert np.isfinite(df) and df >= 1.05
     assert np.all(np.linalg.eigvalsh(scatter) > 0)  # the ridge: Whiten needs its Cholesky factor
 

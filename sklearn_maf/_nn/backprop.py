@@ -37,8 +37,9 @@ Every model the estimators build has this path: a standard-normal,
 :class:`StudentT`, :class:`EllipticalT` or :class:`MADEMoG` base, with or
 without a context, and the layers :class:`Standardize`, :class:`Whiten`,
 :class:`Bounded`, :class:`AffineMADE` and :class:`BatchNorm`. Anything else
-is differentiated by autograd (:func:`supports` says which applies). A context enters each MADE's first
-layer beside the features, unmasked; it gets no gradient (it is data).
+is differentiated by autograd (:func:`supports` says which applies). A
+context enters each MADE's first layer beside the features, unmasked; it
+gets no gradient (it is data).
 
 On the CPU in float32 and float64, the element-wise work between the
 products runs in C where the package was built with its optional module
