@@ -270,6 +270,23 @@ def test_one_feature_is_a_gaussian(rng):
     assert model.score_samples(X).mean() == pytest.approx(maximum_likelihood.logpdf(X).mean(), abs=0.05)
 
 
+def test_one_heavy_tailed_feature_is_a_student_t(rng):
+    """base="auto" takes the fitted t for one heavy-tailed feature: every layer is affine,
+    so the fit is a location-scale Student t with the learned degrees of freedom."""
+    X = rng.standard_t(df=3, size=(2000, 1)) * 3 + 1
+    model = _small(max_iter=50).fit(X)
+    assert model.base_ == "fitted-t"
+    grid = np.linspace(-30, 30, 7)[:, None]
+    with torch.no_grad():
+        u = model.module_(torch.as_tensor(grid))[0].numpy()[:, 0]
+    np.testing.assert_allclose(np.diff(u, 2), 0, atol=1e-9)  # u = a x + b
+    slope = (u[-1] - u[0]) / (grid[-1, 0] - grid[0, 0])
+    df = model.module_.base.df.item()
+    expected = stats.t(df).logpdf(u) + np.log(abs(slope))
+    np.testing.assert_allclose(model.score_samples(grid), expected, rtol=1e-10)
+    assert 2.0 < df < 5.0
+
+
 def test_too_few_rows_for_early_stopping(rng):
     with pytest.raises(ValueError, match="n_samples=2 is too few for early stopping"):
         _small().fit(rng.normal(size=(2, 2)))
