@@ -67,9 +67,11 @@ class MAFDensity(DensityMixin, _BaseMAF):
         - "auto": "fitted-t" where the ECME fit has fewer than 7 degrees of
           freedom (heavy tails) and every feature's own fit agrees with it
           to 20% (as in a multivariate t, whose every feature is a t with
-          the same degrees of freedom), "elliptical-t" where the tails are
-          heavy otherwise, "gaussian" elsewhere; the choice is stored as
-          ``base_`` (``benchmarks/RESULTS.md``, "base='auto'").
+          the same degrees of freedom); "elliptical-t" where the tails are
+          heavy otherwise and every feature's own fit has fewer than 7 too;
+          "gaussian" elsewhere. The choice is stored as ``base_``
+          (``benchmarks/RESULTS.md``, "The fitted t base and
+          base='auto'").
     n_components : int, default=10
         Mixture components per conditional of the MoG base; ignored by the
         other bases.

@@ -568,7 +568,9 @@ def test_auto_tail_cut_gives_heavy_tailed_data_tails_and_other_bases_none(rng):
 
 
 def test_auto_base_takes_a_t_for_heavy_tails_the_fitted_t_where_they_are_elliptical(rng):
-    """base="auto" decides by a multivariate t fitted by ECME, and by each feature's own."""
+    """base="auto" decides by a multivariate t fitted by ECME, and by each feature's own:
+    the fitted t for a multivariate t, the elliptical t where every feature is heavy-tailed
+    but the rows are not jointly a t, the Gaussian base where some feature is light-tailed."""
     scatter = np.array([[1.0, 0.6, 0.2], [0.6, 1.0, 0.5], [0.2, 0.5, 1.0]])
     elliptical = stats.multivariate_t(np.zeros(3), scatter, df=3.0).rvs(3000, random_state=rng)
     # every feature a t with df 3, jointly not a t: a Gaussian copula
@@ -586,7 +588,10 @@ def test_auto_base_takes_a_t_for_heavy_tails_the_fitted_t_where_they_are_ellipti
     kinds = [type(transform) for transform in model.module_.transforms]
     assert Whiten not in kinds and BatchNorm in kinds
     assert 2.0 < float(model.module_.base.df.detach()) < 6.0  # started at ECME's df (about 4.5)
-    for X in (light, rng.normal(size=(2000, 4))):
+    # heavy-tailed as a whole (ECME df about 2.4) but with a Gaussian feature: a banana
+    x1 = rng.normal(scale=1.5, size=3000)
+    banana = np.c_[x1, x1**2 / 2 + 0.5 * rng.normal(size=3000)]
+    for X in (light, rng.normal(size=(2000, 4)), banana):
         model = _small(max_iter=5).fit(X)
         assert model.base_ == "gaussian" and isinstance(model.module_.base, StandardNormal)
     for base in ("gaussian", "mog", "student-t", "elliptical-t", "fitted-t"):  # an explicit base is kept
