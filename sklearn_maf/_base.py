@@ -598,7 +598,7 @@ _MVT_MAX_ITER = 100
 # 2.3-3.1 on the multivariate t's, 4.4-4.7 on the t marginals (every feature
 # 2.8-3.2), where a t base is 0.01-0.17 nats better than the Gaussian one;
 # 2.3-2.5 on the banana and 1.05 (its floor) on the funnel, which have a
-# Gaussian feature (df 80-1e4) and where the elliptical t was 0.001-0.005
+# Gaussian feature (df 60-1e4) and where the elliptical t was 0.001-0.005
 # worse; 10.0-10.6 on the sine chain and 1e4 on the Gaussian mixtures, where it
 # is worse (the sine chain: 0.02-0.06). 7 lies between (a t with 7 degrees of
 # freedom has an excess kurtosis of 2).
