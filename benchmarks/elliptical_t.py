@@ -1,37 +1,41 @@
-"""A candidate base, not in the library yet: an elliptical multivariate t, its df from the data.
+"""Multivariate t bases for MAFDensity, measured against the Gaussian base and GaussianMixture.
 
-On ``student-t-8d`` (a multivariate t, df=3) MAFDensity() ties the BIC
-GaussianMixture of ``quality.py``; earlier tries with heavier-tailed bases
-(``base="student-t"``, independent t's; an elliptical t whose degrees of
-freedom started at 30 and were learned) did not separate from it either. This
-script measures a MAF whose base is the standard multivariate t (identity
+Written when ``MAFDensity()`` (then the Gaussian base) tied the BIC
+GaussianMixture of ``quality.py`` on ``student-t-8d`` (a multivariate t,
+df=3), to measure a MAF whose base is the standard multivariate t (identity
 scatter, one degrees-of-freedom parameter) with the degrees of freedom
 *started* at the value of a multivariate t fitted to the standardised
 training rows by ECME (Liu & Rubin, 1995: EM for the location and scatter,
-the degrees of freedom maximising the observed likelihood). Models:
+the degrees of freedom maximising the observed likelihood). What it found
+is in the library now (``base="elliptical-t"``, ``"fitted-t"``, and the
+default ``"auto"`` that chooses; benchmarks/RESULTS.md). Models:
 
-- ``MAF``: ``MAFDensity()`` at its defaults;
-- ``MAF-ET``: ``MAFDensity(base="elliptical-t")``, the library's version of
-  ``ET`` (trained by the hand-written step);
-- ``ET``: the elliptical t base, df started at the ECME value and learned;
-- ``ETW``: ``ET`` with the fixed first layer whitening by the ECME location
-  and scatter (a full affine map) instead of standardising each feature;
-- ``ETWfix``: ``ETW`` with the df frozen at the ECME value;
-- ``ET30``: ``ET`` started at df = 30 (the earlier try);
+- ``MAF``: ``MAFDensity()`` at its defaults (``base="auto"``);
+- ``MAF-G``, ``MAF-ET``, ``MAF-FT``: ``MAFDensity`` with ``base="gaussian"``,
+  ``"elliptical-t"`` (the library's version of ``ET``) or ``"fitted-t"``;
+- the experiment's own models, whose base is swapped into the module that
+  ``MAFDensity`` builds (with ``base="student-t"``, so that no Gaussian tails
+  are added at scoring time) and which train by autograd (2-4x the
+  library's fit times):
+
+  - ``ET``: the elliptical t base, df started at the ECME value and learned;
+  - ``ETW``: ``ET`` with the fixed first layer whitening by the ECME location
+    and scatter (a full affine map) instead of standardising each feature;
+  - ``ETWfix``: ``ETW`` with the df frozen at the ECME value;
+  - ``ET30``: ``ET`` started at df = 30 (the earlier try);
+
 - ``EMT``: the ECME multivariate t alone, no flow;
 - ``GMM``: ``quality.fit_gmm``.
 
 Every choice is made from the training rows (the ECME fit uses the training
-split of the estimator only). The base is swapped into the module that
-``MAFDensity`` builds (with ``base="student-t"``, so that no Gaussian tails
-are added at scoring time); the library's hand-written training step does not
-know it, so these fits fall back to autograd and take 2-4x as long as the
-default's. Rows are ``quality.draw``'s, 10,000 training and 5,000 test.
+split of the estimator only). Rows: ``quality.draw``'s for ``--data-seed 0``
+(10,000 training, 5,000 test), fresh independent ones for other data seeds;
+``--n-test`` sets the test rows.
 
 Usage::
 
-    python benchmarks/elliptical_t.py [--datasets student-t-8d,...] [--models MAF,ET,ETW,GMM]
-        [--seeds 0 1 2] [--threads 1] [--out FILE]
+    python benchmarks/elliptical_t.py [--datasets student-t-8d,...] [--models MAF,MAF-G,ET,ETW,GMM]
+        [--seeds 0 1 2] [--data-seed 0] [--n-test 5000] [--threads 1] [--out FILE]
 """
 
 import argparse
