@@ -12,16 +12,25 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
-from scipy import optimize, special
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from ._nn import MAF, Bounded, EllipticalT, MADEMoG, StandardNormal, StudentT, Whiten, reused_buffers
-from ._nn.flow import power_tails
+from ._model_selection import _auto_base, _base_name, _choose_tail_cut, _multivariate_t
+from ._nn import MAF, Bounded, StandardNormal, reused_buffers
+from ._optimizer import make_optimizer
+from ._preprocessing import (
+    _DEQUANTIZATION_POINTS,
+    _check_weight_total,
+    _check_within_bounds,
+    _discrete_mask,
+    _parse_bounds,
+    _sobol_points,
+    _weighted_loc_scale,
+)
 from ._threads import limit_torch_threads, training_threads
-from ._training import _cyclic_gc_paused, make_optimizer, train_flow
+from ._training import _cyclic_gc_paused, train_flow
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -40,11 +49,6 @@ _CHUNK_ELEMENTS = 1 << 18
 # measured on an H200, scoring 1,000,000 rows in chunks of 2**18 elements was
 # 40 times slower than the peers' single pass.
 _DEVICE_CHUNK_ELEMENTS = 1 << 24
-
-# Quasi-random points per row that integrate the density over a dequantisation cell.
-_DEQUANTIZATION_POINTS = 32
-# candidates of tail_cut="auto", besides None (the plain normal)
-_TAIL_CUTS = (2.0, 2.5, 3.0, 4.0)
 
 
 class _BaseMAF(BaseEstimator):
@@ -396,9 +400,9 @@ class _BaseMAF(BaseEstimator):
                 f"Features {np.flatnonzero(not_integer).tolist()} are declared discrete "
                 "but hold non-integer values."
             )
-        self._check_within_bounds(X)
+        _check_within_bounds(self.bounds, X)
         if discrete.any():  # the dequantised cell [k, k + 1) must lie inside the bounds too
-            self._check_within_bounds(X + 0.999999 * discrete)
+            _check_within_bounds(self.bounds, X + 0.999999 * discrete)
         return discrete.astype(np.float64)
 
     @limit_torch_threads()
@@ -444,7 +448,7 @@ class _BaseMAF(BaseEstimator):
 
     def _build_module(self, X, sample_weight, generator, n_context=0):
         """A new flow whose fixed first layers are fitted to the training rows ``X``."""
-        bounds = self._bounds(X.shape[1])
+        bounds = _parse_bounds(self.bounds, X.shape[1])
         Y = X
         if bounds is not None:
             Y = Bounded(*map(torch.as_tensor, bounds))(torch.as_tensor(X))[0].numpy()
@@ -480,36 +484,6 @@ class _BaseMAF(BaseEstimator):
         if base in ("elliptical-t", "fitted-t"):
             module.base.set_df(df)
         return module
-
-    def _bounds(self, n_features):
-        """``bounds`` as two float64 arrays (low, high), or None when unbounded."""
-        if self.bounds is None:
-            return None
-        bounds = np.asarray(self.bounds, dtype=np.float64)
-        if bounds.shape != (n_features, 2) or np.isnan(bounds).any():
-            raise ValueError(
-                "bounds must have shape (n_features, 2) = "
-                f"({n_features}, 2) with no NaN, got shape {bounds.shape}."
-            )
-        low, high = bounds.T
-        if np.any(low >= high):
-            raise ValueError(
-                f"bounds must have low < high for every feature; features "
-                f"{np.flatnonzero(low >= high).tolist()} do not."
-            )
-        return low, high
-
-    def _check_within_bounds(self, X):
-        bounds = self._bounds(X.shape[1])
-        if bounds is None:
-            return
-        outside = (X <= bounds[0]) | (X >= bounds[1])
-        if outside.any():
-            features = np.flatnonzero(outside.any(axis=0)).tolist()
-            raise ValueError(
-                f"{int(outside.any(axis=1).sum())} training rows lie on or outside the "
-                f"open interval given by bounds, in features {features}."
-            )
 
     def _split(self, n_samples, rng):
         """Indices of the training rows and of the validation rows (or None)."""
@@ -572,208 +546,8 @@ class _BaseMAF(BaseEstimator):
         return out
 
 
-def _weighted_loc_scale(X, weight):
-    """Weighted per-feature mean and standard deviation; constant features raise."""
-    loc, scale = _weighted_moments(X, weight)
-    constant = _constant_features(loc, scale)
-    if constant.size:
-        raise ValueError(
-            f"Feature(s) {constant.tolist()} are constant on the training rows: a "
-            "constant feature has no density. Remove them first (e.g. with "
-            "sklearn.feature_selection.VarianceThreshold)."
-        )
-    return loc, scale
-
-
-# The degrees of freedom that _multivariate_t searches, and its cost: ECME
-# on at most this many rows (evenly spaced), at most this many iterations
-# (light tails converge in a few dozen; heavy ones take them all).
-_MVT_DF_RANGE = (0.5, 1e4)
-_MVT_MAX_ROWS = 20_000
-_MVT_MAX_ITER = 100
-# base="auto" takes a t base only where the t fitted by ECME has fewer degrees
-# of freedom than this (tails heavy), and only the elliptical one where every
-# feature's own fit has fewer too. Over six draws each of the benchmark's data
-# sets (benchmarks/RESULTS.md, "The fitted t base and base='auto'"), ECME gives
-# 2.3-3.1 on the multivariate t's, 4.4-4.7 on the t marginals (every feature
-# 2.8-3.2), where a t base is 0.01-0.17 nats better than the Gaussian one;
-# 2.3-2.5 on the banana and 1.05 (its floor) on the funnel, which have a
-# Gaussian feature (df 60-1e4) and where the elliptical t was 0.001-0.005
-# worse; 10.0-10.6 on the sine chain and 1e4 on the Gaussian mixtures, where it
-# is worse (the sine chain: 0.02-0.06). 7 lies between (a t with 7 degrees of
-# freedom has an excess kurtosis of 2).
-_AUTO_T_BELOW_DF = 7.0
-# ... and the fitted t base where every feature's own ECME df is within this
-# factor of the whole's: on the multivariate t sets they agree to 6%; on the
-# t marginals (each feature a t with df 3, not jointly one) the whole's df is
-# 1.5-1.6 times the features', on the banana and the funnel 48-9500 times.
-_AUTO_ELLIPTICAL_RATIO = 1.2
-
-
-def _multivariate_t(Z, weight, tol=1e-8):
-    """``(loc, scatter, df)`` of a multivariate t fitted to the rows ``Z`` (weighted); df >= 1.05.
-
-    ECME (Liu & Rubin, 1995): EM steps for the location and scatter, the
-    degrees of freedom maximising the observed likelihood in between. Where
-    the rows are lighter-tailed than any t, the df ends at the top of
-    ``_MVT_DF_RANGE``, nearly a normal (and the scatter nearly the
-    covariance); the floor of 1.05 keeps the base's mean (``df > 1``). On
-    more than ``_MVT_MAX_ROWS`` rows, evenly spaced ones. ``Z`` is
-    standardised (unit variance per feature).
-    """
-    Z, weight = Z[weight > 0], weight[weight > 0]
-    step = -(-Z.shape[0] // _MVT_MAX_ROWS)
-    Z, weight = Z[::step], weight[::step] / weight[::step].sum()
-    n_features = Z.shape[1]
-    # Z is standardised: a ridge of 1e-4 (of unit variances) keeps the scatter
-    # positive definite where the rows do not span every direction (fewer rows
-    # than features) and the likelihood bounded there, so that ECME converges
-    # to one point: with 1e-8, rows of weight 2 and the same rows repeated
-    # stopped at different iterations on 15 rows x 30 features, 7e-3 apart.
-    # It also bounds how much a whitening by this scatter (base="fitted-t")
-    # magnifies directions the rows do not span: 100 times at most.
-    ridge = 1e-4 * np.eye(n_features)
-    mu = weight @ Z
-    scatter = (weight[:, None] * (Z - mu)).T @ (Z - mu) + ridge
-    df, previous = 10.0, -np.inf
-
-    def log_density(df, radius2):
-        # the rows' log-densities less the scatter's log-det term, which does not depend on df
-        return (
-            special.gammaln((df + n_features) / 2) - special.gammaln(df / 2)
-            - n_features / 2 * np.log(df) - (df + n_features) / 2 * np.log1p(radius2 / df)
-        )  # fmt: skip
-
-    def squared_radii(centred, scatter):
-        # |L^-1 z|^2, scatter = L L^T; one product with L^-1 is several times
-        # faster than solving for many rows (36 against 6 ms: 20,000 x 64)
-        chol = np.linalg.cholesky(scatter)
-        return np.square(centred @ np.linalg.inv(chol).T).sum(axis=1), chol
-
-    # the squared radii under the current location and scatter: here, and at
-    # the end of each iteration for the next one
-    radius2, chol = squared_radii(Z - mu, scatter)
-    for _ in range(_MVT_MAX_ITER):
-        expected = (df + n_features) / (df + radius2)  # E[w | z] of the scale mixture
-        mu = (weight * expected) @ Z / (weight @ expected)
-        centred = Z - mu
-        scatter = (weight * expected * centred.T) @ centred + ridge
-        radius2, chol = squared_radii(centred, scatter)
-        result = optimize.minimize_scalar(
-            lambda log_df, radius2=radius2: -(weight @ log_density(np.exp(log_df), radius2)),
-            bounds=np.log(_MVT_DF_RANGE), method="bounded",
-        )  # fmt: skip
-        df = float(np.exp(result.x))
-        current = weight @ log_density(df, radius2) - np.log(np.diag(chol)).sum()
-        if current - previous < tol:
-            break
-        previous = current
-    return mu, scatter, max(df, 1.05)
-
-
-def _auto_base(Z, weight, df):
-    """What ``base="auto"`` takes for the standardised rows ``Z``, given their ECME ``df``.
-
-    Light tails (``df`` at least ``_AUTO_T_BELOW_DF``): "gaussian". Heavy
-    tails: "fitted-t" where the rows look like a multivariate t, whose every
-    feature is a t with the same degrees of freedom as the whole (each
-    feature's own ECME fit within ``_AUTO_ELLIPTICAL_RATIO`` of ``df``);
-    otherwise "elliptical-t" where every feature is heavy-tailed on its own,
-    and "gaussian" where some feature is not (a t base would give that
-    feature's direction tails it does not have).
-    """
-    if df >= _AUTO_T_BELOW_DF:
-        return "gaussian"
-    feature_dfs = np.array([_multivariate_t(Z[:, [feature]], weight)[2] for feature in range(Z.shape[1])])
-    if np.all(np.abs(np.log(feature_dfs / df)) <= np.log(_AUTO_ELLIPTICAL_RATIO)):
-        return "fitted-t"
-    return "elliptical-t" if np.all(feature_dfs < _AUTO_T_BELOW_DF) else "gaussian"
-
-
-def _base_name(module):
-    """The ``base`` value that builds the flow's base density (``base_``, "auto" resolved)."""
-    if isinstance(module.base, EllipticalT) and any(isinstance(t, Whiten) for t in module.transforms):
-        return "fitted-t"
-    names = {StandardNormal: "gaussian", MADEMoG: "mog", StudentT: "student-t", EllipticalT: "elliptical-t"}
-    return names[type(module.base)]
-
-
-def _weighted_moments(X, weight):
-    """Weighted per-feature mean and standard deviation."""
-    loc = np.average(X, axis=0, weights=weight)
-    return loc, np.sqrt(np.average((X - loc) ** 2, axis=0, weights=weight))
-
-
-def _constant_features(loc, scale):
-    """Indices of the features whose spread is at the round-off level of their mean."""
-    return np.flatnonzero(scale <= 4 * np.finfo(np.float64).eps * np.abs(loc))
-
-
-def _check_weight_total(sample_weight, rows, name):
-    if not sample_weight[rows].sum() > 0:
-        raise ValueError(
-            f"The sample weights of the {name} rows sum to zero; at least one "
-            "row needs a positive weight."
-        )
-
-
-def _discrete_mask(discrete_features, X):
-    """``discrete_features`` (None, "auto", indices or a mask) -> boolean mask."""
-    n_features = X.shape[1]
-    if discrete_features is None:
-        return np.zeros(n_features, dtype=bool)
-    if isinstance(discrete_features, str):  # "auto": columns that hold only integers
-        return np.all(X == np.floor(X), axis=0)
-    given = np.asarray(discrete_features)
-    if given.dtype == bool:
-        if given.shape != (n_features,):
-            raise ValueError(
-                f"A boolean discrete_features must have shape ({n_features},), got {given.shape}."
-            )
-        return given.copy()
-    if given.ndim != 1 or not np.issubdtype(given.dtype, np.integer):
-        raise ValueError("discrete_features must be 'auto', a boolean mask or integer indices.")
-    if np.any((given < 0) | (given >= n_features)):
-        raise ValueError(
-            f"discrete_features indices must be in [0, {n_features}), got {given.tolist()}."
-        )
-    mask = np.zeros(n_features, dtype=bool)
-    mask[given] = True
-    return mask
-
-
-def _sobol_points(n_points, n_dims):
-    """Fixed scrambled-Sobol points in [0, 1)^n_dims, float64 (no global RNG)."""
-    engine = torch.quasirandom.SobolEngine(n_dims, scramble=True, seed=0)
-    return engine.draw(n_points, dtype=torch.float64).numpy()
-
-
 def _module_device(module):
     return next(module.buffers()).device
-
-
-@torch.no_grad()
-def _choose_tail_cut(module, X, weight, context, chunk_size):
-    """The cut of ``power_tails`` (or None) under which ``X`` has the highest mean log-likelihood.
-
-    ``module`` is a fitted Gaussian-base flow in eval mode; the rows are mapped
-    to its base space once, and each candidate only changes the last step.
-    """
-    module.tail_cut = None
-    scores = torch.zeros(1 + len(_TAIL_CUTS), dtype=torch.float64)
-    with reused_buffers():
-        for start in range(0, X.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            u, logabsdet = module(X[rows], None if context is None else context[rows])
-            log_probs = [module.base_log_prob(u) + logabsdet]
-            for cut in _TAIL_CUTS:
-                v, ld = power_tails(u, cut)
-                log_probs.append(module.base_log_prob(v) + logabsdet + ld)
-            log_probs = torch.stack(log_probs, dim=1)
-            w = None if weight is None else weight[rows, None]
-            scores += (log_probs if w is None else log_probs * w).sum(dim=0).cpu()
-    best = int(torch.argmax(scores))  # the first of equals: no tails unless they score higher
-    return None if best == 0 else _TAIL_CUTS[best - 1]
 
 
 def _take(tensor, rows):

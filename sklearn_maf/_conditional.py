@@ -14,7 +14,8 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from ._base import _BaseMAF, _module_device, _sobol_points
+from ._base import _BaseMAF, _module_device
+from ._preprocessing import _sobol_points
 
 
 class MAFConditionalDensity(_BaseMAF):

@@ -8,7 +8,8 @@ from sklearn.base import OutlierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight
 
-from ._base import _BaseMAF, _constant_features, _weighted_moments
+from ._base import _BaseMAF
+from ._preprocessing import _constant_features, _weighted_moments
 
 # MAFDensity's parameters that the detector does not take: its own preprocessing
 # (dequantize, preprocessing="quantile") handles discrete and bounded features.

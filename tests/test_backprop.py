@@ -7,7 +7,8 @@ import torch
 
 from sklearn_maf._nn import MAF, backprop
 from sklearn_maf._nn.backprop import Plan, loss_and_grad, masked_weights, supports
-from sklearn_maf._training import make_optimizer, train_flow
+from sklearn_maf._optimizer import make_optimizer
+from sklearn_maf._training import train_flow
 
 DTYPE = torch.float64
 

@@ -223,7 +223,7 @@ def test_fitted_model_samples_are_the_inverse_of_transform(rng):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_adam_steps_like_torch_optim_adam(dtype):
     """Bit for bit, L2 groups included, also when a parameter misses a gradient."""
-    from sklearn_maf._training import _adam, _FusedAdam
+    from sklearn_maf._optimizer import _adam, _FusedAdam
 
     generator = torch.Generator().manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(5, 3, generator=generator, dtype=dtype)) for _ in range(4)]

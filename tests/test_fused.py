@@ -259,7 +259,7 @@ def test_the_c_functions_check_their_arguments():
 
 def _flat_and_reference_steps(dtype, n_steps, clip, average):
     """The same gradients through _FlatAdam and through the list-based clip, fused Adam and averaging."""
-    from sklearn_maf._training import (
+    from sklearn_maf._optimizer import (
         _FlatAdam, _GradientClip, _ParameterAverage, _adam, _parameter_groups,
     )  # fmt: skip
 
@@ -314,7 +314,7 @@ def test_flat_adam_in_float32_stays_close_to_the_list_based_steps(instructions):
 
 
 def test_flat_adam_refuses_parameters_moved_after_it_was_made():
-    from sklearn_maf._training import _FlatAdam
+    from sklearn_maf._optimizer import _FlatAdam
 
     _, flow = _flow(torch.float32)
     optimizer = _FlatAdam(flow, 1e-3, 0.0)
@@ -325,7 +325,7 @@ def test_flat_adam_refuses_parameters_moved_after_it_was_made():
 
 def test_flat_adam_takes_autograd_gradients_too():
     """Gradients that autograd puts in .grad (new tensors) are copied in, not ignored."""
-    from sklearn_maf._training import _FlatAdam
+    from sklearn_maf._optimizer import _FlatAdam
 
     X, flow = _flow(torch.float64)
     optimizer = _FlatAdam(flow, 1e-2, 0.0)
@@ -344,7 +344,7 @@ def test_flat_adam_takes_autograd_gradients_too():
 
 def test_a_plan_writes_the_gradients_where_flat_adam_reads_them():
     """With the optimizer's flat buffer, the plan keeps its gradient views: nothing to copy per step."""
-    from sklearn_maf._training import _FlatAdam
+    from sklearn_maf._optimizer import _FlatAdam
 
     X, flow = _flow(torch.float64)
     optimizer = _FlatAdam(flow, 1e-2, 0.0)
@@ -357,7 +357,7 @@ def test_a_plan_writes_the_gradients_where_flat_adam_reads_them():
 
 def test_flat_adam_moves_an_average_made_without_its_buffer_too():
     """An average of copies of the parameters (not of the optimizer's buffer) is moved after the step."""
-    from sklearn_maf._training import _FlatAdam, _ParameterAverage
+    from sklearn_maf._optimizer import _FlatAdam, _ParameterAverage
 
     _, flow = _flow(torch.float64)
     optimizer = _FlatAdam(flow, 1e-2, 0.0)
