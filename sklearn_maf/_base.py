@@ -30,7 +30,7 @@ from ._preprocessing import (
     _weighted_loc_scale,
 )
 from ._threads import limit_torch_threads, training_threads
-from ._training import _cyclic_gc_paused, train_flow
+from ._training import TrainingConfig, _cyclic_gc_paused, train_flow
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -230,17 +230,9 @@ class _BaseMAF(BaseEstimator):
                 w_train,
                 c_train,
                 validation=validation_data,
-                batch_size=batch_size,
-                learning_rate=self.learning_rate_init,
-                alpha=self.alpha,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                n_iter_no_change=self.n_iter_no_change,
+                config=self._training_config(batch_size),
                 generator=generator,
-                verbose=self.verbose,
                 dequantize=to_tensor(discrete) if discrete.any() else None,
-                adaptive=self.learning_rate == "adaptive",
-                average=True,
             )
 
         module = module.to(torch.float64)
@@ -319,16 +311,9 @@ class _BaseMAF(BaseEstimator):
                 module,
                 to_tensor(X),
                 to_tensor(sample_weight) if weighted else None,
-                batch_size=batch_size,
-                learning_rate=self.learning_rate_init,
-                alpha=self.alpha,
-                max_iter=1,
-                tol=self.tol,
-                n_iter_no_change=self.n_iter_no_change,
+                config=self._training_config(batch_size, one_epoch=True),
                 generator=generator,
-                verbose=self.verbose,
                 optimizer=optimizer,
-                warn_not_converged=False,
                 dequantize=to_tensor(discrete) if discrete.any() else None,
             )
         self._partial_state = state
@@ -341,6 +326,27 @@ class _BaseMAF(BaseEstimator):
         self.best_loss_ = min(self.loss_curve_)
         self.n_iter_ = len(self.loss_curve_)
         return self
+
+    def _training_config(self, batch_size, *, one_epoch=False):
+        """The estimator's training parameters as :func:`train_flow` takes them.
+
+        ``one_epoch``: ``partial_fit``'s single pass, at ``learning_rate_init``
+        throughout, on the weights themselves (no averaging), without a
+        ``ConvergenceWarning``.
+        """
+        common = dict(
+            batch_size=batch_size,
+            learning_rate=self.learning_rate_init,
+            alpha=self.alpha,
+            tol=self.tol,
+            n_iter_no_change=self.n_iter_no_change,
+            verbose=self.verbose,
+        )
+        if one_epoch:
+            return TrainingConfig(max_iter=1, warn_not_converged=False, **common)
+        return TrainingConfig(
+            max_iter=self.max_iter, adaptive=self.learning_rate == "adaptive", average=True, **common
+        )
 
     def _training_threads(self, batch_size, n_inputs):
         """The cap on torch's threads while training on the CPU (None: no cap).

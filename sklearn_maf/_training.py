@@ -25,7 +25,7 @@ from ._optimizer import (
     make_optimizer,
 )
 
-__all__ = ["TrainingHistory", "mean_log_prob", "train_flow"]
+__all__ = ["TrainingConfig", "TrainingHistory", "mean_log_prob", "train_flow"]
 
 
 @dataclass
@@ -40,6 +40,46 @@ class TrainingHistory:
     n_steps: int = 0
     stopped_early: bool = False
     non_finite: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How :func:`train_flow` trains; the estimators make one from their parameters.
+
+    Parameters
+    ----------
+    batch_size, learning_rate, alpha, max_iter, tol, n_iter_no_change
+        As the estimators' ``batch_size``, ``learning_rate_init``, ``alpha``,
+        ``max_iter``, ``tol`` and ``n_iter_no_change``.
+    adaptive : bool, default=False
+        Halve the learning rate each time :data:`ADAPTIVE_EPOCHS` consecutive
+        epochs, of :data:`ADAPTIVE_STEPS` steps or more in all, go without an
+        improvement of ``tol`` (the ``learning_rate="adaptive"`` schedule of
+        the estimators).
+    average : bool, default=False
+        Keep an exponential moving average of the weights over the steps
+        (:class:`~sklearn_maf._optimizer._ParameterAverage`) and make it the
+        result: early stopping scores and restores averaged weights, and
+        without validation rows the module ends with the average of the last
+        steps. ``partial_fit`` trains the weights themselves, one epoch per
+        call, and does not.
+    verbose : bool, default=False
+        Print one line per epoch.
+    warn_not_converged : bool, default=True
+        Warn with a ``ConvergenceWarning`` when ``max_iter`` epochs end without
+        convergence; ``partial_fit`` runs one epoch on purpose and does not.
+    """
+
+    batch_size: int
+    learning_rate: float
+    alpha: float
+    max_iter: int
+    tol: float
+    n_iter_no_change: int
+    adaptive: bool = False
+    average: bool = False
+    verbose: bool = False
+    warn_not_converged: bool = True
 
 
 def _batches(n_rows, batch_size, generator, device=None, weight=None):
@@ -117,25 +157,7 @@ ADAPTIVE_STEPS = 100
 
 
 def train_flow(
-    module,
-    X,
-    weight=None,
-    context=None,
-    validation=None,
-    *,
-    batch_size,
-    learning_rate,
-    alpha,
-    max_iter,
-    tol,
-    n_iter_no_change,
-    generator,
-    verbose=False,
-    optimizer=None,
-    warn_not_converged=True,
-    dequantize=None,
-    adaptive=False,
-    average=False,
+    module, X, weight=None, context=None, validation=None, *, config, generator, optimizer=None, dequantize=None
 ):
     """Fit ``module`` (in place) by maximum likelihood with Adam.
 
@@ -152,36 +174,21 @@ def train_flow(
         Conditioning features, for a conditional flow.
     validation : tuple (X_val, weight_val, context_val), optional
         When given, training stops once the validation mean log-likelihood has
-        not improved by ``tol`` for ``n_iter_no_change`` epochs, and the best
-        weights are restored. Otherwise the training loss decides, as in
-        scikit-learn's MLP.
-    batch_size, learning_rate, alpha, max_iter, tol, n_iter_no_change
-        As in the estimator.
+        not improved by ``config.tol`` for ``config.n_iter_no_change`` epochs,
+        and the best weights are restored. Otherwise the training loss
+        decides, as in scikit-learn's MLP.
+    config : TrainingConfig
+        How to train: batch size, learning rate and its schedule, penalty,
+        stopping rule, averaging, output.
     generator : torch.Generator
         Source of the batch shuffling.
-    verbose : bool
-        Print one line per epoch.
-    optimizer : torch.optim.Optimizer, optional
+    optimizer : optional
         An optimizer of ``module`` to continue with (its moment estimates
         carry over, as in ``partial_fit``); by default a fresh one from
-        :func:`make_optimizer`.
+        :func:`~sklearn_maf._optimizer.make_optimizer`.
     dequantize : torch.Tensor of shape (n_features,), optional
         1 for integer-valued columns: each batch gets fresh uniform noise in
         ``[0, 1)`` on them (uniform dequantisation), drawn from ``generator``.
-    warn_not_converged : bool, default=True
-        Warn with a ``ConvergenceWarning`` when ``max_iter`` epochs end without
-        convergence; ``partial_fit`` runs one epoch on purpose and does not.
-    adaptive : bool, default=False
-        Halve the learning rate each time :data:`ADAPTIVE_EPOCHS` consecutive
-        epochs, of :data:`ADAPTIVE_STEPS` steps or more in all, go without an
-        improvement of ``tol`` (the ``learning_rate="adaptive"`` schedule of
-        the estimators).
-    average : bool, default=False
-        Keep an exponential moving average of the weights over the steps
-        (decay :data:`AVERAGE_DECAY`) and make it the result: early stopping
-        scores and restores averaged weights, and without validation rows
-        the module ends with the average of the last steps. ``partial_fit``
-        trains the weights themselves, one epoch per call, and does not.
 
     Returns
     -------
@@ -189,22 +196,22 @@ def train_flow(
     """
     history = TrainingHistory()
     if optimizer is None:
-        optimizer = make_optimizer(module, learning_rate, alpha)
+        optimizer = make_optimizer(module, config.learning_rate, config.alpha)
     best_state = _snapshot(module)
     clip = _GradientClip()  # its running norm carries over from epoch to epoch
-    averaged = _ParameterAverage(module, flat=getattr(optimizer, "flat_param", None)) if average else None
+    averaged = _ParameterAverage(module, flat=getattr(optimizer, "flat_param", None)) if config.average else None
     no_improvement = 0
     stall_epochs = stall_steps = 0  # since the last improvement or halving of the rate
     module.train()
 
-    for epoch in range(max_iter):
+    for epoch in range(config.max_iter):
         start = time.perf_counter()
         if validation is None:
             # The weights after an epoch have not been scored yet; those it starts
             # from gave a finite loss on its first batch if its loss is finite.
             epoch_start_state = _snapshot(module)
         loss, n_steps = _epoch(
-            module, optimizer, X, weight, context, batch_size, generator, dequantize, clip, averaged
+            module, optimizer, X, weight, context, config.batch_size, generator, dequantize, clip, averaged
         )
         history.n_steps += n_steps
         if not math.isfinite(loss):
@@ -224,27 +231,27 @@ def train_flow(
             with averaged.applied() if averaged is not None else nullcontext():
                 score = mean_log_prob(module, *validation)
                 history.validation_scores.append(score)
-                improved = score > history.best_validation_score + tol
+                improved = score > history.best_validation_score + config.tol
                 if score > history.best_validation_score:
                     history.best_validation_score = score
                     best_state = _snapshot(module)
         else:
-            improved = loss < history.best_loss - tol
+            improved = loss < history.best_loss - config.tol
             best_state = epoch_start_state
         history.best_loss = min(history.best_loss, loss)
         no_improvement = 0 if improved else no_improvement + 1
         stall_epochs, stall_steps = (0, 0) if improved else (stall_epochs + 1, stall_steps + n_steps)
-        if adaptive and stall_epochs >= ADAPTIVE_EPOCHS and stall_steps >= ADAPTIVE_STEPS:
+        if config.adaptive and stall_epochs >= ADAPTIVE_EPOCHS and stall_steps >= ADAPTIVE_STEPS:
             _scale_learning_rate(optimizer, 0.5)
             stall_epochs = stall_steps = 0
 
-        if verbose:
+        if config.verbose:
             line = f"Epoch {epoch + 1}: loss {loss:.5f}"
             if validation is not None:
                 line += f", validation log-likelihood {score:.5f}"
             print(f"{line}, {time.perf_counter() - start:.2f}s", flush=True)
 
-        if no_improvement >= n_iter_no_change:
+        if no_improvement >= config.n_iter_no_change:
             history.stopped_early = True
             break
 
@@ -252,9 +259,9 @@ def train_flow(
         module.load_state_dict(best_state)
     elif averaged is not None and not history.non_finite:
         averaged.apply()
-    if warn_not_converged and not history.stopped_early and not history.non_finite:
+    if config.warn_not_converged and not history.stopped_early and not history.non_finite:
         warnings.warn(
-            f"Stochastic optimizer: maximum iterations ({max_iter}) reached and "
+            f"Stochastic optimizer: maximum iterations ({config.max_iter}) reached and "
             "the optimization hasn't converged yet.",
             ConvergenceWarning,
         )

@@ -8,7 +8,7 @@ import torch
 from sklearn_maf._nn import MAF, backprop
 from sklearn_maf._nn.backprop import Plan, loss_and_grad, masked_weights, supports
 from sklearn_maf._optimizer import make_optimizer
-from sklearn_maf._training import train_flow
+from sklearn_maf._training import TrainingConfig, train_flow
 
 DTYPE = torch.float64
 
@@ -207,9 +207,11 @@ def test_training_keeps_masked_weights_at_zero():
     flow = MAF(X.mean(0), X.std(0), n_layers=3, hidden_units=7, n_hidden_layers=2,
                generator=torch.Generator().manual_seed(0), dtype=DTYPE).train()  # fmt: skip
     history = train_flow(
-        flow, X, batch_size=16, learning_rate=1e-2, alpha=1e-3, max_iter=3, tol=0.0,
-        n_iter_no_change=100, generator=torch.Generator().manual_seed(0),
-        optimizer=make_optimizer(flow, 1e-2, 1e-3), warn_not_converged=False,
+        flow, X, generator=torch.Generator().manual_seed(0), optimizer=make_optimizer(flow, 1e-2, 1e-3),
+        config=TrainingConfig(
+            batch_size=16, learning_rate=1e-2, alpha=1e-3, max_iter=3, tol=0.0, n_iter_no_change=100,
+            warn_not_converged=False,
+        ),
     )  # fmt: skip
     assert history.n_iter == 3
     for weight, mask in zip(*masked_weights(flow)):

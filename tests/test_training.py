@@ -10,7 +10,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn_maf._nn import MAF
 from sklearn_maf import _training
 from sklearn_maf._optimizer import _ParameterAverage, make_optimizer
-from sklearn_maf._training import _batches, mean_log_prob, train_flow
+from sklearn_maf._training import TrainingConfig, _batches, mean_log_prob, train_flow
 
 DTYPE = torch.float64
 
@@ -39,19 +39,14 @@ def _data(n_samples=40, seed=1, shift=0.0):
     return torch.stack([z[:, 0], z[:, 0] ** 2 / 2 + 0.5 * z[:, 1]], dim=1) + shift
 
 
-def _train(module, X, weight=None, validation=None, **params):
-    """:func:`train_flow` with small defaults (never stopping early); ``params`` override them."""
-    options = dict(
-        batch_size=16,
-        learning_rate=1e-2,
-        alpha=0.0,
-        max_iter=4,
-        tol=0.0,
-        n_iter_no_change=1000,
-        generator=_generator(2),
-    )
+def _train(module, X, weight=None, validation=None, *, generator=None, optimizer=None, **params):
+    """:func:`train_flow` with small defaults (never stopping early); ``params`` override the config's."""
+    options = dict(batch_size=16, learning_rate=1e-2, alpha=0.0, max_iter=4, tol=0.0, n_iter_no_change=1000)
     options.update(params)
-    return train_flow(module, X, weight, validation=validation, **options)
+    return train_flow(
+        module, X, weight, validation=validation, config=TrainingConfig(**options),
+        generator=_generator(2) if generator is None else generator, optimizer=optimizer,
+    )  # fmt: skip
 
 
 def _max_iter_warning(max_iter):
