@@ -1,9 +1,14 @@
-"""What every MAF estimator shares: parameters, training, scoring and sampling.
+"""The estimators' shared plumbing: parameters, training, scoring and sampling.
 
-The public estimators (one per module) add their own scikit-learn face on top:
-:class:`~sklearn_maf.MAFDensity` a density estimator, and the outlier detector
-a thresholded score. Parameters are declared once here; each estimator's
-docstring documents them for its users.
+:class:`_BaseMAF` holds what every estimator shares: the parameters (declared
+once here; each estimator's docstring documents them for its users), pickling,
+training a flow on prepared rows with an optional context, device and
+chunking, and the dequantised log-mass. :class:`_UnconditionalMAF` adds what
+only a density of ``X`` alone has: validation of ``X``, ``partial_fit`` and
+``sample(n_samples)``. The public estimators (one per module) add their own
+scikit-learn face on top: :class:`~sklearn_maf.MAFDensity` and the outlier
+detector on :class:`_UnconditionalMAF`, :class:`~sklearn_maf.MAFConditionalDensity`,
+a density of ``y`` given ``X``, on :class:`_BaseMAF`.
 """
 
 import copy
@@ -52,7 +57,7 @@ _DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
 class _BaseMAF(BaseEstimator):
-    """Parameters, training, scoring and sampling of a Masked Autoregressive Flow."""
+    """Parameters, training and the scoring machinery of a Masked Autoregressive Flow."""
 
     _parameter_constraints: dict = {
         "n_layers": [Interval(Integral, 1, None, closed="left")],
@@ -166,16 +171,6 @@ class _BaseMAF(BaseEstimator):
             self.device = "cpu"
         self.module_ = module.to(torch.device(self.device))
 
-    def _fit(self, X, sample_weight):
-        """Validate ``X``, train the flow and set the fitted attributes.
-
-        Returns the indices of the training rows and of the validation rows
-        (None without early stopping), for estimators that calibrate on them.
-        """
-        continuing = self.warm_start and hasattr(self, "module_")
-        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, reset=not continuing)
-        return self._train(X, sample_weight, continuing=continuing)
-
     @limit_torch_threads()
     def _train(self, X, sample_weight, context=None, *, continuing=False):
         """Train the flow on validated rows ``X`` (given ``context``); set fitted attributes.
@@ -279,54 +274,6 @@ class _BaseMAF(BaseEstimator):
         """
         return X
 
-    @limit_torch_threads()
-    def _partial_fit(self, X, sample_weight):
-        """One epoch over ``X``, continuing the flow and Adam state of earlier calls."""
-        first = not hasattr(self, "module_")
-        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, reset=first)
-        sample_weight = _check_sample_weight(
-            sample_weight, X, dtype=np.float64, ensure_non_negative=True
-        )
-        discrete = self._set_discrete_features(X, reset=first)
-        _check_weight_total(sample_weight, slice(None), "partial_fit")
-        device, dtype = self._torch_device(), _DTYPES[self.precision]
-        state = getattr(self, "_partial_state", None)
-        if state is None:
-            rng = check_random_state(self.random_state)
-            generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
-            if first:
-                noisy = X + check_random_state(rng).uniform(size=X.shape) * discrete
-                module = self._build_module(noisy, sample_weight, generator)
-            else:
-                module = copy.deepcopy(self.module_)
-            module = module.to(device=device, dtype=dtype)
-            state = (module, make_optimizer(module, self.learning_rate_init, self.alpha), generator)
-        module, optimizer, generator = state
-
-        to_tensor = self._tensor_factory(dtype, device)
-        weighted = not np.all(sample_weight == 1)
-        batch_size = min(self.batch_size, X.shape[0])
-        with limit_torch_threads(self._training_threads(batch_size, X.shape[1])):
-            history = train_flow(
-                module,
-                to_tensor(X),
-                to_tensor(sample_weight) if weighted else None,
-                config=self._training_config(batch_size, one_epoch=True),
-                generator=generator,
-                optimizer=optimizer,
-                dequantize=to_tensor(discrete) if discrete.any() else None,
-            )
-        self._partial_state = state
-        self.module_ = copy.deepcopy(module).to(torch.float64).eval()
-        self.tail_cut_ = self.module_.tail_cut
-        self.base_ = _base_name(self.module_)
-        self.loss_curve_ = (getattr(self, "loss_curve_", None) or []) + history.loss_curve
-        self.validation_scores_ = None
-        self.best_validation_score_ = None
-        self.best_loss_ = min(self.loss_curve_)
-        self.n_iter_ = len(self.loss_curve_)
-        return self
-
     def _training_config(self, batch_size, *, one_epoch=False):
         """The estimator's training parameters as :func:`train_flow` takes them.
 
@@ -357,11 +304,6 @@ class _BaseMAF(BaseEstimator):
         if self._torch_device().type != "cpu":
             return None
         return training_threads(batch_size, self.hidden_units, n_inputs)
-
-    def _log_density(self, X):
-        """Validated ``X`` -> float64 log-densities; underflow gives -inf, never NaN."""
-        X = self._validate_fitted_input(X)
-        return self._log_mass(lambda x: self.module_.log_prob(x), X)
 
     def _log_mass(self, log_prob, X, *context):
         """Log-density of rows ``X`` (given ``context``), integrating out dequantisation.
@@ -410,40 +352,6 @@ class _BaseMAF(BaseEstimator):
         if discrete.any():  # the dequantised cell [k, k + 1) must lie inside the bounds too
             _check_within_bounds(self.bounds, X + 0.999999 * discrete)
         return discrete.astype(np.float64)
-
-    @limit_torch_threads()
-    def sample(self, n_samples=1, random_state=None):
-        """Draw rows from the fitted density.
-
-        Parameters
-        ----------
-        n_samples : int, default=1
-            Number of rows to draw.
-        random_state : int, RandomState instance or None, default=None
-            Seeds the draw; the same value gives the same rows. None draws fresh
-            rows on every call (from numpy's global random state, as
-            :meth:`sklearn.neighbors.KernelDensity.sample` does).
-
-        Returns
-        -------
-        X : ndarray of shape (n_samples, n_features), dtype float64
-            The drawn rows, in the units of the training data.
-        """
-        check_is_fitted(self)
-        if not isinstance(n_samples, Integral) or isinstance(n_samples, bool):
-            raise TypeError(f"n_samples must be a positive int, got {n_samples!r}")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be a positive int, got {n_samples}")
-        rng = check_random_state(random_state)
-        generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
-        chunk = self._chunk_size()
-        out = np.empty((n_samples, self.module_.n_features))
-        with torch.inference_mode(), _cyclic_gc_paused(), reused_buffers():
-            for start in range(0, n_samples, chunk):
-                rows = min(chunk, n_samples - start)
-                x = self.module_.sample(rows, generator=generator)
-                out[start : start + rows] = x.cpu().numpy()
-        return self._floor_discrete(out)
 
     def _floor_discrete(self, X):
         """Map dequantised values back to integers on the discrete columns."""
@@ -527,10 +435,6 @@ class _BaseMAF(BaseEstimator):
         # bases turn uniform noise, which torch draws number by number, into rows.
         return max(1024, elements // width)
 
-    def _validate_fitted_input(self, X):
-        check_is_fitted(self)
-        return validate_data(self, X, dtype=np.float64, reset=False)
-
     @limit_torch_threads()
     def _map_rows(self, function, n_outputs, *arrays, chunk=None):
         """Apply a float64 torch ``function`` to chunks of rows of ``arrays``; numpy out.
@@ -550,6 +454,116 @@ class _BaseMAF(BaseEstimator):
                 ]
                 out[start : start + chunk] = function(*tensors).cpu().numpy()
         return out
+
+
+class _UnconditionalMAF(_BaseMAF):
+    """A flow of the rows ``X`` alone: fit, partial fit, log-density and ``sample(n_samples)``.
+
+    The base of :class:`~sklearn_maf.MAFDensity` and the outlier detector;
+    :class:`~sklearn_maf.MAFConditionalDensity` models ``y`` given ``X`` and
+    has its own versions of these, with the context.
+    """
+
+    def _fit(self, X, sample_weight):
+        """Validate ``X``, train the flow and set the fitted attributes.
+
+        Returns the indices of the training rows and of the validation rows
+        (None without early stopping), for estimators that calibrate on them.
+        """
+        continuing = self.warm_start and hasattr(self, "module_")
+        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, reset=not continuing)
+        return self._train(X, sample_weight, continuing=continuing)
+
+    @limit_torch_threads()
+    def _partial_fit(self, X, sample_weight):
+        """One epoch over ``X``, continuing the flow and Adam state of earlier calls."""
+        first = not hasattr(self, "module_")
+        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, reset=first)
+        sample_weight = _check_sample_weight(
+            sample_weight, X, dtype=np.float64, ensure_non_negative=True
+        )
+        discrete = self._set_discrete_features(X, reset=first)
+        _check_weight_total(sample_weight, slice(None), "partial_fit")
+        device, dtype = self._torch_device(), _DTYPES[self.precision]
+        state = getattr(self, "_partial_state", None)
+        if state is None:
+            rng = check_random_state(self.random_state)
+            generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
+            if first:
+                noisy = X + check_random_state(rng).uniform(size=X.shape) * discrete
+                module = self._build_module(noisy, sample_weight, generator)
+            else:
+                module = copy.deepcopy(self.module_)
+            module = module.to(device=device, dtype=dtype)
+            state = (module, make_optimizer(module, self.learning_rate_init, self.alpha), generator)
+        module, optimizer, generator = state
+
+        to_tensor = self._tensor_factory(dtype, device)
+        weighted = not np.all(sample_weight == 1)
+        batch_size = min(self.batch_size, X.shape[0])
+        with limit_torch_threads(self._training_threads(batch_size, X.shape[1])):
+            history = train_flow(
+                module,
+                to_tensor(X),
+                to_tensor(sample_weight) if weighted else None,
+                config=self._training_config(batch_size, one_epoch=True),
+                generator=generator,
+                optimizer=optimizer,
+                dequantize=to_tensor(discrete) if discrete.any() else None,
+            )
+        self._partial_state = state
+        self.module_ = copy.deepcopy(module).to(torch.float64).eval()
+        self.tail_cut_ = self.module_.tail_cut
+        self.base_ = _base_name(self.module_)
+        self.loss_curve_ = (getattr(self, "loss_curve_", None) or []) + history.loss_curve
+        self.validation_scores_ = None
+        self.best_validation_score_ = None
+        self.best_loss_ = min(self.loss_curve_)
+        self.n_iter_ = len(self.loss_curve_)
+        return self
+
+    def _validate_fitted_input(self, X):
+        check_is_fitted(self)
+        return validate_data(self, X, dtype=np.float64, reset=False)
+
+    def _log_density(self, X):
+        """Validated ``X`` -> float64 log-densities; underflow gives -inf, never NaN."""
+        X = self._validate_fitted_input(X)
+        return self._log_mass(lambda x: self.module_.log_prob(x), X)
+
+    @limit_torch_threads()
+    def sample(self, n_samples=1, random_state=None):
+        """Draw rows from the fitted density.
+
+        Parameters
+        ----------
+        n_samples : int, default=1
+            Number of rows to draw.
+        random_state : int, RandomState instance or None, default=None
+            Seeds the draw; the same value gives the same rows. None draws fresh
+            rows on every call (from numpy's global random state, as
+            :meth:`sklearn.neighbors.KernelDensity.sample` does).
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features), dtype float64
+            The drawn rows, in the units of the training data.
+        """
+        check_is_fitted(self)
+        if not isinstance(n_samples, Integral) or isinstance(n_samples, bool):
+            raise TypeError(f"n_samples must be a positive int, got {n_samples!r}")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be a positive int, got {n_samples}")
+        rng = check_random_state(random_state)
+        generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
+        chunk = self._chunk_size()
+        out = np.empty((n_samples, self.module_.n_features))
+        with torch.inference_mode(), _cyclic_gc_paused(), reused_buffers():
+            for start in range(0, n_samples, chunk):
+                rows = min(chunk, n_samples - start)
+                x = self.module_.sample(rows, generator=generator)
+                out[start : start + rows] = x.cpu().numpy()
+        return self._floor_discrete(out)
 
 
 def _module_device(module):

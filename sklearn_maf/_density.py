@@ -4,11 +4,11 @@ import numpy as np
 from sklearn.base import DensityMixin, _fit_context
 from sklearn.utils._tags import TransformerTags
 
-from ._base import _BaseMAF
+from ._base import _UnconditionalMAF
 from ._nn import EllipticalT, StudentT
 
 
-class MAFDensity(DensityMixin, _BaseMAF):
+class MAFDensity(DensityMixin, _UnconditionalMAF):
     """Density estimation with a Masked Autoregressive Flow.
 
     A MAF (Papamakarios, Pavlakou & Murray, 2017) models ``log p(x)`` as a

@@ -8,7 +8,7 @@ from sklearn.base import OutlierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight
 
-from ._base import _BaseMAF
+from ._base import _BaseMAF, _UnconditionalMAF
 from ._preprocessing import _constant_features, _weighted_moments
 
 # MAFDensity's parameters that the detector does not take: its own preprocessing
@@ -24,7 +24,7 @@ _AUTO_FRACTION = 0.01
 _MAX_QUANTILES = 1000
 
 
-class MAFOutlierDetector(OutlierMixin, _BaseMAF):
+class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
     """Outlier and novelty detection with a Masked Autoregressive Flow.
 
     The detector learns the density of the training rows with a MAF

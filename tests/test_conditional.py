@@ -1,5 +1,7 @@
 """MAFConditionalDensity against conditional densities known in closed form."""
 
+import inspect
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -176,3 +178,11 @@ def test_auto_base_decides_on_the_targets(rng):
     # one target: its t is trivially the whole's, so the fitted t (whitened, no batch norm)
     assert model.base_ == "fitted-t" and np.isfinite(model.score_samples(X[:50], heavy[:50])).all()
     assert _small().fit(X, light).base_ == "gaussian"
+
+
+def test_the_conditional_estimator_has_only_conditional_methods():
+    """p(y | x) inherits no unconditional plumbing: no partial_fit, no score or sample of X alone."""
+    for name in ("partial_fit", "_partial_fit", "_fit", "_log_density", "_validate_fitted_input", "transform"):
+        assert not hasattr(MAFConditionalDensity, name), name
+    for method in ("sample", "score_samples", "score", "predict"):
+        assert list(inspect.signature(getattr(MAFConditionalDensity, method)).parameters)[1] == "X"
