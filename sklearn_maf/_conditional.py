@@ -214,6 +214,8 @@ class MAFConditionalDensity(_BaseMAF):
     (4,)
     """
 
+    _fitted_attributes = _BaseMAF._fitted_attributes + ("n_targets_", "context_mean_", "context_scale_", "_y_1d")
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.target_tags.required = True
