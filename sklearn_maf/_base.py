@@ -42,20 +42,12 @@ from .exceptions import IncompatiblePickleError, InconsistentVersionWarning
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-# Rows per chunk when scoring, transforming or sampling: bounds the memory of the
-# hidden activations (about CHUNK_ELEMENTS * 8 bytes per layer) on any number of
-# rows. Small enough that a chunk's activations (2 MiB in float64) stay in the
-# CPU caches: measured on 100 hidden units, scoring in chunks of 2,500 rows is
-# about twice as fast as in chunks of 40,000, while the fixed cost per chunk
-# (a few hundred small tensor operations) stays below 10% of the arithmetic.
-# Measured again with feature-major products and reused buffers (200,000 x 8
-# rows, 5 layers): 2**18 elements per chunk scored fastest of 2**17 to 2**20,
-# 1.2x faster than 2**20, with a fixed cost of 0.8 ms in a 10 ms chunk.
+# Elements (rows x width) per chunk when scoring, transforming or sampling: the memory
+# stays bounded on any number of rows, a chunk's activations stay in the CPU caches, and
+# the fixed cost per chunk does not show (benchmarks/RESULTS.md, "Speed").
 _CHUNK_ELEMENTS = 1 << 18
-# On a GPU a chunk is one batch of kernel launches, whose fixed cost dominates
-# small chunks: 2**24 elements (128 MiB per float64 activation) keep it busy;
-# measured on an H200, scoring 1,000,000 rows in chunks of 2**18 elements was
-# 40 times slower than the peers' single pass.
+# On a GPU each chunk is a batch of kernel launches with a fixed cost: large chunks
+# (benchmarks/RESULTS.md, "On a GPU").
 _DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 

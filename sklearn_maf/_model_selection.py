@@ -23,22 +23,12 @@ _TAIL_CUTS = (2.0, 2.5, 3.0, 4.0)
 _MVT_DF_RANGE = (0.5, 1e4)
 _MVT_MAX_ROWS = 20_000
 _MVT_MAX_ITER = 100
-# base="auto" takes a t base only where the t fitted by ECME has fewer degrees
-# of freedom than this (tails heavy), and only the elliptical one where every
-# feature's own fit has fewer too. Over six draws each of the benchmark's data
-# sets (benchmarks/RESULTS.md, "The fitted t base and base='auto'"), ECME gives
-# 2.3-3.1 on the multivariate t's, 4.4-4.7 on the t marginals (every feature
-# 2.8-3.2), where a t base is 0.01-0.17 nats better than the Gaussian one;
-# 2.3-2.5 on the banana and 1.05 (its floor) on the funnel, which have a
-# Gaussian feature (df 60-1e4) and where the elliptical t was 0.001-0.005
-# worse; 10.0-10.6 on the sine chain and 1e4 on the Gaussian mixtures, where it
-# is worse (the sine chain: 0.02-0.06). 7 lies between (a t with 7 degrees of
-# freedom has an excess kurtosis of 2).
+# base="auto" takes a t base only where the t fitted by ECME has fewer degrees of
+# freedom than this: a t with 7 has an excess kurtosis of 2, heavy tails by any measure
+# (benchmarks/RESULTS.md, "The fitted t base and base='auto'", for the data sets' dfs).
 _AUTO_T_BELOW_DF = 7.0
-# ... and the fitted t base where every feature's own ECME df is within this
-# factor of the whole's: on the multivariate t sets they agree to 6%; on the
-# t marginals (each feature a t with df 3, not jointly one) the whole's df is
-# 1.5-1.6 times the features', on the banana and the funnel 48-9500 times.
+# ... and the fitted t base where every feature's own ECME df is within this factor of
+# the whole's, as in a multivariate t, whose every feature is a t with the same df.
 _AUTO_ELLIPTICAL_RATIO = 1.2
 
 
@@ -57,13 +47,10 @@ def _multivariate_t(Z, weight, tol=1e-8):
     step = -(-Z.shape[0] // _MVT_MAX_ROWS)
     Z, weight = Z[::step], weight[::step] / weight[::step].sum()
     n_features = Z.shape[1]
-    # Z is standardised: a ridge of 1e-4 (of unit variances) keeps the scatter
-    # positive definite where the rows do not span every direction (fewer rows
-    # than features) and the likelihood bounded there, so that ECME converges
-    # to one point: with 1e-8, rows of weight 2 and the same rows repeated
-    # stopped at different iterations on 15 rows x 30 features, 7e-3 apart.
-    # It also bounds how much a whitening by this scatter (base="fitted-t")
-    # magnifies directions the rows do not span: 100 times at most.
+    # Z is standardised: a ridge of 1e-4 (of unit variances) keeps the scatter positive
+    # definite and the likelihood bounded where the rows do not span every direction, so
+    # that ECME converges to one point (weighted rows and repeated rows agree), and a
+    # whitening by the scatter (base="fitted-t") magnifies such directions 100 times at most.
     ridge = 1e-4 * np.eye(n_features)
     mu = weight @ Z
     scatter = (weight[:, None] * (Z - mu)).T @ (Z - mu) + ridge
@@ -78,7 +65,7 @@ def _multivariate_t(Z, weight, tol=1e-8):
 
     def squared_radii(centred, scatter):
         # |L^-1 z|^2, scatter = L L^T; one product with L^-1 is several times
-        # faster than solving for many rows (36 against 6 ms: 20,000 x 64)
+        # faster than a triangular solve for many rows
         chol = np.linalg.cholesky(scatter)
         return np.square(centred @ np.linalg.inv(chol).T).sum(axis=1), chol
 

@@ -45,8 +45,8 @@ class _FlatAdam:
 
     A training step's optimizer work was five operations on lists of some
     thirty tensors each (the gradients' masks, the clipping norm and scale,
-    fused Adam, the running average of the weights): about 0.17-0.26 ms of a
-    2.4 ms step at the default sizes, most of it per-tensor overhead. Here the
+    fused Adam, the running average of the weights), mostly per-tensor
+    overhead at the default sizes (benchmarks/RESULTS.md, "Speed"). Here the
     parameters are made views of one flat buffer (``flat_param``; the module's
     :class:`~torch.nn.Parameter` objects stay, their data moves) and their
     gradients views of another (``flat_grad``), and
@@ -241,20 +241,11 @@ def _fused_adam_works(device, dtype):
     return _FUSED_ADAM_WORKS[key]
 
 
-# Each step's gradient (all parameters together) is scaled down to at most
-# CLIP_FACTOR times a running average of the recent steps' norms (updated with
-# weight CLIP_MOMENTUM per step, from the clipped norms, so that a spike does
-# not raise the limit). Adam moves every parameter by about the learning rate
-# whatever the gradient's size, but a gradient far larger than the recent ones
-# still makes its first moment jump, and all parameters then move together in
-# that one direction: on the ring of 8 Gaussians (benchmarks/quality.py) such a
-# step in epoch 7 threw the seed-0 fit from a training loss of 4.11 to 5.02,
-# and early stopping ended it at a gap of 0.889 nats. Measured with
-# MAFDensity() over four seeds of the ring: gaps 0.889/0.552/0.365/0.345 without
-# clipping, 0.563/0.382/0.383/0.332 at 5 (0.503/0.348/0.298/0.308 at 3, with
-# mixture-8d 0.280 -> 0.284; 0.505/0.344/0.324/0.301 at 2, with t-marginals-8d
-# 0.217 -> 0.213 where 5 gives 0.194). At 5, the curved, Student-t, mixture and
-# funnel sets fitted exactly as without: their gradients never reach the limit.
+# Each step's gradient is scaled down to at most CLIP_FACTOR times a running average of
+# the recent steps' norms (moved by CLIP_MOMENTUM a step, from the clipped norms, so that a
+# spike does not raise the limit): one outsized gradient makes Adam's first moment jump and
+# every parameter move in its direction, which can undo a fit; at this factor ordinary
+# gradients never reach the limit (benchmarks/RESULTS.md, "Quality at the defaults").
 CLIP_FACTOR = 5.0
 CLIP_MOMENTUM = 0.02
 
@@ -286,20 +277,10 @@ class _GradientClip:
         self.average.lerp_(torch.minimum(norm, limit), self.momentum)
 
 
-# The fitted weights are an exponential moving average of the weights after
-# each step (Polyak averaging), with weight 1 - AVERAGE_DECAY per step, after a
-# warm-up in which step t has weight 9 / (10 + t): Adam at a constant rate keeps
-# the weights moving by about the learning rate per step, around the optimum
-# rather than into it, and their recent average lies nearer to it. Early
-# stopping scores and keeps the averaged weights. Measured with MAFDensity()
-# on benchmarks/quality.py's sets (10,000 rows), seeds 0 to 2, gap to the true
-# density in nats, without averaging -> 0.98 (0.99):
-#   ring-8-2d      0.439/0.359/0.378 -> 0.385/0.333/0.311 (0.421/0.358/0.332)
-#   mixture-8d     0.281/0.270/0.308 -> 0.247/0.232/0.271 (0.243/0.234/0.263)
-#   sine-chain-8d  0.299/0.309/0.348 -> 0.279/0.301/0.304 (0.283/0.298/0.309)
-# and on seed 0 banana, both Student t sets, t-marginals-8d and the funnel
-# within 0.002 of before. On 1,000 rows (four steps per epoch) the ring gained
-# 0.2-0.25 nats, the mixture 0.015-0.03, and the sine chain lost 0.04-0.05.
+# The fitted weights are an exponential moving average of the weights after each step
+# (Polyak averaging: weight 1 - AVERAGE_DECAY a step, after a warm-up in which step t has
+# 9 / (10 + t)): Adam at a constant rate keeps the weights moving around the optimum, and
+# their recent average lies nearer to it (benchmarks/RESULTS.md, "Quality at the defaults").
 AVERAGE_DECAY = 0.98
 
 

@@ -58,9 +58,9 @@ _controller_lock = threading.Lock()
 def _pools():
     """The thread pools threadpoolctl finds, scanned once per process.
 
-    Scanning the loaded libraries takes about 10 ms, too long to repeat on
-    every call of ``score_samples``; the pools that matter (torch's OpenMP,
-    numpy's and scipy's BLAS) are loaded by the time the first model is fitted.
+    Scanning the loaded libraries is too slow to repeat on every call of
+    ``score_samples``; the pools that matter (torch's OpenMP, numpy's and
+    scipy's BLAS) are loaded by the time the first model is fitted.
     """
     global _controller
     with _controller_lock:
@@ -99,22 +99,9 @@ def thread_limit():
     return min(limits) if limits else None
 
 
-# Multiply-adds of a training step's largest matrix product below which one
-# more intra-op thread does not pay. Measured on the default flow (5 MAF
-# layers, 8 features):
-#
-# - 2-core EPYC VM, quiet, one epoch of 18,000 rows at the defaults (hidden
-#   100, batch 256): 0.46 s at 1 thread, 0.50 s at 2 (without batch norm:
-#   0.35 s and 0.43 s). With another process busy on the other core, a step
-#   took 5.2 ms at 1 thread and 446 ms at 2 (each parallel region waits for a
-#   descheduled thread); at hidden 512 two threads still paid (41 -> 26 ms).
-# - 16-core H200 host, ms per step at 1 / 2 / 16 threads: hidden 100 x batch
-#   256: 3.33 / 3.36 / 3.03; 100 x 1024: 9.86 / 7.32 / 5.34; 256 x 256: 6.49 /
-#   5.09 / 3.57; 512 x 256: 20.8 / 12.1 / 7.3.
-#
-# One thread per 2 million multiply-adds gives one at the defaults (2.6
-# million), 5 at hidden 100 x batch 1024, 8 at 256 x 256 and 33 (all) at
-# 512 x 256: within 10% of the best count of each row above.
+# Multiply-adds of a training step's largest matrix product per intra-op thread: a smaller
+# share costs more in synchronisation than it saves (far more where another process keeps
+# a core busy), and one thread runs the default sizes (benchmarks/RESULTS.md, "Speed").
 MIN_MULTIPLY_ADDS_PER_THREAD = 2_000_000
 
 

@@ -130,7 +130,7 @@ def mean_log_prob(module, X, weight=None, context=None, chunk_size=65536):
 
 
 def _snapshot(module):
-    """A copy of ``module``'s state dict (a tenth of ``copy.deepcopy``'s time, a few ms an epoch)."""
+    """A copy of ``module``'s state dict: what early stopping restores, far cheaper than ``copy.deepcopy``."""
     state = module.state_dict()
     snapshot = type(state)((name, tensor.detach().clone()) for name, tensor in state.items())
     if hasattr(state, "_metadata"):
@@ -138,20 +138,10 @@ def _snapshot(module):
     return snapshot
 
 
-# learning_rate="adaptive": the learning rate halves after ADAPTIVE_EPOCHS epochs
-# in a row without an improvement, once they hold ADAPTIVE_STEPS steps.
-# Measured on 20,000 x 8 rows of a Gaussian mixture (benchmarks/speed.py's
-# data), against the constant rate at the default patience of 10: held-out
-# log-likelihood -9.556 against -9.626 (halving after 2 epochs: -9.586; a
-# patience of 20 at a constant rate: -9.540 in 1.3 times the epochs). Adam at a
-# constant rate keeps the weights moving at about the learning rate per step,
-# and the validation score jumps by 0.1-0.5 nats from epoch to epoch; a smaller
-# rate lets them settle into the optimum.
-# On small data sets an epoch is a handful of steps, and a few epochs without
-# an improvement say little: halving the rate then stalled training early (600
-# rows: 3 steps per epoch); the step count keeps the schedule to data sets with
-# tens of steps per epoch (at batch 256: 10,000 rows and more halve after 3
-# epochs, 5,000 rows after 6), and smaller ones train at the constant rate.
+# learning_rate="adaptive" halves the rate after ADAPTIVE_EPOCHS epochs in a row without an
+# improvement, once they hold ADAPTIVE_STEPS steps: Adam at a constant rate keeps the weights
+# moving around the optimum, a smaller rate lets them settle; the step count keeps small data
+# sets, whose few-step epochs say little, at the constant rate (benchmarks/RESULTS.md).
 ADAPTIVE_EPOCHS = 3
 ADAPTIVE_STEPS = 100
 
@@ -316,10 +306,9 @@ def _cyclic_gc_paused():
     """Pause Python's cyclic garbage collector in a loop of tensor operations.
 
     A training step, or a chunk of scoring, creates and frees thousands of
-    small Python objects; the collector kept walking the whole heap of torch,
-    scipy and scikit-learn objects in between (about 6% of the CPU time of
-    training, 3% of scoring, sampled with perf). These loops make no reference
-    cycles, so everything is still freed as it goes.
+    small Python objects, and the collector kept walking the whole heap of
+    torch, scipy and scikit-learn objects in between. These loops make no
+    reference cycles, so everything is still freed as it goes.
     """
     enabled = gc.isenabled()
     gc.disable()
