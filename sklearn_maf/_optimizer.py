@@ -100,11 +100,6 @@ class _FlatAdam:
                 "make a new optimizer for them."
             )
 
-    def zero_masked_weights(self):
-        """Set the masked entries of the weights to zero (they are, unless someone set them)."""
-        with torch.no_grad():
-            self.flat_param.mul_(self.mask)
-
     def step(self, clip=None, averaged=None):
         """One step from the gradients in ``.grad``; ``clip`` and ``averaged`` as in :func:`_epoch`.
 

@@ -268,7 +268,8 @@ def _flat_and_reference_steps(dtype, n_steps, clip, average):
     plan = Plan(reference_flow, assume_masked=True, fused=False)
     plan.zero_masked_weights()
     flat = _FlatAdam(flat_flow, 1e-2, 1e-3)
-    flat.zero_masked_weights()
+    with torch.no_grad():  # the masked entries of the weights at zero, as the plan's
+        flat.flat_param.mul_(flat.mask)
     reference = _adam(_parameter_groups(reference_flow, 1e-3), 1e-2)
     clips = [_GradientClip() if clip else None for _ in range(2)]
     averages = [
