@@ -15,7 +15,7 @@ from sklearn.utils.validation import (
 )
 
 from ._base import _BaseMAF, _module_device
-from ._preprocessing import _sobol_points
+from ._preprocessing import _sobol_points, _weighted_moments
 
 
 class MAFConditionalDensity(_BaseMAF):
@@ -264,8 +264,7 @@ class MAFConditionalDensity(_BaseMAF):
             sample_weight = _check_sample_weight(
                 sample_weight, X, dtype=np.float64, ensure_non_negative=True
             )
-            self.context_mean_ = np.average(X, axis=0, weights=sample_weight)
-            scale = np.sqrt(np.average((X - self.context_mean_) ** 2, axis=0, weights=sample_weight))
+            self.context_mean_, scale = _weighted_moments(X, sample_weight)
             self.context_scale_ = np.where(scale > 0, scale, 1.0)
         self._train(Y, sample_weight, self._context(X), continuing=continuing)
         return self
