@@ -12,7 +12,6 @@ a density of ``y`` given ``X``, on :class:`_BaseMAF`.
 """
 
 import copy
-import importlib
 import warnings
 from numbers import Integral, Real
 
@@ -23,10 +22,10 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from . import __version__
 from ._model_selection import _auto_base, _base_name, _choose_tail_cut, _multivariate_t
 from ._nn import MAF, Bounded, StandardNormal, reused_buffers
 from ._optimizer import make_optimizer
+from ._persistence import checked_state, pickling_reduction, record_version
 from ._preprocessing import (
     _DEQUANTIZATION_POINTS,
     _check_weight_total,
@@ -38,7 +37,6 @@ from ._preprocessing import (
 )
 from ._threads import limit_torch_threads, training_threads
 from ._training import TrainingConfig, _cyclic_gc_paused, train_flow
-from .exceptions import IncompatiblePickleError, InconsistentVersionWarning
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -142,9 +140,8 @@ class _BaseMAF(BaseEstimator):
     _fitted_attributes = ("module_", "n_features_in_", "discrete_features_", "base_", "tail_cut_")
 
     def __reduce_ex__(self, protocol):
-        """Pickle through :func:`_unpickle`, which checks the pickle before its state is read."""
-        _, _, state, *rest = super().__reduce_ex__(protocol)  # copyreg's constructor, its arguments, ...
-        return (_unpickle, (type(self), __version__, _sklearn_maf_classes(state)), state, *rest)
+        """Pickle through a function that checks the pickle before its state is read."""
+        return pickling_reduction(self, super().__reduce_ex__(protocol))
 
     def __getstate__(self):
         """Pickle the fitted flow on the CPU, so any machine can load it, and record the version."""
@@ -157,8 +154,7 @@ class _BaseMAF(BaseEstimator):
         module = state.get("module_")
         if module is not None and _module_device(module).type != "cpu":
             state["module_"] = copy.deepcopy(module).cpu()
-        state["_sklearn_maf_version"] = __version__
-        return state
+        return record_version(state)
 
     def __setstate__(self, state):
         """Warn if another version pickled the model; move the flow to ``device``.
@@ -167,21 +163,7 @@ class _BaseMAF(BaseEstimator):
         model that lacks a fitted attribute raises
         :class:`~sklearn_maf.exceptions.IncompatiblePickleError`.
         """
-        state = dict(state)
-        version = state.pop("_sklearn_maf_version", "unknown")
-        if version != __version__:
-            warnings.warn(
-                InconsistentVersionWarning(
-                    estimator_name=type(self).__name__, current_version=__version__, original_version=version
-                )
-            )
-        missing = [name for name in self._fitted_attributes if name not in state]
-        if "module_" in state and missing:
-            raise IncompatiblePickleError(
-                f"This {type(self).__name__} was pickled by sklearn-maf {version} and lacks the fitted "
-                f"attributes {missing}, which sklearn-maf {__version__} needs: refit it, or load it "
-                f"with sklearn-maf {version}."
-            )
+        state = checked_state(self, state)
         super().__setstate__(state)
         module = self.__dict__.get("module_")
         if module is None:
@@ -589,42 +571,6 @@ class _UnconditionalMAF(_BaseMAF):
                 x = self.module_.sample(rows, generator=generator)
                 out[start : start + rows] = x.cpu().numpy()
         return self._floor_discrete(out)
-
-
-def _sklearn_maf_classes(state):
-    """Where the classes of this package that ``state`` holds live: "module:qualname" strings.
-
-    The fitted flow's modules, and any other object of this package's classes
-    among the values (the outlier detector's marginal transform).
-    """
-    objects = list(state.values())
-    objects += [child for value in state.values() if isinstance(value, torch.nn.Module) for child in value.modules()]
-    return sorted(
-        {f"{type(obj).__module__}:{type(obj).__qualname__}" for obj in objects if type(obj).__module__.startswith("sklearn_maf.")}
-    )
-
-
-def _unpickle(cls, version, classes):
-    """A new, empty ``cls`` to unpickle into, once the classes its state holds are found.
-
-    Pickle calls this before it reads the state, so that a model whose flow
-    is built from classes this version does not have raises a clear
-    :class:`~sklearn_maf.exceptions.IncompatiblePickleError` instead of an
-    import error from inside the pickle.
-    """
-    for name in classes:
-        module_name, qualname = name.split(":")
-        try:
-            obj = importlib.import_module(module_name)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError) as exc:
-            raise IncompatiblePickleError(
-                f"This {cls.__name__} was pickled by sklearn-maf {version}, and its fitted model needs "
-                f"the class {qualname} from {module_name}, which sklearn-maf {__version__} does not "
-                f"have: refit it, or load it with sklearn-maf {version}."
-            ) from exc
-    return cls.__new__(cls)
 
 
 def _module_device(module):

@@ -1,4 +1,4 @@
-"""Pickles across versions: the version is recorded, another version warns, a missing piece raises."""
+"""Tests for sklearn_maf._persistence: the version is recorded, another version warns, a missing piece raises."""
 
 import pickle
 import sys
@@ -9,7 +9,7 @@ import pytest
 from sklearn.exceptions import ConvergenceWarning
 
 import sklearn_maf
-import sklearn_maf._base
+import sklearn_maf._persistence
 from sklearn_maf import MAFConditionalDensity, MAFDensity, MAFOutlierDetector
 from sklearn_maf.exceptions import IncompatiblePickleError, InconsistentVersionWarning
 
@@ -48,7 +48,7 @@ def test_another_version_warns_with_both_versions(fitted, monkeypatch):
     """The pickle records the version that made it; loading it with another warns, as scikit-learn does."""
     model, data = fitted
     with monkeypatch.context() as patch:
-        patch.setattr(sklearn_maf._base, "__version__", "0.0.1")
+        patch.setattr(sklearn_maf._persistence, "__version__", "0.0.1")
         payload = pickle.dumps(model)
     message = (
         f"unpickle estimator {type(model).__name__} from sklearn-maf version 0.0.1 when using "
