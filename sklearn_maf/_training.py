@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-from ._nn import backprop
+from ._nn import _native, backprop
 
 __all__ = ["TrainingHistory", "make_optimizer", "mean_log_prob", "train_flow"]
 
@@ -157,7 +157,6 @@ class _FlatAdam:
         self.steps = 0
         self.param_groups = [{"params": self.params}]
         self._addresses = [param.data_ptr() for param in self.params]
-        self._code = backprop._DTYPE_CODES[like.dtype]
 
     def _check(self):
         if [param.data_ptr() for param in self.params] != self._addresses:
@@ -187,22 +186,18 @@ class _FlatAdam:
                 else:
                     view.copy_(param.grad)
         self.steps += 1
-        beta1, beta2 = self.betas
-        clip_address, clip_first = 0, False
-        if clip is not None:
-            clip_first = clip.average is None
-            if clip_first:
-                clip.average = self.flat_grad.new_zeros(())
-            clip_address = clip.average.data_ptr()
-        average_address, average_weight = 0, 0.0
-        if averaged is not None and averaged.flat is not None:  # one made with this optimizer's buffer
-            average_address, average_weight = averaged.flat.data_ptr(), averaged.next_weight()
-        backprop._fused.adam_step(
-            self._code, self.flat_param.numel(), self.flat_param.data_ptr(), self.flat_grad.data_ptr(),
-            self.mask.data_ptr(), self.decay.data_ptr(), self.exp_avg.data_ptr(),
-            self.exp_avg_sq.data_ptr(), average_address, clip_address, clip_first,
-            CLIP_FACTOR if clip is None else clip.factor, CLIP_MOMENTUM if clip is None else clip.momentum,
-            self.lr, beta1, beta2, self.eps, 1 - beta1**self.steps, 1 - beta2**self.steps, average_weight,
+        clip_first = clip is not None and clip.average is None
+        if clip_first:
+            clip.average = self.flat_grad.new_zeros(())
+        flat_average = averaged is not None and averaged.flat is not None  # one made with this buffer
+        _native.adam_step(
+            self.flat_param, self.flat_grad, self.mask, self.decay, self.exp_avg, self.exp_avg_sq,
+            step=self.steps, lr=self.lr, betas=self.betas, eps=self.eps,
+            clip_average=None if clip is None else clip.average, clip_first=clip_first,
+            clip_factor=CLIP_FACTOR if clip is None else clip.factor,
+            clip_momentum=CLIP_MOMENTUM if clip is None else clip.momentum,
+            average=averaged.flat if flat_average else None,
+            average_weight=averaged.next_weight() if flat_average else 0.0,
         )  # fmt: skip
         if averaged is not None and averaged.flat is None:
             averaged.update()

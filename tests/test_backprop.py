@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from sklearn_maf._nn import MAF, backprop
+from sklearn_maf._nn import MAF, _native
 from sklearn_maf._nn.backprop import Plan, loss_and_grad, masked_weights, supports
 from sklearn_maf._training import make_optimizer, train_flow
 
@@ -16,8 +16,8 @@ DTYPE = torch.float64
 def passes(request, monkeypatch):
     """Every test runs twice: element-wise passes in C (where built), and as torch operations."""
     if request.param == "torch":
-        monkeypatch.setattr(backprop, "_fused", None)
-    elif backprop._fused is None:
+        monkeypatch.setattr(_native, "_fused", None)
+    elif not _native.available():
         pytest.skip("sklearn_maf._nn._fused was not built (no C compiler at install)")
     return request.param
 

@@ -43,7 +43,7 @@ gets no gradient (it is data).
 
 On the CPU in float32 and float64, the element-wise work between the
 products runs in C where the package was built with its optional module
-``_fused`` (``setup.py``; see :class:`_Fused`): one pass per layer and
+``_fused`` (``setup.py``, reached through :mod:`._native`): one pass per layer and
 direction instead of ten to twenty torch operations, about 15% off a step
 (and the optimizer's step in C, :class:`_training._FlatAdam`, about 10% more).
 Without it (no C compiler at install, or another device or dtype) the same
@@ -58,12 +58,8 @@ from torch.nn import functional as F
 
 from .base import _DF_RATE, _OFFSET_GAIN, EllipticalT, MADEMoG, StandardNormal, StudentT
 from .bounds import Bounded
+from . import _native
 from .made import _ACTIVATIONS_INPLACE
-
-try:  # the optional C module (setup.py); without it the same passes run as torch operations
-    from . import _fused
-except ImportError:
-    _fused = None
 
 __all__ = ["Plan", "loss_and_grad", "masked_weights", "supports"]
 
@@ -113,11 +109,8 @@ def loss_and_grad(module, x, weight=None, assume_masked=False, context=None):
 
 
 def fusable(like):
-    """Whether the C passes of :mod:`._fused` can run on tensors like ``like``."""
-    return _fused is not None and like.device.type == "cpu" and like.dtype in _DTYPE_CODES
-
-
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+    """Whether the C passes of :mod:`._native` can run on tensors like ``like``."""
+    return _native.available(like)
 
 
 class Plan:
@@ -164,10 +157,10 @@ class Plan:
         can_fuse = fusable(params[0])
         if fused and not can_fuse:
             raise ValueError(
-                f"the C passes cannot run here: module _fused {'missing' if _fused is None else 'built'}, "
+                f"the C passes cannot run here: module _fused {'built' if _native.available() else 'missing'}, "
                 f"parameters {params[0].dtype} on {params[0].device}"
             )
-        self.fused = _Fused(params[0]) if (can_fuse if fused is None else fused) else None
+        self.fused = _Fused() if (can_fuse if fused is None else fused) else None
         self.layers = [
             _Affine(t, assume_masked, self._constant, self.fused) if isinstance(t, AffineMADE)
             else _BatchNorm(t, self._constant, self.fused)
@@ -259,109 +252,37 @@ class Plan:
 
 
 class _Fused:
-    """The element-wise passes of :mod:`._fused` (C) on tensors like ``like``: float32 or float64, CPU.
-
-    A training step's element-wise work between the products (the affine
-    layers' transform and its derivatives, the activations' derivatives, the
-    bias gradients, batch norm and its gradients, the Gaussian base's loss)
-    is then one pass per layer and direction instead of ten to twenty torch
-    operations: measured with one
-    thread on 256 rows of 8 features, five MAF layers of 100 hidden units
-    (interleaved, fresh batches), :meth:`Plan.loss_and_grad` 2.07-2.43 ms
-    against 2.67-2.84 ms, about 0.4 ms (15%) less; the products alone take
-    about 1.6 ms. The products stay with torch.
-
-    Arguments are passed as addresses: every tensor handed over is checked to
-    be contiguous, of ``like``'s dtype and on the CPU (:meth:`_address`), or
-    was made here so; the caller keeps them alive for the duration of the call.
-    """
-
-    def __init__(self, like):
-        self.code = _DTYPE_CODES[like.dtype]
-        self.dtype = like.dtype
-
-    def _address(self, tensor):
-        """``tensor``'s address, once it is checked: a tensor of another layout would be misread."""
-        if not tensor.is_contiguous() or tensor.dtype != self.dtype or not tensor.is_cpu:
-            raise ValueError(
-                f"the fused passes need contiguous {self.dtype} tensors on the CPU, got "
-                f"{tensor.dtype} on {tensor.device} (contiguous: {tensor.is_contiguous()})"
-            )
-        return tensor.data_ptr()
+    """The element-wise passes in C (:mod:`._native`), in the call shapes of the layers here."""
 
     @staticmethod
-    def _slabs(tensor):
-        """The addresses of ``tensor[0]``, ``tensor[1]``, ...: buffers made here, stacked in one."""
-        step = tensor.numel() // tensor.shape[0] * tensor.element_size()
-        return [tensor.data_ptr() + index * step for index in range(tensor.shape[0])]
-
-    def affine_forward(self, out, x, bound, log_det):
-        """``(u, cache)`` of :meth:`_Affine.forward`; adds the log-det per row to ``log_det``."""
-        n_rows, d = x.shape
-        factors = x.new_empty((3, n_rows, d))  # u, sigmoid(-2 raw / bound), exp(-alpha)
-        _fused.affine_forward(
-            self.code, n_rows, d, bound, self._address(out), self._address(x), *self._slabs(factors),
-            self._address(log_det),
-        )  # fmt: skip
+    def affine_forward(out, x, bound, log_det):
+        factors = _native.affine_forward(out, x, bound, log_det)
         return factors[0], factors
 
-    def affine_backward(self, factors, grad_u, share, bias_grad):
-        """``(d loss / d out, d loss / d x)`` of :meth:`_Affine.backward`; writes ``bias_grad``."""
-        _, n_rows, d = factors.shape
-        grad_out = grad_u.new_empty((n_rows, 2 * d))
-        grad_x = grad_u.new_empty((n_rows, d))
-        u, sigmoid, scale = self._slabs(factors)
-        _fused.affine_backward(
-            self.code, n_rows, d, self._address(grad_u), scale, u, sigmoid, self._address(share), int(share.dim() > 0), grad_out.data_ptr(), grad_x.data_ptr(),
-            self._address(bias_grad),
-        )  # fmt: skip
-        return grad_out, grad_x
+    @staticmethod
+    def affine_backward(factors, grad_u, share, bias_grad):
+        return _native.affine_backward(factors, grad_u, share, bias_grad)
 
-    def activation_backward(self, grad, hidden, tanh, bias_grad):
-        """``grad`` times the activation's derivative (in place), given its output; writes ``bias_grad``."""
-        n_rows, n_units = grad.shape
-        _fused.activation_backward(
-            self.code, n_rows, n_units, tanh, self._address(grad), self._address(hidden),
-            self._address(bias_grad),
-        )  # fmt: skip
-        return grad
+    @staticmethod
+    def activation_backward(grad, hidden, tanh, bias_grad):
+        return _native.activation_backward(grad, hidden, tanh, bias_grad)
 
-    def batch_norm_forward(self, layer, x, share, log_det):
-        """``(y, cache)`` of :class:`_BatchNorm` (the running averages updated); adds the log-det to ``log_det``."""
-        n_rows, d = x.shape
-        rows = x.new_empty((2, n_rows, d))  # y, x - mean
-        features = x.new_empty((2, d))  # var + eps, exp(log_gamma) / sqrt(var + eps)
-        _fused.batch_norm_forward(
-            self.code, n_rows, d, self._address(x), self._address(share), int(share.dim() > 0),
-            self._address(layer.log_gamma), self._address(layer.beta), self._address(layer.running_mean),
-            self._address(layer.running_var), layer.momentum, layer.eps, *self._slabs(rows),
-            *self._slabs(features), self._address(log_det),
+    @staticmethod
+    def batch_norm_forward(layer, x, share, log_det):
+        rows, features = _native.batch_norm_forward(
+            x, share, layer.log_gamma, layer.beta, layer.running_mean, layer.running_var, layer.momentum,
+            layer.eps, log_det,
         )  # fmt: skip
         return rows[0], (rows, features)
 
-    def batch_norm_backward(self, cache, grad_y, share, grad_log_gamma, grad_beta, need_input_grad):
-        """Write the gradients of ``log_gamma`` and ``beta``; return d loss / d x, or None."""
+    @staticmethod
+    def batch_norm_backward(cache, grad_y, share, grad_log_gamma, grad_beta, need_input_grad):
         rows, features = cache
-        _, n_rows, d = rows.shape
-        grad_x = grad_y.new_empty((n_rows, d)) if need_input_grad else None
-        _, centred = self._slabs(rows)
-        _fused.batch_norm_backward(
-            self.code, n_rows, d, self._address(grad_y), centred, *self._slabs(features), self._address(share),
-            int(share.dim() > 0), self._address(grad_log_gamma), self._address(grad_beta),
-            0 if grad_x is None else grad_x.data_ptr(),
-        )  # fmt: skip
-        return grad_x
+        return _native.batch_norm_backward(rows, features, grad_y, share, grad_log_gamma, grad_beta, need_input_grad)
 
-    def gaussian_loss(self, u, log_det, share):
-        """``(loss, d loss / d u)`` for the N(0, I) base, less its constant."""
-        n_rows, d = u.shape
-        loss = u.new_empty(())
-        grad = u.new_empty((n_rows, d))
-        _fused.gaussian_loss(
-            self.code, n_rows, d, self._address(u), self._address(log_det), self._address(share),
-            int(share.dim() > 0), grad.data_ptr(), loss.data_ptr(),
-        )  # fmt: skip
-        return loss, grad
+    @staticmethod
+    def gaussian_loss(u, log_det, share):
+        return _native.gaussian_loss(u, log_det, share)
 
 
 class _Constants:

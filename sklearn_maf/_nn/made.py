@@ -15,10 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-try:  # the optional C module (setup.py); without it scoring runs torch operations only
-    from . import _fused
-except ImportError:
-    _fused = None
+from . import _native
 
 __all__ = ["MADE", "MaskedLinear", "hidden_degrees", "input_degrees", "reused_buffers"]
 
@@ -280,10 +277,7 @@ class MADE(nn.Module):
             out = _ones_first(index % 2, (n_units + 1, n_rows), h)
             if index == 0 and self._first_layer_in_c(below, blocks):
                 (weight, _, _), = blocks
-                _fused.linear_relu_score(
-                    n_rows, n_units, weight.shape[1], weight.data_ptr(), below.data_ptr(), n_rows,
-                    out[1:].data_ptr(), n_rows,
-                )  # fmt: skip
+                _native.linear_relu_score(weight, below, out[1:])
             else:
                 for weight, start, stop in blocks:
                     torch.mm(weight, below[: weight.shape[1]], out=out[1 + start : 1 + stop])
@@ -293,8 +287,8 @@ class MADE(nn.Module):
         return tuple(block.t() for block in out.chunk(self.n_params))
 
     def _first_layer_in_c(self, below, blocks):
-        """Whether ``_fused.linear_relu_score`` computes the first layer (see its comment in C)."""
-        if _fused is None or self.activation != "relu" or len(blocks) != 1 or not _fused.avx2():
+        """Whether ``_native.linear_relu_score`` computes the first layer (see its comment in C)."""
+        if self.activation != "relu" or len(blocks) != 1 or not _native.avx2():
             return False
         weight = blocks[0][0]
         return (
