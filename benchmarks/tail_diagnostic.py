@@ -31,7 +31,7 @@ from _densities import DENSITIES
 
 import sklearn_maf._base
 from sklearn_maf import MAFDensity
-from sklearn_maf._nn.flow import AffineMADE, soft_clamp
+from sklearn_maf._nn.transforms import AffineMADE, soft_clamp
 
 
 def robust(diff, k=10):

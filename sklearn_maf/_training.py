@@ -101,7 +101,7 @@ def make_optimizer(module, learning_rate, alpha):
     elsewhere :class:`_FusedAdam` runs one kernel per parameter group.
     """
     params = list(module.parameters())
-    if params and backprop.fusable(params[0]) and all(p.dtype == params[0].dtype for p in params):
+    if params and _native.available(params[0]) and all(p.dtype == params[0].dtype for p in params):
         return _FlatAdam(module, learning_rate, alpha)
     return _adam(_parameter_groups(module, alpha), learning_rate)
 
@@ -173,7 +173,7 @@ class _FlatAdam:
     def step(self, clip=None, averaged=None):
         """One step from the gradients in ``.grad``; ``clip`` and ``averaged`` as in :func:`_epoch`.
 
-        A :class:`backprop.Plan` given ``flat_grad`` writes the gradients into
+        A :class:`backprop.Backprop` given ``flat_grad`` writes the gradients into
         the flat buffer; other ``.grad`` tensors (autograd's, or another
         plan's) are copied into it first, and a parameter without one steps
         with a zero gradient (torch's Adam would leave it alone).
@@ -350,7 +350,7 @@ CLIP_MOMENTUM = 0.02
 class _GradientClip:
     """Scale a step's gradients to at most :data:`CLIP_FACTOR` times the running norm of the steps before.
 
-    Called with the gradients as one flat tensor (a :class:`backprop.Plan`'s
+    Called with the gradients as one flat tensor (a :class:`backprop.Backprop`'s
     ``flat_grad``, a few operations per step) or as a list of tensors.
     Everything stays on the device: no step waits for a GPU to report the norm.
     """
@@ -610,7 +610,7 @@ def _epoch(
     plan = None
     if backprop.supports(module, weight, context):
         # a _FlatAdam's gradients are views of its flat buffer: the plan writes there
-        plan = backprop.Plan(module, assume_masked=True, flat_grad=getattr(optimizer, "flat_grad", None))
+        plan = backprop.Backprop(module, assume_masked=True, flat_grad=getattr(optimizer, "flat_grad", None))
         plan.zero_masked_weights()
     losses, sizes = [], []
     batches = _batches(X.shape[0], batch_size, generator, X.device, weight)
@@ -653,7 +653,7 @@ def _cyclic_gc_paused():
 def _step(module, optimizer, params, x, weight, context, plan=None, clip=None, averaged=None):
     """One Adam step on one batch; returns the (detached) batch loss.
 
-    ``plan``, when given, is the :class:`backprop.Plan` of ``module``: the
+    ``plan``, when given, is the :class:`backprop.Backprop` of ``module``: the
     gradients then come from it (it writes every parameter's gradient), with
     each masked weight's gradient multiplied by its mask, which keeps the
     masked weights at zero. ``clip``, when given, is the fit's

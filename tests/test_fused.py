@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from sklearn_maf._nn import MAF, _native, backprop
-from sklearn_maf._nn import flow as flow_module
+from sklearn_maf._nn import transforms as transforms_module
 from sklearn_maf._nn import made as made_module
-from sklearn_maf._nn.backprop import Plan
+from sklearn_maf._nn.backprop import Backprop
 
 pytestmark = pytest.mark.skipif(
     not _native.available(), reason="sklearn_maf._nn._fused was not built (no C compiler at install)"
@@ -43,7 +43,7 @@ def _flow(dtype, **params):
 
 
 def _loss_and_grads(flow, X, weight, fused):
-    loss = Plan(flow, fused=fused).loss_and_grad(X, weight)
+    loss = Backprop(flow, native=fused).loss_and_grad(X, weight)
     return float(loss), [param.grad.clone() for param in flow.parameters()]
 
 
@@ -128,7 +128,7 @@ def test_affine_score_matches_torch_operations_over_the_whole_range(instructions
     raw = torch.linspace(-1e4, 1e4, n_rows * d, dtype=torch.float64)
     raw[: 8 * d] = torch.linspace(-50, 50, 8 * d, dtype=torch.float64)  # where the sigmoid is not saturated
     x, shift, raw = _score_inputs(n_rows, d, raw.reshape(n_rows, d))
-    assert flow_module._scores_in_c(x, shift, raw)
+    assert transforms_module._scores_in_c(x, shift, raw)
 
     u, log_det = _native.affine_score(x, shift, raw, bound)
 
@@ -186,10 +186,10 @@ def test_scoring_with_the_c_pass_matches_torch_operations(params, monkeypatch):
 
 def test_the_scoring_pass_runs_on_feature_major_float64_only():
     x, shift, raw = _score_inputs(5, 3, torch.zeros(5, 3, dtype=torch.float64))
-    assert flow_module._scores_in_c(x, shift, raw)
-    assert not flow_module._scores_in_c(x.contiguous(), shift, raw)  # rows, not features, contiguous
-    assert not flow_module._scores_in_c(x.float(), shift, raw)
-    assert not flow_module._scores_in_c(x, shift.contiguous(), raw)
+    assert transforms_module._scores_in_c(x, shift, raw)
+    assert not transforms_module._scores_in_c(x.contiguous(), shift, raw)  # rows, not features, contiguous
+    assert not transforms_module._scores_in_c(x.float(), shift, raw)
+    assert not transforms_module._scores_in_c(x, shift.contiguous(), raw)
 
 
 def _linear_relu_score(weight, x):
@@ -261,7 +261,7 @@ def _flat_and_reference_steps(dtype, n_steps, clip, average):
 
     _, flat_flow = _flow(dtype, batch_norm=True)
     _, reference_flow = _flow(dtype, batch_norm=True)
-    plan = Plan(reference_flow, assume_masked=True, fused=False)
+    plan = Backprop(reference_flow, assume_masked=True, native=False)
     plan.zero_masked_weights()
     flat = _FlatAdam(flat_flow, 1e-2, 1e-3)
     flat.zero_masked_weights()
@@ -345,7 +345,7 @@ def test_a_plan_writes_the_gradients_where_flat_adam_reads_them():
     X, flow = _flow(torch.float64)
     optimizer = _FlatAdam(flow, 1e-2, 0.0)
     views = [param.grad for param in flow.parameters()]
-    plan = Plan(flow, assume_masked=True, flat_grad=optimizer.flat_grad)
+    plan = Backprop(flow, assume_masked=True, flat_grad=optimizer.flat_grad)
     plan.loss_and_grad(X)
     assert all(param.grad is view for param, view in zip(flow.parameters(), views))
     assert float(optimizer.flat_grad.abs().sum()) > 0

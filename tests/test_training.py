@@ -418,7 +418,7 @@ def test_gradient_clip_scales_down_only_spikes_and_keeps_its_limit(dtype, flat):
         tensors = [torch.randn(4, 3, generator=generator, dtype=dtype) * scale, torch.full((3,), scale, dtype=dtype)]
         if not flat:
             return tensors
-        buffer = torch.cat([t.flatten() for t in tensors])  # as a Plan's flat_grad, with views of it
+        buffer = torch.cat([t.flatten() for t in tensors])  # as a Backprop's flat_grad, with views of it
         return [buffer, buffer[:12].view(4, 3), buffer[12:]]
 
     def call(tensors):
@@ -455,7 +455,7 @@ def test_plan_gradients_are_views_of_one_flat_buffer():
     from sklearn_maf._nn import backprop
 
     module = _flow(batch_norm=True)
-    plan = backprop.Plan(module, assume_masked=True)
+    plan = backprop.Backprop(module, assume_masked=True)
     params = list(module.parameters())
     assert plan.flat_grad.numel() == sum(param.numel() for param in params)
     plan.loss_and_grad(_data(16))
