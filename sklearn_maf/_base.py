@@ -209,13 +209,16 @@ class _BaseMAF(BaseEstimator):
         weighted = not np.all(sample_weight == 1)
         to_tensor = self._tensor_factory(dtype, device)
         weight = to_tensor(sample_weight) if weighted else None
-        X_train, w_train = to_tensor(X[train]), _take(weight, train)
+        # rows in float64: the flow's fixed first layers standardise them exactly
+        # and cast to the training dtype (a large offset survives, see _nn/preprocessing.py)
+        to_rows = self._tensor_factory(torch.float64, device)
+        X_train, w_train = to_rows(X[train]), _take(weight, train)
         c_train = None if context is None else to_tensor(context[train])
         validation_data = None
         if validation is not None:
             c_validation = None if context is None else to_tensor(context[validation])
             validation_data = (
-                to_tensor(X_noisy[validation]), _take(weight, validation), c_validation
+                to_rows(X_noisy[validation]), _take(weight, validation), c_validation
             )
 
         batch_size = min(self.batch_size, X_train.shape[0])
@@ -313,7 +316,7 @@ class _BaseMAF(BaseEstimator):
         with limit_torch_threads(self._training_threads(batch_size, X.shape[1])):
             history = train_flow(
                 module,
-                to_tensor(X),
+                self._tensor_factory(torch.float64, device)(X),  # float64: see _train
                 to_tensor(sample_weight) if weighted else None,
                 batch_size=batch_size,
                 learning_rate=self.learning_rate_init,
@@ -699,9 +702,16 @@ def _base_name(module):
 
 
 def _weighted_moments(X, weight):
-    """Weighted per-feature mean and standard deviation."""
-    loc = np.average(X, axis=0, weights=weight)
-    return loc, np.sqrt(np.average((X - loc) ** 2, axis=0, weights=weight))
+    """Weighted per-feature mean and standard deviation, at any finite magnitude.
+
+    Each feature is divided first by the power of two at or below its largest
+    magnitude (exactly: the result is that of the plain formula wherever that
+    does not overflow), since squares of values beyond 1e154 would.
+    """
+    size = np.ldexp(1.0, np.frexp(np.max(np.abs(X), axis=0))[1] - 1)
+    Z = X / size
+    loc = np.average(Z, axis=0, weights=weight)
+    return loc * size, np.sqrt(np.average((Z - loc) ** 2, axis=0, weights=weight)) * size
 
 
 def _constant_features(loc, scale):
