@@ -57,8 +57,8 @@ import quality
 from _densities import DENSITIES
 
 from sklearn_maf import MAFDensity
-from sklearn_maf._nn.base import _DF_RATE
-from sklearn_maf._nn.flow import Standardize
+from sklearn_maf._nn.distributions import _DF_RATE
+from sklearn_maf._nn.preprocessing import Standardize
 
 N_TRAIN, N_TEST = 10_000, 5_000
 DF_RANGE = (0.5, 1e4)  # the ECME search; the base needs df > 1, so it starts at 1.05 or more

@@ -29,7 +29,7 @@ import tune_defaults
 from _densities import DENSITIES
 
 from sklearn_maf import MAFDensity
-from sklearn_maf._nn.flow import AffineMADE, soft_clamp
+from sklearn_maf._nn.transforms import AffineMADE, soft_clamp
 
 
 def robust(diff, k=10):

@@ -215,13 +215,16 @@ class _BaseMAF(BaseEstimator):
         weighted = not np.all(sample_weight == 1)
         to_tensor = self._tensor_factory(dtype, device)
         weight = to_tensor(sample_weight) if weighted else None
-        X_train, w_train = to_tensor(X[train]), _take(weight, train)
+        # rows in float64: the flow's fixed first layers standardise them exactly
+        # and cast to the training dtype (a large offset survives, see _nn/preprocessing.py)
+        to_rows = self._tensor_factory(torch.float64, device)
+        X_train, w_train = to_rows(X[train]), _take(weight, train)
         c_train = None if context is None else to_tensor(context[train])
         validation_data = None
         if validation is not None:
             c_validation = None if context is None else to_tensor(context[validation])
             validation_data = (
-                to_tensor(X_noisy[validation]), _take(weight, validation), c_validation
+                to_rows(X_noisy[validation]), _take(weight, validation), c_validation
             )
 
         batch_size = min(self.batch_size, X_train.shape[0])
@@ -511,7 +514,7 @@ class _UnconditionalMAF(_BaseMAF):
         with limit_torch_threads(self._training_threads(batch_size, X.shape[1])):
             history = train_flow(
                 module,
-                to_tensor(X),
+                self._tensor_factory(torch.float64, device)(X),  # float64: see _train
                 to_tensor(sample_weight) if weighted else None,
                 config=self._training_config(batch_size, one_epoch=True),
                 generator=generator,

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ._nn import backprop
+from ._nn import _native
 
 __all__ = ["make_optimizer"]
 
@@ -35,7 +35,7 @@ def make_optimizer(module, learning_rate, alpha):
     elsewhere :class:`_FusedAdam` runs one kernel per parameter group.
     """
     params = list(module.parameters())
-    if params and backprop.fusable(params[0]) and all(p.dtype == params[0].dtype for p in params):
+    if params and _native.available(params[0]) and all(p.dtype == params[0].dtype for p in params):
         return _FlatAdam(module, learning_rate, alpha)
     return _adam(_parameter_groups(module, alpha), learning_rate)
 
@@ -91,7 +91,6 @@ class _FlatAdam:
         self.steps = 0
         self.param_groups = [{"params": self.params}]
         self._addresses = [param.data_ptr() for param in self.params]
-        self._code = backprop._DTYPE_CODES[like.dtype]
 
     def _check(self):
         if [param.data_ptr() for param in self.params] != self._addresses:
@@ -103,7 +102,7 @@ class _FlatAdam:
     def step(self, clip=None, averaged=None):
         """One step from the gradients in ``.grad``; ``clip`` and ``averaged`` as in :func:`_epoch`.
 
-        A :class:`backprop.Plan` given ``flat_grad`` writes the gradients into
+        A :class:`backprop.Backprop` given ``flat_grad`` writes the gradients into
         the flat buffer; other ``.grad`` tensors (autograd's, or another
         plan's) are copied into it first, and a parameter without one steps
         with a zero gradient (torch's Adam would leave it alone).
@@ -116,22 +115,18 @@ class _FlatAdam:
                 else:
                     view.copy_(param.grad)
         self.steps += 1
-        beta1, beta2 = self.betas
-        clip_address, clip_first = 0, False
-        if clip is not None:
-            clip_first = clip.average is None
-            if clip_first:
-                clip.average = self.flat_grad.new_zeros(())
-            clip_address = clip.average.data_ptr()
-        average_address, average_weight = 0, 0.0
-        if averaged is not None and averaged.flat is not None:  # one made with this optimizer's buffer
-            average_address, average_weight = averaged.flat.data_ptr(), averaged.next_weight()
-        backprop._fused.adam_step(
-            self._code, self.flat_param.numel(), self.flat_param.data_ptr(), self.flat_grad.data_ptr(),
-            self.mask.data_ptr(), self.decay.data_ptr(), self.exp_avg.data_ptr(),
-            self.exp_avg_sq.data_ptr(), average_address, clip_address, clip_first,
-            CLIP_FACTOR if clip is None else clip.factor, CLIP_MOMENTUM if clip is None else clip.momentum,
-            self.lr, beta1, beta2, self.eps, 1 - beta1**self.steps, 1 - beta2**self.steps, average_weight,
+        clip_first = clip is not None and clip.average is None
+        if clip_first:
+            clip.average = self.flat_grad.new_zeros(())
+        flat_average = averaged is not None and averaged.flat is not None  # one made with this buffer
+        _native.adam_step(
+            self.flat_param, self.flat_grad, self.mask, self.decay, self.exp_avg, self.exp_avg_sq,
+            step=self.steps, lr=self.lr, betas=self.betas, eps=self.eps,
+            clip_average=None if clip is None else clip.average, clip_first=clip_first,
+            clip_factor=CLIP_FACTOR if clip is None else clip.factor,
+            clip_momentum=CLIP_MOMENTUM if clip is None else clip.momentum,
+            average=averaged.flat if flat_average else None,
+            average_weight=averaged.next_weight() if flat_average else 0.0,
         )  # fmt: skip
         if averaged is not None and averaged.flat is None:
             averaged.update()
@@ -248,7 +243,7 @@ CLIP_MOMENTUM = 0.02
 class _GradientClip:
     """Scale a step's gradients to at most :data:`CLIP_FACTOR` times the running norm of the steps before.
 
-    Called with the gradients as one flat tensor (a :class:`backprop.Plan`'s
+    Called with the gradients as one flat tensor (a :class:`backprop.Backprop`'s
     ``flat_grad``, a few operations per step) or as a list of tensors.
     Everything stays on the device: no step waits for a GPU to report the norm.
     """

@@ -25,9 +25,16 @@ def _weighted_loc_scale(X, weight):
 
 
 def _weighted_moments(X, weight):
-    """Weighted per-feature mean and standard deviation."""
-    loc = np.average(X, axis=0, weights=weight)
-    return loc, np.sqrt(np.average((X - loc) ** 2, axis=0, weights=weight))
+    """Weighted per-feature mean and standard deviation, at any finite magnitude.
+
+    Each feature is divided first by the power of two at or below its largest
+    magnitude (exactly: the result is that of the plain formula wherever that
+    does not overflow), since squares of values beyond 1e154 would.
+    """
+    size = np.ldexp(1.0, np.frexp(np.max(np.abs(X), axis=0))[1] - 1)
+    Z = X / size
+    loc = np.average(Z, axis=0, weights=weight)
+    return loc * size, np.sqrt(np.average((Z - loc) ** 2, axis=0, weights=weight)) * size
 
 
 def _constant_features(loc, scale):

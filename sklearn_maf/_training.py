@@ -280,7 +280,7 @@ def _epoch(
     plan = None
     if backprop.supports(module, weight, context):
         # a _FlatAdam's gradients are views of its flat buffer: the plan writes there
-        plan = backprop.Plan(module, assume_masked=True, flat_grad=getattr(optimizer, "flat_grad", None))
+        plan = backprop.Backprop(module, assume_masked=True, flat_grad=getattr(optimizer, "flat_grad", None))
         plan.zero_masked_weights()
     losses, sizes = [], []
     batches = _batches(X.shape[0], batch_size, generator, X.device, weight)
@@ -322,7 +322,7 @@ def _cyclic_gc_paused():
 def _step(module, optimizer, params, x, weight, context, plan=None, clip=None, averaged=None):
     """One Adam step on one batch; returns the (detached) batch loss.
 
-    ``plan``, when given, is the :class:`backprop.Plan` of ``module``: the
+    ``plan``, when given, is the :class:`backprop.Backprop` of ``module``: the
     gradients then come from it (it writes every parameter's gradient), with
     each masked weight's gradient multiplied by its mask, which keeps the
     masked weights at zero. ``clip``, when given, is the fit's

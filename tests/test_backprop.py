@@ -1,12 +1,13 @@
 """The hand-written back-propagation of sklearn_maf._nn.backprop against autograd."""
 
 import itertools
+import math
 
 import pytest
 import torch
 
-from sklearn_maf._nn import MAF, backprop
-from sklearn_maf._nn.backprop import Plan, loss_and_grad, masked_weights, supports
+from sklearn_maf._nn import MAF, _native
+from sklearn_maf._nn.backprop import Backprop, loss_and_grad, masked_weights, supports
 from sklearn_maf._optimizer import make_optimizer
 from sklearn_maf._training import TrainingConfig, train_flow
 
@@ -17,8 +18,8 @@ DTYPE = torch.float64
 def passes(request, monkeypatch):
     """Every test runs twice: element-wise passes in C (where built), and as torch operations."""
     if request.param == "torch":
-        monkeypatch.setattr(backprop, "_fused", None)
-    elif backprop._fused is None:
+        monkeypatch.setattr(_native, "_fused", None)
+    elif not _native.available():
         pytest.skip("sklearn_maf._nn._fused was not built (no C compiler at install)")
     return request.param
 
@@ -229,13 +230,13 @@ def test_masked_weights_zeroed_once_give_the_same_gradients():
 
 
 def test_plan_reused_across_steps_follows_the_updated_weights():
-    """A Plan built once gives autograd's gradients at every step, as Adam moves the weights in place."""
+    """A Backprop built once gives autograd's gradients at every step, as Adam moves the weights in place."""
     X, (reference, manual) = _pair(4, batch_norm=True)
     with torch.no_grad():
         for flow in (reference, manual):
             torch._foreach_mul_(*masked_weights(flow))
     optimizers = [make_optimizer(flow, 1e-2, 1e-3) for flow in (reference, manual)]
-    plan = Plan(manual, assume_masked=True)
+    plan = Backprop(manual, assume_masked=True)
     gradients = [param.grad for param in manual.parameters()]
     for _ in range(3):
         for param in reference.parameters():
@@ -261,7 +262,7 @@ def test_a_plan_step_leaves_the_module_usable_by_autograd():
     outside it, which is what ``partial_fit`` and the non-fast paths do next.
     """
     X, (reference, manual) = _pair(3, batch_norm=True)
-    plan = Plan(manual)
+    plan = Backprop(manual)
     loss = plan.loss_and_grad(X)
     written = [param.grad for param in manual.parameters()] + list(manual.buffers())
     assert not any(tensor.is_inference() for tensor in written)
@@ -276,10 +277,61 @@ def test_c_passes_asked_for_where_they_cannot_run_are_refused(passes):
     X, (_, flow) = _pair(3)
     if passes == "torch":  # the module missing, as without a C compiler
         with pytest.raises(ValueError, match="module _fused missing"):
-            Plan(flow, fused=True)
-        assert Plan(flow).fused is None
+            Backprop(flow, native=True)
+        assert not Backprop(flow).native
     else:
-        assert Plan(flow, fused=True).fused is not None and Plan(flow).fused is not None
+        assert Backprop(flow, native=True).native and Backprop(flow).native
         with pytest.raises(ValueError, match="torch.float16"):
-            Plan(flow.to(torch.float16), fused=True)
-    assert Plan(flow, fused=False).fused is None
+            Backprop(flow.to(torch.float16), native=True)
+    assert not Backprop(flow, native=False).native
+
+
+class _ElementwiseAffine(torch.nn.Module):
+    """A learned transform with no hand-written backward pass: ``u = x exp(a) + b``."""
+
+    def __init__(self, n_features):
+        super().__init__()
+        self.log_scale = torch.nn.Parameter(torch.linspace(-0.3, 0.4, n_features, dtype=DTYPE))
+        self.shift = torch.nn.Parameter(torch.linspace(0.2, -0.1, n_features, dtype=DTYPE))
+
+    def forward(self, x, context=None, weight=None):
+        return x * torch.exp(self.log_scale) + self.shift, self.log_scale.sum().expand(x.shape[0])
+
+    def inverse(self, u, context=None):
+        return (u - self.shift) * torch.exp(-self.log_scale), -self.log_scale.sum().expand(u.shape[0])
+
+
+class _ScaledNormal(torch.nn.Module):
+    """A base distribution with no hand-written gradient: N(0, exp(2 c) I), c learned."""
+
+    def __init__(self, n_features):
+        super().__init__()
+        self.log_scale = torch.nn.Parameter(torch.tensor(0.3, dtype=DTYPE))
+
+    def log_prob(self, u, context=None):
+        z = u * torch.exp(-self.log_scale)
+        return -0.5 * (z * z).sum(-1) - u.shape[-1] * (self.log_scale + 0.5 * math.log(2 * math.pi))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("base", ["gaussian", "mog", "scaled"])
+def test_layers_without_a_backward_pass_are_differentiated_by_autograd_within_the_loop(weighted, base):
+    """A new transform or base is a class with forward and log-density only: the step still works.
+
+    Its place in the loop takes autograd's gradients, the hand-written
+    layers around it theirs, and together they equal autograd's over the
+    whole flow.
+    """
+    X, flows = _pair(3, batch_norm=True, base="gaussian" if base == "scaled" else base, n_components=2)
+    for flow in flows:
+        flow.transforms.insert(1, _ElementwiseAffine(3))  # after the fixed standardisation
+        flow.transforms.insert(4, _ElementwiseAffine(3))  # between two MAF layers
+        if base == "scaled":
+            flow.base = _ScaledNormal(3)
+    reference, manual = flows
+    kinds = [type(layer).__name__ for layer in Backprop(manual).layers]
+    assert kinds.count("_AutogradTransform") == 2 and kinds.count("AffineMADE") == 3
+    _compare(reference, manual, X, weighted=weighted)
+    assert float(manual.transforms[1].log_scale.grad.abs().min()) > 0
+    if base == "scaled":
+        assert float(manual.base.log_scale.grad.abs()) > 0

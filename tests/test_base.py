@@ -12,7 +12,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from sklearn_maf import MAFDensity
 from sklearn_maf._nn import EllipticalT, MADEMoG, StandardNormal, StudentT, input_degrees
-from sklearn_maf._nn.base import _DF_RATE, _OFFSET_GAIN
+from sklearn_maf._nn.distributions import _DF_RATE, _OFFSET_GAIN
 from sklearn_maf._optimizer import _parameter_groups
 
 

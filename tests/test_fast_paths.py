@@ -16,8 +16,8 @@ import torch
 
 from sklearn_maf import MAFDensity
 from sklearn_maf._nn import made as made_module
-from sklearn_maf._nn.base import MADEMoG
-from sklearn_maf._nn.flow import AffineMADE, power_tails_inverse, soft_clamp
+from sklearn_maf._nn.distributions import MADEMoG
+from sklearn_maf._nn.transforms import AffineMADE, power_tails_inverse, soft_clamp
 from sklearn_maf._nn.made import MADE, input_degrees, reused_buffers
 
 DTYPE = torch.float64

@@ -6,17 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sklearn_maf._nn.bounds import Bounded
-from sklearn_maf._nn.flow import (
-    MAF,
-    AffineMADE,
-    BatchNorm,
-    Standardize,
-    Whiten,
-    power_tails,
-    power_tails_inverse,
-    soft_clamp,
-)
+from sklearn_maf._nn.flow import MAF
+from sklearn_maf._nn.preprocessing import Bounded, Standardize, Whiten
+from sklearn_maf._nn.transforms import AffineMADE, BatchNorm, power_tails, power_tails_inverse, soft_clamp
 from sklearn_maf._nn.made import MADE, MaskedLinear, input_degrees
 
 DTYPE = torch.float64

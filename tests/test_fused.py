@@ -11,13 +11,13 @@ import math
 import pytest
 import torch
 
-from sklearn_maf._nn import MAF, backprop
-from sklearn_maf._nn import flow as flow_module
+from sklearn_maf._nn import MAF, _native, backprop
+from sklearn_maf._nn import transforms as transforms_module
 from sklearn_maf._nn import made as made_module
-from sklearn_maf._nn.backprop import Plan
+from sklearn_maf._nn.backprop import Backprop
 
 pytestmark = pytest.mark.skipif(
-    backprop._fused is None, reason="sklearn_maf._nn._fused was not built (no C compiler at install)"
+    not _native.available(), reason="sklearn_maf._nn._fused was not built (no C compiler at install)"
 )
 
 
@@ -26,11 +26,11 @@ def instructions(request):
     """The passes compiled for AVX2 and FMA (where the CPU has them), then the baseline's."""
     avx2 = request.param == "avx2"
     try:
-        previous = backprop._fused.set_avx2(avx2)
+        previous = _native.set_avx2(avx2)
     except ValueError as error:
         pytest.skip(str(error))
     yield request.param
-    backprop._fused.set_avx2(previous)
+    _native.set_avx2(previous)
 
 
 def _flow(dtype, **params):
@@ -43,7 +43,7 @@ def _flow(dtype, **params):
 
 
 def _loss_and_grads(flow, X, weight, fused):
-    loss = Plan(flow, fused=fused).loss_and_grad(X, weight)
+    loss = Backprop(flow, native=fused).loss_and_grad(X, weight)
     return float(loss), [param.grad.clone() for param in flow.parameters()]
 
 
@@ -77,7 +77,8 @@ def test_affine_forward_over_the_whole_range(dtype, instructions):
     out = torch.cat([shift, raw], dim=1)
     log_det = torch.full((n_rows,), 0.5, dtype=dtype)
 
-    u, factors = backprop._Fused(x).affine_forward(out, x, bound, log_det)
+    factors = _native.affine_forward(out, x, bound, log_det)
+    u = factors[0]
 
     sigmoid = torch.sigmoid(raw * (-2.0 / bound))
     minus_log_scale = 2 * bound * sigmoid - bound
@@ -92,7 +93,7 @@ def test_affine_forward_over_the_whole_range(dtype, instructions):
 def test_non_finite_raw_log_scales_stay_in_their_bounds_or_nan(instructions):
     x = torch.zeros(1, 4)
     out = torch.tensor([[0.0, 0.0, 0.0, 0.0, -math.inf, math.inf, math.nan, 1e30]])
-    u, factors = backprop._Fused(x).affine_forward(out, x, 5.0, torch.zeros(1))
+    factors = _native.affine_forward(out, x, 5.0, torch.zeros(1))
     sigmoid = factors[1, 0]
     assert sigmoid[0] == 1 and 0 <= sigmoid[1] < 1e-37 and 0 <= sigmoid[3] < 1e-37
     assert math.isnan(sigmoid[2])
@@ -100,13 +101,12 @@ def test_non_finite_raw_log_scales_stay_in_their_bounds_or_nan(instructions):
 
 
 def test_tensors_of_another_layout_are_refused():
-    fused = backprop._Fused(torch.zeros(1))
     grad, hidden, bias_grad = torch.zeros(8, 3), torch.zeros(8, 3), torch.zeros(3)
-    fused.activation_backward(grad, hidden, False, bias_grad)
-    with pytest.raises(ValueError, match="contiguous torch.float32"):
-        fused.activation_backward(torch.zeros(3, 8).t(), hidden, False, bias_grad)
+    _native.activation_backward(grad, hidden, False, bias_grad)
+    with pytest.raises(ValueError, match="grad must be a contiguous torch.float32"):
+        _native.activation_backward(torch.zeros(3, 8).t(), hidden, False, bias_grad)
     with pytest.raises(ValueError, match="got torch.float64"):
-        fused.activation_backward(grad, hidden.double(), False, bias_grad)
+        _native.activation_backward(grad, hidden.double(), False, bias_grad)
 
 
 def _score_inputs(n_rows, n_features, raw):
@@ -128,9 +128,9 @@ def test_affine_score_matches_torch_operations_over_the_whole_range(instructions
     raw = torch.linspace(-1e4, 1e4, n_rows * d, dtype=torch.float64)
     raw[: 8 * d] = torch.linspace(-50, 50, 8 * d, dtype=torch.float64)  # where the sigmoid is not saturated
     x, shift, raw = _score_inputs(n_rows, d, raw.reshape(n_rows, d))
-    assert flow_module._scores_in_c(x, shift, raw)
+    assert transforms_module._scores_in_c(x, shift, raw)
 
-    u, log_det = flow_module._affine_score(x, shift, raw, bound)
+    u, log_det = _native.affine_score(x, shift, raw, bound)
 
     u_torch, log_det_torch = _affine_score_torch(x, shift, raw, bound)
     torch.testing.assert_close(u, u_torch, rtol=1e-14, atol=1e-15)
@@ -144,7 +144,7 @@ def test_affine_score_exp_within_two_ulp_over_the_double_range(instructions):
     x, shift, raw = _score_inputs(n_rows, 1, raw)
     x, shift = torch.ones_like(x), torch.zeros_like(shift)
 
-    u, log_det = flow_module._affine_score(x, shift, raw, bound)
+    u, log_det = _native.affine_score(x, shift, raw, bound)
 
     assert float(log_det.min()) < -699 and float(log_det.max()) > 699
     reference = torch.exp(log_det)
@@ -155,7 +155,7 @@ def test_affine_score_exp_within_two_ulp_over_the_double_range(instructions):
 def test_affine_score_of_non_finite_raw_log_scales_stays_in_its_bounds_or_nan(instructions):
     raw = torch.tensor([[-math.inf, math.inf, math.nan, 1e300]], dtype=torch.float64)
     x, shift, raw = _score_inputs(1, 4, raw)
-    u, log_det = flow_module._affine_score(x, shift, raw, 5.0)
+    u, log_det = _native.affine_score(x, shift, raw, 5.0)
     u_torch, _ = _affine_score_torch(x, shift, raw, 5.0)
     assert torch.isnan(u[0, 2]) and torch.isnan(log_det[0])
     torch.testing.assert_close(u[0, [0, 1, 3]], u_torch[0, [0, 1, 3]], rtol=1e-15, atol=0)
@@ -166,10 +166,10 @@ def test_affine_score_of_a_row_does_not_depend_on_the_rows_scored_with_it(instru
     bound, n_rows, d = 5.0, 37, 3
     raw = torch.randn(n_rows, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 4
     x, shift, raw = _score_inputs(n_rows, d, raw)
-    u, log_det = flow_module._affine_score(x, shift, raw, bound)
+    u, log_det = _native.affine_score(x, shift, raw, bound)
     for start, stop in [(0, 1), (5, 6), (36, 37), (1, 4), (3, 20), (2, 37)]:
         part = [tensor[start:stop].t().contiguous().t() for tensor in (x, shift, raw)]
-        u_part, log_det_part = flow_module._affine_score(*part, bound)
+        u_part, log_det_part = _native.affine_score(*part, bound)
         assert torch.equal(u_part, u[start:stop]) and torch.equal(log_det_part, log_det[start:stop])
 
 
@@ -179,26 +179,22 @@ def test_scoring_with_the_c_pass_matches_torch_operations(params, monkeypatch):
     flow.eval()
     with torch.inference_mode():
         fused = flow.log_prob(X)
-        monkeypatch.setattr(made_module, "_fused", None)  # both scoring passes
+        monkeypatch.setattr(_native, "_fused", None)  # both scoring passes
         reference = flow.log_prob(X)
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-12)
 
 
 def test_the_scoring_pass_runs_on_feature_major_float64_only():
     x, shift, raw = _score_inputs(5, 3, torch.zeros(5, 3, dtype=torch.float64))
-    assert flow_module._scores_in_c(x, shift, raw)
-    assert not flow_module._scores_in_c(x.contiguous(), shift, raw)  # rows, not features, contiguous
-    assert not flow_module._scores_in_c(x.float(), shift, raw)
-    assert not flow_module._scores_in_c(x, shift.contiguous(), raw)
+    assert transforms_module._scores_in_c(x, shift, raw)
+    assert not transforms_module._scores_in_c(x.contiguous(), shift, raw)  # rows, not features, contiguous
+    assert not transforms_module._scores_in_c(x.float(), shift, raw)
+    assert not transforms_module._scores_in_c(x, shift.contiguous(), raw)
 
 
 def _linear_relu_score(weight, x):
     out = torch.empty(weight.shape[0], x.shape[1], dtype=torch.float64)
-    backprop._fused.linear_relu_score(
-        x.shape[1], weight.shape[0], weight.shape[1], weight.data_ptr(), x.data_ptr(), x.stride(0),
-        out.data_ptr(), out.stride(0),
-    )  # fmt: skip
-    return out
+    return _native.linear_relu_score(weight, x, out)
 
 
 @pytest.mark.parametrize("n_units, n_inputs, n_rows", [(100, 9, 2621), (103, 5, 37), (3, 17, 7), (8, 1, 8)])
@@ -234,7 +230,7 @@ def test_first_layer_runs_in_c_for_few_inputs_relu_and_float64_only():
     )
     below = torch.ones(5, 10, dtype=torch.float64)
     blocks = [(torch.ones(16, 5, dtype=torch.float64), 0, 16)]
-    assert made._first_layer_in_c(below, blocks) == backprop._fused.avx2()
+    assert made._first_layer_in_c(below, blocks) == _native.avx2()
     assert not made._first_layer_in_c(below.float(), blocks)
     assert not made._first_layer_in_c(below, blocks * 2)
     wide = torch.ones(made_module._C_FIRST_LAYER_MAX_INPUTS + 1, 10, dtype=torch.float64)
@@ -244,7 +240,7 @@ def test_first_layer_runs_in_c_for_few_inputs_relu_and_float64_only():
 
 
 def test_the_c_functions_check_their_arguments():
-    module = backprop._fused
+    module = _native._fused
     with pytest.raises(TypeError, match="takes 9 arguments"):
         module.affine_score(1, 2)
     with pytest.raises(TypeError, match="takes 8 arguments"):
@@ -265,7 +261,7 @@ def _flat_and_reference_steps(dtype, n_steps, clip, average):
 
     _, flat_flow = _flow(dtype, batch_norm=True)
     _, reference_flow = _flow(dtype, batch_norm=True)
-    plan = Plan(reference_flow, assume_masked=True, fused=False)
+    plan = Backprop(reference_flow, assume_masked=True, native=False)
     plan.zero_masked_weights()
     flat = _FlatAdam(flat_flow, 1e-2, 1e-3)
     with torch.no_grad():  # the masked entries of the weights at zero, as the plan's
@@ -350,7 +346,7 @@ def test_a_plan_writes_the_gradients_where_flat_adam_reads_them():
     X, flow = _flow(torch.float64)
     optimizer = _FlatAdam(flow, 1e-2, 0.0)
     views = [param.grad for param in flow.parameters()]
-    plan = Plan(flow, assume_masked=True, flat_grad=optimizer.flat_grad)
+    plan = Backprop(flow, assume_masked=True, flat_grad=optimizer.flat_grad)
     plan.loss_and_grad(X)
     assert all(param.grad is view for param, view in zip(flow.parameters(), views))
     assert float(optimizer.flat_grad.abs().sum()) > 0
@@ -371,3 +367,86 @@ def test_flat_adam_moves_an_average_made_without_its_buffer_too():
     weight = 1 - 2 / 11  # the first step's weight (the warm-up of _ParameterAverage)
     for average, start, param in zip(averaged.average, before, flow.parameters()):
         torch.testing.assert_close(average, torch.lerp(start, param.detach(), weight))
+
+
+def _boundary_calls(dtype=torch.float64):
+    """One valid call of every training pass through _native: ``{name: (function, kwargs)}``."""
+    n, d = 6, 3
+    z = lambda *shape: torch.zeros(*shape, dtype=dtype)  # noqa: E731
+    share = torch.tensor(1.0 / n, dtype=dtype)
+    return {
+        "affine_forward": (_native.affine_forward, dict(out=z(n, 2 * d), x=z(n, d), bound=5.0, log_det=z(n))),
+        "affine_backward": (
+            _native.affine_backward, dict(factors=z(3, n, d), grad_u=z(n, d), share=share, bias_grad=z(2 * d))
+        ),
+        "activation_backward": (
+            _native.activation_backward, dict(grad=z(n, 4), hidden=z(n, 4), tanh=False, bias_grad=z(4))
+        ),
+        "gaussian_loss": (_native.gaussian_loss, dict(u=z(n, d), log_det=z(n), share=z(n, 1) + 1.0 / n)),
+        "batch_norm_forward": (
+            _native.batch_norm_forward,
+            dict(x=z(n, d), share=share, log_gamma=z(d), beta=z(d), running_mean=z(d), running_var=z(d) + 1,
+                 momentum=0.1, eps=1e-5, log_det=z(n)),
+        ),  # fmt: skip
+        "batch_norm_backward": (
+            _native.batch_norm_backward,
+            dict(rows=z(2, n, d), features=z(2, d) + 1, grad_y=z(n, d), share=share, grad_log_gamma=z(d),
+                 grad_beta=z(d)),
+        ),  # fmt: skip
+        "adam_step": (
+            _native.adam_step,
+            dict(param=z(10), grad=z(10), mask=z(10) + 1, decay=z(10), exp_avg=z(10), exp_avg_sq=z(10),
+                 step=1, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, clip_average=z(()), average=z(10)),
+        ),  # fmt: skip
+    }
+
+
+@pytest.mark.parametrize("name", list(_boundary_calls()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_training_pass_refuses_a_wrong_tensor_before_c_runs(name, dtype):
+    """Each tensor argument in turn: one row short, the other dtype, or a non-contiguous copy.
+
+    None of these calls may reach C: the tensors they would write stay as they were.
+    """
+    function, kwargs = _boundary_calls(dtype)[name]
+    function(**kwargs)  # the valid call runs
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    for key, value in kwargs.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        wrong = [value.to(other)]
+        if value.dim() >= 1:
+            wrong.append(value[: value.shape[0] - 1] if value.shape[0] > 1 else torch.cat([value, value]))
+        if value.dim() == 2 and value.shape[1] > 1:
+            wrong.append(torch.cat([value, value], dim=1)[:, ::2])  # same values, strided
+        for bad in wrong:
+            calls = _boundary_calls(dtype)[name][1]
+            before = {k: v.clone() for k, v in calls.items() if isinstance(v, torch.Tensor)}
+            with pytest.raises(ValueError, match="must be a contiguous"):  # this tensor or one sized by it
+                function(**{**calls, key: bad})
+            for k, v in calls.items():
+                if isinstance(v, torch.Tensor) and k != key:
+                    assert torch.equal(v, before[k]), (key, k)
+
+
+def test_scoring_passes_refuse_wrong_layouts_and_sizes():
+    x, shift, raw = _score_inputs(5, 3, torch.zeros(5, 3, dtype=torch.float64))
+    _native.affine_score(x, shift, raw, 5.0)
+    with pytest.raises(ValueError, match="x must be a float64"):
+        _native.affine_score(x.contiguous(), shift, raw, 5.0)  # rows, not features, contiguous
+    with pytest.raises(ValueError, match="shift must be"):
+        _native.affine_score(x, shift[:4], raw, 5.0)
+    with pytest.raises(ValueError, match="raw_log_scale's columns"):
+        _native.affine_score(x, shift, torch.zeros(3, 7, dtype=torch.float64)[:, :5].t(), 5.0)
+    with pytest.raises(ValueError, match="float32"):
+        _native.affine_score(x.float(), shift, raw, 5.0)
+    weight, inputs = torch.ones(4, 2, dtype=torch.float64), torch.ones(2, 8, dtype=torch.float64)
+    _native.linear_relu_score(weight, inputs, torch.empty(4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x must be"):
+        _native.linear_relu_score(weight, torch.ones(3, 8, dtype=torch.float64), torch.empty(4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out must be"):
+        _native.linear_relu_score(weight, inputs, torch.empty(4, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out must be"):
+        _native.linear_relu_score(weight, inputs, torch.empty(8, 4, dtype=torch.float64).t())
+    with pytest.raises(ValueError, match="weight must be"):
+        _native.linear_relu_score(weight.float(), inputs, torch.empty(4, 8, dtype=torch.float64))

@@ -51,7 +51,7 @@ def test_gradient_clip_scales_down_only_spikes_and_keeps_its_limit(dtype, flat):
         tensors = [torch.randn(4, 3, generator=generator, dtype=dtype) * scale, torch.full((3,), scale, dtype=dtype)]
         if not flat:
             return tensors
-        buffer = torch.cat([t.flatten() for t in tensors])  # as a Plan's flat_grad, with views of it
+        buffer = torch.cat([t.flatten() for t in tensors])  # as a Backprop's flat_grad, with views of it
         return [buffer, buffer[:12].view(4, 3), buffer[12:]]
 
     def call(tensors):

@@ -386,7 +386,7 @@ def test_plan_gradients_are_views_of_one_flat_buffer():
     from sklearn_maf._nn import backprop
 
     module = _flow(batch_norm=True)
-    plan = backprop.Plan(module, assume_masked=True)
+    plan = backprop.Backprop(module, assume_masked=True)
     params = list(module.parameters())
     assert plan.flat_grad.numel() == sum(param.numel() for param in params)
     plan.loss_and_grad(_data(16))

@@ -1,4 +1,4 @@
-"""Base densities under the flow: a standard normal, the paper's MADE MoG,
+"""Base distributions under the flow: a standard normal, the paper's MADE MoG,
 independent Student t's with learned degrees of freedom, or a multivariate
 (elliptical) Student t.
 
@@ -6,10 +6,14 @@ Each has ``log_prob(u, context)`` for points ``u`` in the space where the last
 MAF layer ends, and draws from uniform noise: ``from_uniform(noise, context)``
 maps ``n_noise`` uniforms per row to a draw, so a sample is a deterministic
 function of its noise (``sample`` draws the noise from a generator; quasi-Monte
-Carlo averages pass fixed points instead).
+Carlo averages pass fixed points instead). Where the hand-written gradient of
+a training step is kept, a base also has ``backprop_state`` and
+``loss_and_grad`` (the protocol is described in :mod:`.backprop`); a base
+without them is trained through autograd.
 """
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -17,9 +21,10 @@ from scipy import special
 from torch import nn
 from torch.nn import functional as F
 
+from . import _native
 from .made import MADE
 
-__all__ = ["EllipticalT", "MADEMoG", "StandardNormal", "StudentT"]
+__all__ = ["EllipticalT", "MADEMoG", "StandardNormal", "StudentT", "mean_over_rows"]
 
 _LOG_2PI = math.log(2 * math.pi)
 # Initial component means of the MADE MoG are evenly spaced in (-spread, spread).
@@ -33,6 +38,17 @@ _OFFSET_GAIN = 10.0
 # steps, more than a fit on a few thousand rows makes before early stopping, so
 # the tails stayed nearly Gaussian. Scaled, it takes a few hundred.
 _DF_RATE = 10.0
+
+
+def mean_over_rows(rows, share):
+    """``sum_r share_r rows_r``: the (weighted) mean of per-row values, given each row's share.
+
+    ``share`` is ``1 / n`` as a 0-d tensor, or a column of the rows' normalised
+    weights (see :class:`~.backprop.Batch`).
+    """
+    if share.dim() == 0:
+        return rows.sum().mul_(share)
+    return rows.mul(share.squeeze(1)).sum()
 
 
 def _open_unit(uniform):
@@ -62,6 +78,20 @@ class StandardNormal(_UniformNoiseBase):
 
     def from_uniform(self, noise, context=None):
         return torch.special.ndtri(_open_unit(noise))
+
+    def backprop_state(self, setup):
+        return SimpleNamespace(
+            native=setup.native, half=setup.constant(0.5), normaliser=setup.constant(0.5 * self.n_features * _LOG_2PI)
+        )
+
+    def loss_and_grad(self, state, u, log_det, batch):
+        """``(mean of -log p(u) - log_det, d loss / d u)``: ``|u|^2 / 2`` plus the normaliser."""
+        if state.native:
+            loss, grad = _native.gaussian_loss(u, log_det, batch.share)
+        else:
+            minus_log_prob = u.mul(u).sum(dim=-1).mul_(state.half).sub_(log_det)
+            loss, grad = mean_over_rows(minus_log_prob, batch.share), u * batch.share
+        return loss.add_(state.normaliser), grad
 
 
 class MADEMoG(_UniformNoiseBase):
@@ -120,21 +150,81 @@ class MADEMoG(_UniformNoiseBase):
 
     def _mixture(self, u, context):
         """Component log-weights, means and log-scales, each (n, n_features, K)."""
-        return self._mixture_of(self.made(u, context))
+        return self._mixture_of(self.made(u, context))[:3]
 
-    def _mixture_of(self, blocks, features=slice(None)):
-        """The mixture given the MADE's output blocks, for all or some ``features``."""
+    def _mixture_of(self, out, features=slice(None)):
+        """``(log-weights, means, log-scales, tanh)``, each (n, n_features, K), given the MADE's output.
+
+        ``out`` is a tuple of its output blocks (for all or some ``features``),
+        or its output product (n, 3 K n_features), blocks side by side (the
+        hand-written training pass). ``tanh`` is that of the raw log-scales
+        over the bound, whose derivative the backward pass reuses.
+        """
+        if isinstance(out, torch.Tensor):
+            raw = out.view(out.shape[0], 3 * self.n_components, -1).transpose(1, 2)
+        else:
+            raw = torch.stack(out, dim=-1)
         # (n, n_features, 3K): what the MADE computes plus the input-independent part
-        raw = torch.stack(blocks, dim=-1) + _OFFSET_GAIN * self.offset[:, features].t()
+        raw = raw + _OFFSET_GAIN * self.offset[:, features].t()
         logits, means, raw_log_scales = raw.split(self.n_components, dim=-1)
-        log_scales = self.log_scale_bound * torch.tanh(raw_log_scales / self.log_scale_bound)
-        return F.log_softmax(logits, dim=-1), means, log_scales
+        tanh = torch.tanh(raw_log_scales / self.log_scale_bound)
+        return F.log_softmax(logits, dim=-1), means, self.log_scale_bound * tanh, tanh
+
+    @staticmethod
+    def _log_conditionals(u, mixture):
+        """``(log p(u_i | u_<i) + log(2 pi) / 2, (1 / scales, z, joint))`` per row and feature.
+
+        ``joint`` is each component's log-weight plus its log-density, less
+        the constant; the responsibilities are ``exp(joint - logsumexp(joint))``.
+        """
+        log_weights, means, log_scales, _ = mixture
+        inverse_scales = torch.exp(-log_scales)
+        z = (u.unsqueeze(-1) - means).mul_(inverse_scales)
+        joint = log_weights - 0.5 * z * z - log_scales
+        return torch.logsumexp(joint, dim=-1), (inverse_scales, z, joint)
 
     def log_prob(self, u, context=None):
-        log_weights, means, log_scales = self._mixture(u, context)
-        z = (u.unsqueeze(-1) - means) * torch.exp(-log_scales)
-        component = -0.5 * (z.square() + _LOG_2PI) - log_scales
-        return torch.logsumexp(log_weights + component, dim=-1).sum(dim=-1)
+        log_p, _ = self._log_conditionals(u, self._mixture_of(self.made(u, context)))
+        return log_p.sum(dim=-1) - 0.5 * self.n_features * _LOG_2PI
+
+    def backprop_state(self, setup):
+        return SimpleNamespace(
+            made=self.made.backprop_state(setup),
+            grad_offset=self.offset.grad,
+            normaliser=setup.constant(0.5 * self.n_features * _LOG_2PI),
+        )
+
+    def loss_and_grad(self, state, u, log_det, batch):
+        """``(mean of -log p(u) - log_det, d loss / d u)``; writes the gradients of the MADE and the offset.
+
+        With the responsibilities ``r``, the derivatives of ``-log p_i`` are
+        ``softmax(logits) - r`` in the logits, ``-r z exp(-a)`` in the means,
+        ``-r (z^2 - 1) (1 - tanh^2)`` in the raw log-scales, and ``sum_k r z
+        exp(-a)`` in ``u_i`` directly; ``u`` also feeds the MADE, whose backward
+        pass adds the rest.
+        """
+        share = batch.share
+        out, made_cache = self.made.forward_cached(state.made, u, batch.context)
+        mixture = self._mixture_of(out)
+        log_p, (inverse_scales, z, joint) = self._log_conditionals(u, mixture)
+        loss = mean_over_rows(log_p.sum(dim=-1).neg_().sub_(log_det), share).add_(state.normaliser)
+        log_weights, _, _, tanh = mixture
+        n_rows = u.shape[0]
+        responsibility = torch.exp(joint - log_p.unsqueeze(-1))
+        r_z_over_scale = responsibility * z * inverse_scales
+        grad_raw = torch.cat(
+            [
+                torch.exp(log_weights) - responsibility,
+                -r_z_over_scale,
+                responsibility * (1 - z * z) * (1 - tanh * tanh),
+            ],
+            dim=-1,
+        )
+        grad_raw.mul_(share if share.dim() == 0 else share.unsqueeze(-1))
+        torch.mul(grad_raw.sum(dim=0).t(), _OFFSET_GAIN, out=state.grad_offset)
+        grad_out = grad_raw.transpose(1, 2).reshape(n_rows, -1)  # back to the MADE's output layout
+        grad_u = r_z_over_scale.sum(dim=-1).mul_(share)
+        return loss, grad_u.add_(self.made.backward(state.made, made_cache, grad_out))
 
     def from_uniform(self, noise, context=None):
         """Draw feature by feature: the first half of ``noise`` gives the standard
@@ -148,7 +238,7 @@ class MADEMoG(_UniformNoiseBase):
         uniform = noise[:, self.n_features :]
 
         def step(features, params):
-            log_weights, means, log_scales = self._mixture_of(params, features)
+            log_weights, means, log_scales, _ = self._mixture_of(params, features)
             cumulative = torch.cumsum(torch.exp(log_weights), dim=-1)
             choice = (uniform[:, features].unsqueeze(-1) > cumulative).sum(dim=-1, keepdim=True)
             choice = choice.clamp(max=self.n_components - 1)
@@ -160,10 +250,25 @@ class MADEMoG(_UniformNoiseBase):
 
 
 class _LearnedDF(_UniformNoiseBase):
-    """A base with learned degrees of freedom ``df = 1 + exp(_DF_RATE raw_df)``, each above 1.
+    """Student t's with learned degrees of freedom ``df = 1 + exp(_DF_RATE raw_df)``, each above 1.
 
-    They are a parameter named ``raw_df``, not ``weight``, so the L2 penalty
-    on the weight matrices leaves them alone.
+    One log-density for both t bases: ``k`` t's, each of dimension ``m``, on
+    ``q = s / df`` where ``s`` is ``u_i^2`` per feature (:class:`StudentT`,
+    ``m = 1``) or ``|u|^2`` per row (:class:`EllipticalT`, ``m = D``)::
+
+        -log p(u) = sum_k h log(1 + q) - N(df),  h = (df + m) / 2,
+        N(df) = lgamma(h) - lgamma(df / 2) - m log(pi df) / 2.
+
+    Its derivative in ``u`` is ``2 h u / (df (1 + q))``; in ``df``, ``log(1 +
+    q) / 2 - h q / (df (1 + q)) - N'(df)`` with ``N'(df) = (digamma(h) -
+    digamma(df / 2) - m / df) / 2``. ``N`` and ``N'`` are computed in float64
+    whatever the dtype: at large df ``N`` is the small difference of two large
+    lgammas (about 5e5 each at df = 1e5); float32 gets it wrong by 1e-4 nats
+    per feature at df = 1e3 and by 3e-3 to 4e-3 from df = 1e4 on, and its
+    gradient (a difference of digammas) is mostly round-off there.
+
+    The degrees of freedom are a parameter named ``raw_df``, not ``weight``, so
+    the L2 penalty on the weight matrices leaves them alone.
     """
 
     def _init_df(self, size, df, dtype):
@@ -176,6 +281,45 @@ class _LearnedDF(_UniformNoiseBase):
 
     def _df_numpy(self):
         return self.df.detach().cpu().numpy().astype(np.float64)
+
+    def _squares(self, u):
+        """``s``: (n, k) squared values, one column per t."""
+        raise NotImplementedError
+
+    def _normaliser(self, df64):
+        """``N(df)`` per t, in float64."""
+        m = self._t_dimension
+        return torch.lgamma(0.5 * (df64 + m)) - torch.lgamma(0.5 * df64) - 0.5 * m * torch.log(math.pi * df64)
+
+    def log_prob(self, u, context=None):
+        df = self.df
+        h = 0.5 * (df + self._t_dimension)
+        q = self._squares(u) / df
+        return self._normaliser(df.double()).sum().to(u.dtype) - (h * torch.log1p(q)).sum(dim=-1)
+
+    def backprop_state(self, setup):
+        return SimpleNamespace(
+            grad_raw_df=self.raw_df.grad, half=setup.constant(0.5), half_m=setup.constant(0.5 * self._t_dimension)
+        )
+
+    def loss_and_grad(self, state, u, log_det, batch):
+        """``(mean of -log p(u) - log_det, d loss / d u)``; writes the gradient of ``raw_df``."""
+        df = self.df
+        df64 = df.double()
+        share = batch.share
+        h = torch.add(state.half_m, df, alpha=0.5)
+        q = self._squares(u).div_(df)
+        log1p_q = torch.log1p(q)
+        rows = torch.mv(log1p_q, h).sub_(self._normaliser(df64).sum().to(u.dtype))
+        loss = mean_over_rows(rows.sub_(log_det), share)
+        inverse = q.add(1).mul_(df).reciprocal_()  # 1 / (df (1 + q))
+        grad_u = u * inverse.mul(2 * h).mul_(share)
+        m = self._t_dimension
+        norm_derivative = 0.5 * (torch.digamma(0.5 * (df64 + m)) - torch.digamma(0.5 * df64) - m / df64)
+        per_row = torch.addcmul(log1p_q.mul_(state.half), h * q, inverse, value=-1.0).mul_(share)
+        grad_df = per_row.sum(dim=0).sub_(norm_derivative.to(df.dtype))
+        torch.mul(grad_df, (df - 1).mul_(_DF_RATE), out=state.grad_raw_df)
+        return loss, grad_u
 
 
 def _raw_df(df):
@@ -213,17 +357,10 @@ class StudentT(_LearnedDF):
         self.n_noise = n_features
         self._init_df(n_features, df_init, dtype)  # one per feature
 
-    def log_prob(self, u, context=None):
-        df = self.df
-        half = 0.5 * (df + 1)
-        # The normaliser in float64 whatever the dtype: at large df it is the
-        # small difference of two large lgammas (about 5e5 each at df = 1e5).
-        # float32 gets it wrong by 1e-4 nats per feature at df = 1e3 and by
-        # 3e-3 to 4e-3 from df = 1e4 on, as much as the benchmarks resolve,
-        # and its gradient (a difference of digammas) is mostly round-off there.
-        df64 = df.double()
-        norm = torch.lgamma(0.5 * (df64 + 1)) - torch.lgamma(0.5 * df64) - 0.5 * torch.log(math.pi * df64)
-        return (norm.to(u.dtype) - half * torch.log1p(u.square() / df)).sum(dim=-1)
+    _t_dimension = 1
+
+    def _squares(self, u):
+        return u.mul(u)
 
     def from_uniform(self, noise, context=None):
         """The t quantile of each uniform.
@@ -290,11 +427,12 @@ class EllipticalT(_LearnedDF):
             raise ValueError(f"df must be above 1, got {df}.")
         self.raw_df.fill_(_raw_df(df))
 
-    def log_prob(self, u, context=None):
-        d, df = u.shape[-1], self.df
-        df64 = df.double()  # the normaliser in float64, as StudentT's
-        norm = torch.lgamma(0.5 * (df64 + d)) - torch.lgamma(0.5 * df64) - 0.5 * d * torch.log(math.pi * df64)
-        return norm.to(u.dtype) - 0.5 * (df + d) * torch.log1p(u.square().sum(dim=-1) / df)
+    @property
+    def _t_dimension(self):
+        return self.n_features
+
+    def _squares(self, u):
+        return u.mul(u).sum(dim=-1, keepdim=True)
 
     def from_uniform(self, noise, context=None):
         """``z sqrt(df / w)``: ``z`` the normal quantiles of the first ``n_features`` uniforms,
