@@ -35,6 +35,8 @@ from ._preprocessing import (
     _sobol_points,
     _weighted_loc_scale,
 )
+from ._nn.mixture import from_fixed, to_fixed
+from ._reference import fit_reference, parts_log_prob, reference_density, stacking_weights
 from ._threads import limit_torch_threads, training_threads
 from ._training import TrainingConfig, _cyclic_gc_paused, train_flow
 
@@ -62,6 +64,8 @@ class _BaseMAF(BaseEstimator):
         "base": [StrOptions({"auto", "gaussian", "mog", "student-t", "elliptical-t", "fitted-t"})],
         "n_components": [Interval(Integral, 1, None, closed="left")],
         "tail_cut": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither"), None],
+        "reference": [StrOptions({"gmm", "gaussian"}), None],
+        "min_reference_weight": [Interval(Real, 0, 1, closed="left")],
         "bounds": ["array-like", None],
         "discrete_features": [StrOptions({"auto"}), "array-like", None],
         "alpha": [Interval(Real, 0, None, closed="left")],
@@ -92,6 +96,8 @@ class _BaseMAF(BaseEstimator):
         base="auto",
         n_components=10,
         tail_cut="auto",
+        reference="gmm",
+        min_reference_weight=1e-4,
         bounds=None,
         discrete_features=None,
         alpha=1e-6,
@@ -118,6 +124,8 @@ class _BaseMAF(BaseEstimator):
         self.base = base
         self.n_components = n_components
         self.tail_cut = tail_cut
+        self.reference = reference
+        self.min_reference_weight = min_reference_weight
         self.bounds = bounds
         self.discrete_features = discrete_features
         self.alpha = alpha
@@ -151,9 +159,10 @@ class _BaseMAF(BaseEstimator):
         # partial_fit's training copy and optimizer state stay behind: a pickle
         # holds the fitted flow only, and partial_fit restarts Adam after loading.
         state.pop("_partial_state", None)
-        module = state.get("module_")
-        if module is not None and _module_device(module).type != "cpu":
-            state["module_"] = copy.deepcopy(module).cpu()
+        for name in ("module_", "reference_"):
+            module = state.get(name)
+            if module is not None and _module_device(module).type != "cpu":
+                state[name] = copy.deepcopy(module).cpu()
         return record_version(state)
 
     def __setstate__(self, state):
@@ -177,6 +186,8 @@ class _BaseMAF(BaseEstimator):
             )
             self.device = "cpu"
         self.module_ = module.to(torch.device(self.device))
+        if self.__dict__.get("reference_") is not None:
+            self.reference_ = self.reference_.to(torch.device(self.device))
 
     @limit_torch_threads()
     def _train(self, X, sample_weight, context=None, *, continuing=False):
@@ -193,7 +204,8 @@ class _BaseMAF(BaseEstimator):
         n_context = 0 if context is None else context.shape[1]
         device = self._torch_device()
         rng = check_random_state(self.random_state)
-        generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+        generator = torch.Generator().manual_seed(seed)
         train, validation = self._split(X.shape[0], rng)
         _check_weight_total(sample_weight, train, "training")
         if validation is not None:
@@ -262,6 +274,7 @@ class _BaseMAF(BaseEstimator):
         self.module_ = module
         self.tail_cut_ = module.tail_cut
         self.base_ = _base_name(module)
+        self._fit_reference(X_noisy, sample_weight, train, validation, context, seed)
         self.__dict__.pop("_partial_state", None)
         self.loss_curve_ = (self.loss_curve_ if continuing else []) + history.loss_curve
         if validation is None:
@@ -314,6 +327,86 @@ class _BaseMAF(BaseEstimator):
         if self._torch_device().type != "cpu":
             return None
         return training_threads(batch_size, self.hidden_units, n_inputs)
+
+    def _reference_kind(self):
+        """The ``reference`` this estimator mixes with its flow (None: the flow alone)."""
+        return self.reference
+
+    def _fit_reference(self, X, weight, train, validation, context, seed):
+        """Fit the reference density and the mixture weights; set ``reference_`` and ``mixture_weights_``.
+
+        The parts are fitted to the training rows in the coordinates after
+        the flow's fixed layers, the weights by EM on the held-out rows (the
+        training rows without early stopping), and the parts are then fitted
+        again to all rows (see :mod:`sklearn_maf._reference`). ``seed``
+        starts their k-means: the fit's own, drawn before anything that
+        depends on the number of rows, so that rows of weight zero change
+        nothing.
+        """
+        kind = self._reference_kind()
+        if kind is None:
+            self.reference_, self.mixture_weights_ = None, np.ones(1)
+            return
+        n_features = X.shape[1]
+
+        def fixed(rows):
+            values = self._map_rows(
+                lambda x: torch.column_stack(to_fixed(self.module_, x)), n_features + 1, X[rows]
+            )
+            return values[:, :-1], values[:, -1]
+
+        parts = fit_reference(fixed(train)[0], weight[train], kind, seed)
+        held = train if validation is None else validation
+        Z_held, logabsdet = fixed(held)
+        flow = self._map_rows(
+            lambda x, *c: self.module_.log_prob(x, *c)[:, None], 1, X[held],
+            *(() if context is None else (context[held],)),
+        )[:, 0]  # fmt: skip
+        log_densities = np.column_stack([flow, parts_log_prob(Z_held, parts) + logabsdet[:, None]])
+        weights = stacking_weights(log_densities, weight[held], 1, self.min_reference_weight)
+        sizes = [part[0].size for part in parts]
+        parts = fit_reference(fixed(np.arange(X.shape[0]))[0], weight, kind, seed, sizes)
+        self.mixture_weights_ = weights
+        self.reference_ = reference_density(parts, weights[1:], like=next(self.module_.buffers()))
+
+    def _model_log_prob(self, x, context=None):
+        """Log-density of rows ``x`` (tensors) under the fitted model: the flow and its reference."""
+        log_prob = self.module_.log_prob(x, context)
+        reference = self.__dict__.get("reference_")
+        if reference is None:
+            return log_prob
+        z, logabsdet = to_fixed(self.module_, x)
+        flow_weight = float(self.mixture_weights_[0])
+        return torch.logaddexp(
+            torch.nan_to_num(log_prob, nan=-torch.inf) + np.log(flow_weight),
+            reference.log_prob(z) + logabsdet + np.log1p(-flow_weight),
+        )
+
+    def _model_sample(self, n_samples, context=None, generator=None):
+        """``n_samples`` rows from the fitted model, each from its own uniforms of ``generator`` in turn.
+
+        One uniform per row picks the flow or the reference, the next ones
+        make that part's draw, so a draw in chunks is the same as in one go.
+        """
+        reference = self.__dict__.get("reference_")
+        if reference is None:
+            return self.module_.sample(n_samples, context, generator)
+        flow = self.module_
+        like = next(flow.buffers())
+        base_noise = flow.base.n_noise
+        noise = torch.rand(
+            n_samples, 1 + max(base_noise, reference.n_noise), generator=generator, dtype=torch.float64
+        ).to(like.device)
+        from_flow = noise[:, 0] < float(self.mixture_weights_[0])
+        out = torch.empty(n_samples, flow.n_features, dtype=like.dtype, device=like.device)
+        if from_flow.any():
+            rows = noise[from_flow, 1 : 1 + base_noise].to(like.dtype)
+            c = None if context is None else context[from_flow]
+            out[from_flow] = flow.inverse(flow.base.from_uniform(rows, c), c)[0]
+        if not from_flow.all():
+            rows = noise[~from_flow, 1 : 1 + reference.n_noise]
+            out[~from_flow] = from_fixed(flow, reference.from_uniform(rows).to(like.dtype))
+        return out
 
     def _log_mass(self, log_prob, X, *context):
         """Log-density of rows ``X`` (given ``context``), integrating out dequantisation.
@@ -539,7 +632,7 @@ class _UnconditionalMAF(_BaseMAF):
     def _log_density(self, X):
         """Validated ``X`` -> float64 log-densities; underflow gives -inf, never NaN."""
         X = self._validate_fitted_input(X)
-        return self._log_mass(lambda x: self.module_.log_prob(x), X)
+        return self._log_mass(self._model_log_prob, X)
 
     @limit_torch_threads()
     def sample(self, n_samples=1, random_state=None):
@@ -571,7 +664,7 @@ class _UnconditionalMAF(_BaseMAF):
         with torch.inference_mode(), _cyclic_gc_paused(), reused_buffers():
             for start in range(0, n_samples, chunk):
                 rows = min(chunk, n_samples - start)
-                x = self.module_.sample(rows, generator=generator)
+                x = self._model_sample(rows, generator=generator)
                 out[start : start + rows] = x.cpu().numpy()
         return self._floor_discrete(out)
 

@@ -15,6 +15,7 @@ from sklearn.utils.validation import (
 )
 
 from ._base import _BaseMAF, _module_device
+from ._nn.mixture import from_fixed
 from ._preprocessing import _sobol_points, _weighted_moments
 
 
@@ -90,6 +91,25 @@ class MAFConditionalDensity(_BaseMAF):
         ``tail_cut_``; ``partial_fit`` keeps the plain normal. A number:
         that cut, from the validation score on. None: the plain normal
         throughout. Ignored by the other bases.
+    reference : {"gmm", "gaussian"} or None, default="gmm"
+        A classical density of the targets mixed with the flow, ``p(y | x) =
+        w_flow * p_flow(y | x) + (1 - w_flow) * p_reference(y)``, in the
+        coordinates after the fixed layers (``bounds``, the standardisation),
+        so on the same support. "gmm": a broad Gaussian (Ledoit-Wolf
+        covariance) and the full-covariance Gaussian mixture that BIC chooses
+        among 1 to 10 components; "gaussian": the broad Gaussian alone. The
+        weights are fitted by EM on the validation rows (the training rows
+        without early stopping), then the parts are refitted on all rows
+        (stacked density estimation, Smyth & Wolpert, 1999). The reference
+        ignores ``X``: it is a floor under the flow, and where ``X`` tells
+        much about ``y`` the flow keeps nearly all the weight. None: the flow
+        alone.
+    min_reference_weight : float in [0, 1), default=1e-4
+        The least weight of the broad Gaussian. Every row then scores at least
+        ``log(min_reference_weight)`` (-9.2 nats at the default) plus its
+        log-density under that Gaussian, whatever the flow does far from the
+        training rows, at a cost of at most ``-log(1 - min_reference_weight)``
+        nats per row. Ignored when ``reference`` is None.
     bounds : array-like of shape (n_features, 2), default=None
         Support ``(low, high)`` of each modelled feature (of ``y``, for this
         estimator), with ``-np.inf`` /
@@ -177,6 +197,13 @@ class MAFConditionalDensity(_BaseMAF):
     tail_cut_ : float or None
         The cut of the fitted base's power-law tails (see ``tail_cut``); None
         for the plain normal, and for the other bases.
+    mixture_weights_ : ndarray of shape (1,), (2,) or (3,)
+        The weights of the flow, the broad Gaussian and (``reference="gmm"``)
+        the Gaussian mixture; ``[1.0]`` for the flow alone.
+    reference_ : sklearn_maf._nn.mixture.GaussianMixtureDensity or None
+        The reference parts as one Gaussian mixture (their weights scaled by
+        ``mixture_weights_[1:]``) in the coordinates after the flow's fixed
+        layers; None for the flow alone.
     best_loss_ : float
         Lowest training loss.
     n_iter_ : int
@@ -296,7 +323,7 @@ class MAFConditionalDensity(_BaseMAF):
                 f"y has {Y.shape[1]} targets, but {type(self).__name__} is expecting "
                 f"{self.n_targets_} targets as input."
             )
-        return self._log_mass(lambda y, c: self.module_.log_prob(y, c), Y, C)
+        return self._log_mass(self._model_log_prob, Y, C)
 
     def score(self, X, y, sample_weight=None):
         """Total conditional log-likelihood ``sum log p(y | x)``.
@@ -341,7 +368,7 @@ class MAFConditionalDensity(_BaseMAF):
         rng = check_random_state(random_state)
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
         draws = self._map_rows(
-            lambda c: self.module_.sample(c.shape[0], context=c, generator=generator),
+            lambda c: self._model_sample(c.shape[0], context=c, generator=generator),
             self.n_targets_,
             C,
         )
@@ -383,6 +410,13 @@ class MAFConditionalDensity(_BaseMAF):
         out = np.empty((C.shape[0], self.n_targets_))
         for start in range(0, C.shape[0], rows):
             out[start : start + rows] = self._map_rows(conditional_mean, self.n_targets_, C[start : start + rows])
+        reference = self.__dict__.get("reference_")
+        if reference is not None:  # the mixture's mean: the flow's and the reference's, weighted
+            points = torch.as_tensor(_sobol_points(n_draws, reference.n_noise), device=noise.device)
+            with torch.inference_mode():
+                draws = from_fixed(self.module_, reference.from_uniform(points))
+            flow_weight = self.mixture_weights_[0]
+            out = flow_weight * out + (1 - flow_weight) * draws.mean(dim=0).cpu().numpy()
         return self._shape_like_y(out)
 
     # ----------------------------------------------------------------- helpers

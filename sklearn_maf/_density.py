@@ -88,6 +88,27 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
         ``tail_cut_``; ``partial_fit`` keeps the plain normal. A number:
         that cut, from the validation score on. None: the plain normal
         throughout. Ignored by the other bases.
+    reference : {"gmm", "gaussian"} or None, default="gmm"
+        A classical density mixed with the flow, ``p = w_flow * p_flow + (1 -
+        w_flow) * p_reference``, in the coordinates after the fixed layers
+        (``bounds``, the standardisation), so on the same support. "gmm": a
+        broad Gaussian (Ledoit-Wolf covariance) and the full-covariance
+        Gaussian mixture that BIC chooses among 1 to 10 components; "gaussian":
+        the broad Gaussian alone. The weights of the flow and of each part are
+        fitted by EM on the validation rows (the training rows without early
+        stopping), then the parts are refitted on all rows (stacked density
+        estimation, Smyth & Wolpert, 1999). So where the data are small or
+        plainly Gaussian-mixture-like, the model keeps the classical answer,
+        and where the flow is better it keeps the flow: the choice is made by
+        held-out likelihood on each data set. None: the flow alone.
+        ``partial_fit`` fits the broad Gaussian on its first chunk and keeps
+        the weight ``min_reference_weight``.
+    min_reference_weight : float in [0, 1), default=1e-4
+        The least weight of the broad Gaussian. Every row then scores at least
+        ``log(min_reference_weight)`` (-9.2 nats at the default) plus its
+        log-density under that Gaussian, whatever the flow does far from the
+        training rows, at a cost of at most ``-log(1 - min_reference_weight)``
+        nats per row. Ignored when ``reference`` is None.
     bounds : array-like of shape (n_features, 2), default=None
         Support ``(low, high)`` of each modelled feature, with ``-np.inf`` /
         ``np.inf`` for an open side. A bounded feature goes through a fixed
@@ -178,6 +199,13 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
     tail_cut_ : float or None
         The cut of the fitted base's power-law tails (see ``tail_cut``); None
         for the plain normal, and for the other bases.
+    mixture_weights_ : ndarray of shape (1,), (2,) or (3,)
+        The weights of the flow, the broad Gaussian and (``reference="gmm"``)
+        the Gaussian mixture; ``[1.0]`` for the flow alone.
+    reference_ : sklearn_maf._nn.mixture.GaussianMixtureDensity or None
+        The reference parts as one Gaussian mixture (their weights scaled by
+        ``mixture_weights_[1:]``) in the coordinates after the flow's fixed
+        layers; None for the flow alone.
     best_loss_ : float
         Lowest training loss.
     n_iter_ : int

@@ -13,7 +13,7 @@ from ._preprocessing import _constant_features, _weighted_moments
 
 # MAFDensity's parameters that the detector does not take: its own preprocessing
 # (dequantize, preprocessing="quantile") handles discrete and bounded features.
-_NOT_PARAMETERS = {"bounds", "discrete_features"}
+_NOT_PARAMETERS = {"bounds", "discrete_features", "reference", "min_reference_weight"}
 
 # contamination="auto": the fraction of held-out rows scored below the threshold.
 _AUTO_FRACTION = 0.01
@@ -446,6 +446,10 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         return X
 
     # ----------------------------------------------------------------- helpers
+
+    def _reference_kind(self):
+        # the flow alone: a row the flow finds absurdly unlikely is an outlier
+        return None
 
     def _flow_features(self, X, sample_weight, train, rng, continuing):
         """Drop constant features, dequantize and transform the others (the hook of ``_fit``)."""

@@ -261,7 +261,9 @@ def test_extreme_finite_input_never_gives_nan(fitted_mixture):
 def test_one_feature_is_a_gaussian(rng):
     """With one feature every MAF layer is affine with constants: the fit is a Gaussian."""
     X = rng.standard_t(df=5, size=(500, 1)) * 3 + 1
-    model = _small(base="gaussian", max_iter=200, n_iter_no_change=20, learning_rate_init=1e-2, tail_cut=None).fit(X)
+    model = _small(
+        base="gaussian", max_iter=200, n_iter_no_change=20, learning_rate_init=1e-2, tail_cut=None, reference=None
+    ).fit(X)
     grid = np.linspace(-10, 10, 7)[:, None]
     # log-density is exactly quadratic in x: its second differences are constant
     second = np.diff(model.score_samples(grid), 2)
@@ -274,7 +276,7 @@ def test_one_heavy_tailed_feature_is_a_student_t(rng):
     """base="auto" takes the fitted t for one heavy-tailed feature: every layer is affine,
     so the fit is a location-scale Student t with the learned degrees of freedom."""
     X = rng.standard_t(df=3, size=(2000, 1)) * 3 + 1
-    model = _small(max_iter=50).fit(X)
+    model = _small(max_iter=50, reference=None).fit(X)
     assert model.base_ == "fitted-t"
     grid = np.linspace(-30, 30, 7)[:, None]
     with torch.no_grad():
@@ -419,7 +421,7 @@ def test_cuda_model_pickles_with_cpu_tensors_and_reloads_on_cuda(rng):
 def test_partial_fit_over_chunks_comes_close_to_a_full_fit(rng):
     """Many passes of partial_fit over chunks reach a full fit's held-out likelihood."""
     X, X_test = _mixture(3000, rng), _mixture(1000, rng)
-    params = dict(n_layers=3, hidden_units=32, random_state=0)
+    params = dict(n_layers=3, hidden_units=32, random_state=0, reference=None)  # the flows alone
     full = MAFDensity(max_iter=30, early_stopping=False, **params).fit(X)
     streamed = MAFDensity(**params)
     for _ in range(30):
@@ -547,7 +549,8 @@ def test_tail_cut_bounds_the_cost_of_rows_far_outside_the_training_range(rng):
     tails beyond the cut the same fitted flow scores it tens of nats low, and rows whose
     base point is inside the cut keep their scores."""
     X = rng.standard_t(df=2, size=(1000, 2))
-    params = dict(early_stopping=False, max_iter=10)  # no validation score: identical training
+    # no validation score: identical training; the flows alone
+    params = dict(early_stopping=False, max_iter=10, reference=None)
     plain = _small(base="gaussian", tail_cut=None, **params).fit(X)
     tailed = _small(base="gaussian", tail_cut=2.0, **params).fit(X)
     assert plain.tail_cut_ is None and tailed.tail_cut_ == tailed.module_.tail_cut == 2.0

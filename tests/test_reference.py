@@ -1,0 +1,213 @@
+"""The reference density mixed with the flow: its parts, its fit and the guarantee it gives."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+from sklearn.covariance import ledoit_wolf as sklearn_ledoit_wolf
+from sklearn.datasets import load_iris, load_wine
+from sklearn.mixture import GaussianMixture
+from sklearn.model_selection import train_test_split
+
+from sklearn_maf import MAFConditionalDensity, MAFDensity
+from sklearn_maf._nn.mixture import GaussianMixtureDensity, to_fixed
+from sklearn_maf._reference import (
+    gaussian_mixture,
+    gaussian_mixture_by_bic,
+    ledoit_wolf,
+    stacking_weights,
+)
+
+
+def _tiny(estimator=MAFDensity, **params):
+    defaults = dict(n_layers=2, hidden_units=16, max_iter=20, precision="float64", random_state=0)
+    return estimator(**{**defaults, **params})
+
+
+def _random_mixture(rng, n_components=3, n_features=3):
+    weights = rng.uniform(0.2, 1, n_components)
+    means = rng.normal(scale=3, size=(n_components, n_features))
+    factors = rng.normal(size=(n_components, n_features, n_features))
+    covariances = factors @ factors.transpose(0, 2, 1) + 0.5 * np.eye(n_features)
+    return weights / weights.sum(), means, covariances
+
+
+def test_gaussian_mixture_density_matches_scipy():
+    rng = np.random.RandomState(0)
+    weights, means, covariances = _random_mixture(rng)
+    density = GaussianMixtureDensity(
+        torch.as_tensor(weights), torch.as_tensor(means), torch.linalg.cholesky(torch.as_tensor(covariances))
+    )
+    z = rng.normal(scale=4, size=(50, 3))
+    expected = logsumexp(
+        [np.log(w) + multivariate_normal(m, c).logpdf(z) for w, m, c in zip(weights, means, covariances)], axis=0
+    )
+    np.testing.assert_allclose(density.log_prob(torch.as_tensor(z)).numpy(), expected, rtol=1e-12)
+
+
+def test_gaussian_mixture_density_draws_its_components():
+    rng = np.random.RandomState(1)
+    weights, means, covariances = _random_mixture(rng, n_components=2, n_features=2)
+    means[1] += 40  # far apart: each draw's component is plain
+    density = GaussianMixtureDensity(
+        torch.as_tensor(weights), torch.as_tensor(means), torch.linalg.cholesky(torch.as_tensor(covariances))
+    )
+    draws = density.sample(20_000, generator=torch.Generator().manual_seed(0)).numpy()
+    second = draws[:, 0] > means[:, 0].mean()
+    assert abs(second.mean() - weights[1]) < 0.015
+    np.testing.assert_allclose(np.cov(draws[second].T), covariances[1], rtol=0.1, atol=0.05)
+    # row by row: the first rows of a larger draw are the smaller draw
+    small = density.sample(10, generator=torch.Generator().manual_seed(3))
+    large = density.sample(30, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(small, large[:10], rtol=0, atol=0)
+
+
+def test_gaussian_mixture_density_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="shapes"):
+        GaussianMixtureDensity(torch.ones(2), torch.zeros(3, 2), torch.eye(2).expand(3, 2, 2))
+    with pytest.raises(ValueError, match="positive"):
+        GaussianMixtureDensity(torch.ones(1), torch.zeros(1, 2), -torch.eye(2)[None])
+
+
+def test_ledoit_wolf_is_sklearns_and_counts_weights_as_repetitions():
+    rng = np.random.RandomState(0)
+    Z = rng.normal(size=(40, 6)) @ rng.normal(size=(6, 6))
+    mean, covariance = ledoit_wolf(Z, np.ones(40))
+    np.testing.assert_allclose(mean, Z.mean(axis=0))
+    np.testing.assert_allclose(covariance - 1e-6 * np.eye(6), sklearn_ledoit_wolf(Z)[0], rtol=1e-10, atol=1e-12)
+    weight = rng.randint(1, 4, size=40).astype(float)
+    repeated = np.repeat(Z, weight.astype(int), axis=0)
+    for got, expected in zip(ledoit_wolf(Z, weight), ledoit_wolf(repeated, np.ones(len(repeated)))):
+        np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
+def test_gaussian_mixture_reaches_sklearns_likelihood():
+    rng = np.random.RandomState(0)
+    Z = np.concatenate([rng.normal(loc, 1, size=(300, 2)) for loc in (-6, 0, 6)])
+    weights, means, covariances, total = gaussian_mixture(Z, np.ones(len(Z)), 3, random_state=0)
+    reference = GaussianMixture(3, random_state=0).fit(Z)
+    assert total / len(Z) == pytest.approx(reference.score(Z), abs=1e-3)
+    np.testing.assert_allclose(np.sort(means[:, 0]), np.sort(reference.means_[:, 0]), atol=1e-2)
+    # one component: the weighted maximum-likelihood Gaussian, in closed form
+    _, mean, covariance, _ = gaussian_mixture(Z, np.full(len(Z), 2.0), 1, random_state=0)
+    np.testing.assert_allclose(mean[0], Z.mean(axis=0))
+    np.testing.assert_allclose(covariance[0], np.cov(Z.T, bias=True) + 1e-6 * np.eye(2))
+
+
+def test_bic_finds_the_components_and_respects_the_rows():
+    rng = np.random.RandomState(0)
+    Z = np.concatenate([rng.normal(loc, 0.5, size=(400, 2)) for loc in (-4, 0, 4)])
+    weights, _, _ = gaussian_mixture_by_bic(Z, np.ones(len(Z)), random_state=0)
+    assert weights.size == 3
+    # 12 rows in 5 dimensions: two full-covariance components have more
+    # parameters (41) than rows, so only one is tried
+    weights, _, _ = gaussian_mixture_by_bic(rng.normal(size=(12, 5)), np.ones(12), random_state=0)
+    assert weights.size == 1
+
+
+def test_stacking_weights_recover_a_mixture_and_keep_the_floor():
+    rng = np.random.RandomState(0)
+    n = 20_000
+    first = rng.uniform(size=n) < 0.3
+    x = np.where(first, rng.normal(-1, 1, n), rng.normal(2, 0.5, n))
+    log_densities = np.column_stack(
+        [multivariate_normal(-1, 1).logpdf(x), multivariate_normal(2, 0.25).logpdf(x)]
+    )
+    weights = stacking_weights(log_densities, np.ones(n), floor_column=1, floor=0.0)
+    np.testing.assert_allclose(weights, [0.3, 0.7], atol=0.01)
+    weights = stacking_weights(log_densities[first], np.ones(first.sum()), floor_column=1, floor=0.05)
+    assert weights[1] == pytest.approx(0.05)
+    assert weights.sum() == pytest.approx(1.0)
+    # row weights count as repetitions
+    w = rng.randint(0, 3, size=n).astype(float)
+    repeated = np.repeat(log_densities, w.astype(int), axis=0)
+    np.testing.assert_allclose(
+        stacking_weights(log_densities, w, 1, 1e-4),
+        stacking_weights(repeated, np.ones(len(repeated)), 1, 1e-4),
+        rtol=1e-9,
+    )
+
+
+def _gaussian_logpdf(X_train, X):
+    return multivariate_normal(X_train.mean(axis=0), np.cov(X_train.T, bias=True)).logpdf(X)
+
+
+@pytest.mark.parametrize(("load", "floor"), [(load_wine, -50), (load_iris, -50)])
+def test_no_absurd_held_out_row_on_small_real_data(load, floor):
+    """Issue 18: at the defaults a held-out wine row scored 48 million nats below a Gaussian."""
+    X_train, X_test = train_test_split(load().data, test_size=0.2, random_state=0)
+    model = MAFDensity(random_state=0).fit(X_train)
+    scores = model.score_samples(X_test)
+    assert (scores - _gaussian_logpdf(X_train, X_test)).min() > floor
+    assert model.mixture_weights_.shape == (3,)
+    assert model.mixture_weights_[1] >= model.min_reference_weight
+
+
+def test_far_rows_cost_at_most_the_floor_against_the_broad_gaussian():
+    """Every row scores at least log(min_reference_weight) plus its broad-Gaussian density."""
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(2000, 2)) @ np.array([[1.0, 0.6], [0.0, 0.8]])
+    X[:, 1] += np.sin(2 * X[:, 0])
+    model = _tiny(min_reference_weight=1e-3).fit(X)
+    far = np.array([[1e3, -1e3], [-40.0, 55.0], [0.0, 1e4], [1e150, 1.0]])
+    scores = model.score_samples(far)
+    assert np.all(np.isfinite(scores))
+    # n >> d: the Ledoit-Wolf Gaussian is the maximum-likelihood one, up to a tiny shrinkage
+    bound = np.log(1e-3) + _gaussian_logpdf(X, far)
+    assert np.all(scores >= bound - 1e-3 * np.abs(bound) - 1)
+
+
+def test_reference_none_is_the_flow_alone():
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(300, 3))
+    model = _tiny(reference=None).fit(X)
+    assert model.reference_ is None
+    np.testing.assert_array_equal(model.mixture_weights_, [1.0])
+    with torch.no_grad():
+        flow = model.module_.log_prob(torch.as_tensor(X)).numpy()
+    np.testing.assert_allclose(model.score_samples(X), flow, rtol=1e-12)
+
+
+@pytest.mark.parametrize("reference", ["gaussian", "gmm"])
+def test_scores_are_the_mixture_of_flow_and_reference(reference):
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(400, 3)) ** 3
+    model = _tiny(reference=reference, bounds=[[-np.inf, np.inf], [-30, np.inf], [-np.inf, np.inf]]).fit(X)
+    weights = model.mixture_weights_
+    assert weights.shape == ((2,) if reference == "gaussian" else (3,))
+    assert weights.sum() == pytest.approx(1.0)
+    x = torch.as_tensor(X[:50])
+    with torch.no_grad():
+        flow = model.module_.log_prob(x).numpy()
+        z, logabsdet = to_fixed(model.module_, x)
+        ref = (model.reference_.log_prob(z) + logabsdet).numpy()
+    expected = np.logaddexp(np.log(weights[0]) + flow, np.log1p(-weights[0]) + ref)
+    np.testing.assert_allclose(model.score_samples(X[:50]), expected, rtol=1e-12)
+
+
+def test_samples_come_from_both_parts_and_respect_bounds():
+    rng = np.random.RandomState(0)
+    X = rng.gamma(2.0, size=(500, 2))
+    model = _tiny(min_reference_weight=0.5, bounds=[[0, np.inf], [0, np.inf]]).fit(X)
+    assert model.mixture_weights_[1] >= 0.5
+    draws = model.sample(4000, random_state=0)
+    assert draws.shape == (4000, 2)
+    assert np.all(draws > 0)
+    np.testing.assert_array_equal(draws[:100], model.sample(100, random_state=0))
+    # the draw's mean is the mixture's: a reference-heavy mixture still centres on the data
+    np.testing.assert_allclose(draws.mean(axis=0), X.mean(axis=0), rtol=0.15)
+
+
+def test_conditional_density_mixes_a_reference_too():
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(600, 2))
+    y = X @ [1.0, -2.0] + 0.3 * rng.normal(size=600)
+    model = _tiny(MAFConditionalDensity, min_reference_weight=0.2).fit(X, y)
+    assert model.mixture_weights_[1] >= 0.2
+    far = model.score_samples(X[:5], y[:5] + 1e4)
+    assert np.all(np.isfinite(far))
+    prediction = model.predict(X[:200], n_draws=64)
+    # the mean of the mixture: at least 80% of it is the flow's conditional mean
+    assert np.corrcoef(prediction, y[:200])[0, 1] > 0.7
+    assert model.sample(X[:7], random_state=0).shape == (7,)
