@@ -101,8 +101,7 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
         plainly Gaussian-mixture-like, the model keeps the classical answer,
         and where the flow is better it keeps the flow: the choice is made by
         held-out likelihood on each data set. None: the flow alone.
-        ``partial_fit`` fits the broad Gaussian on its first chunk and keeps
-        the weight ``min_reference_weight``.
+        ``partial_fit`` trains the flow alone (``reference_`` is None).
     min_reference_weight : float in [0, 1), default=1e-4
         The least weight of the broad Gaussian. Every row then scores at least
         ``log(min_reference_weight)`` (-9.2 nats at the default) plus its
