@@ -35,6 +35,10 @@ __all__ = ["fit_reference", "parts_log_prob", "reference_density", "stacking_wei
 # spaced ones beyond this, as the ECME fit of the t base does.
 _MAX_COMPONENTS = 10
 _MAX_ROWS = 20_000
+# ... and the BIC search on fewer where each EM iteration costs more than
+# about this many multiply-adds per component (n D^2): a few seconds in all
+# at any D; the chosen mixture is then refitted on all rows.
+_SEARCH_WORK = 50_000_000
 # Covariance ridge, in standardised units (unit variances), as
 # sklearn.mixture.GaussianMixture's reg_covar.
 _REG_COVAR = 1e-6
@@ -118,16 +122,19 @@ def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e
 def gaussian_mixture_by_bic(Z, weight, random_state):
     """The full-covariance Gaussian mixture of 1 to 10 components with the lowest BIC.
 
-    A mixture is only tried while it has fewer free parameters than the rows'
-    total weight (beyond that it cannot be estimated, and BIC's asymptotics
-    mean nothing); the search stops once two more components in a row have
-    not lowered the BIC.
+    A mixture of K components is tried only where the rows' total weight is
+    at least ``K (D + 1)``: fewer rows per component than dimensions plus one
+    leave a covariance with no information in some direction. The search
+    stops once two more components in a row have not lowered the BIC, and it
+    runs on at most :func:`search_rows` rows (evenly spaced): EM costs
+    ``K n D^2`` per iteration.
     """
     n, n_features = weight.sum(), Z.shape[1]
     per_component = n_features + n_features * (n_features + 1) / 2 + 1
+    Z, weight = thinned(Z, weight, search_rows(n_features))
     best, best_bic, worse = None, np.inf, 0
     for n_components in range(1, _MAX_COMPONENTS + 1):
-        if n_components > 1 and n_components * per_component - 1 >= n:
+        if n_components > 1 and n_components * (n_features + 1) > n:
             break
         *fitted, log_likelihood = gaussian_mixture(Z, weight, n_components, random_state)
         bic = -2 * log_likelihood + (n_components * per_component - 1) * np.log(n)
@@ -177,9 +184,14 @@ def _with_floor(w, column, floor):
     return out
 
 
-def thinned(Z, weight):
-    """At most ``_MAX_ROWS`` evenly spaced rows of ``Z`` (and their weights, scaled to the same total)."""
-    step = -(-Z.shape[0] // _MAX_ROWS)
+def search_rows(n_features):
+    """How many rows the BIC search fits on: ``_MAX_ROWS``, fewer where ``D^2`` makes each row costly."""
+    return int(min(_MAX_ROWS, max(2_000, _SEARCH_WORK // n_features**2)))
+
+
+def thinned(Z, weight, max_rows=_MAX_ROWS):
+    """At most ``max_rows`` evenly spaced rows of ``Z`` (and their weights, scaled to the same total)."""
+    step = -(-Z.shape[0] // max_rows)
     if step == 1:
         return Z, weight
     return Z[::step], weight[::step] * (weight.sum() / weight[::step].sum())

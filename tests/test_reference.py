@@ -100,10 +100,13 @@ def test_bic_finds_the_components_and_respects_the_rows():
     Z = np.concatenate([rng.normal(loc, 0.5, size=(400, 2)) for loc in (-4, 0, 4)])
     weights, _, _ = gaussian_mixture_by_bic(Z, np.ones(len(Z)), random_state=0)
     assert weights.size == 3
-    # 12 rows in 5 dimensions: two full-covariance components have more
-    # parameters (41) than rows, so only one is tried
-    weights, _, _ = gaussian_mixture_by_bic(rng.normal(size=(12, 5)), np.ones(12), random_state=0)
+    # two components in 5 dimensions need 12 rows: with 11 only one is tried,
+    # even where two well-separated clusters would win on BIC
+    Z = np.concatenate([rng.normal(-50, 1, size=(6, 5)), rng.normal(50, 1, size=(5, 5))])
+    weights, _, _ = gaussian_mixture_by_bic(Z, np.ones(11), random_state=0)
     assert weights.size == 1
+    weights, _, _ = gaussian_mixture_by_bic(Z, np.full(11, 2.0), random_state=0)
+    assert weights.size >= 2
 
 
 def test_stacking_weights_recover_a_mixture_and_keep_the_floor():
