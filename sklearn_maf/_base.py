@@ -376,10 +376,10 @@ class _BaseMAF(BaseEstimator):
         if reference is None:
             return log_prob
         z, logabsdet = to_fixed(self.module_, x)
-        flow_weight = float(self.mixture_weights_[0])
+        log_weights = torch.log(torch.tensor([self.mixture_weights_[0], 1 - self.mixture_weights_[0]]))
         return torch.logaddexp(
-            torch.nan_to_num(log_prob, nan=-torch.inf) + np.log(flow_weight),
-            reference.log_prob(z) + logabsdet + np.log1p(-flow_weight),
+            torch.nan_to_num(log_prob, nan=-torch.inf) + float(log_weights[0]),
+            reference.log_prob(z) + logabsdet + float(log_weights[1]),
         )
 
     def _model_sample(self, n_samples, context=None, generator=None):

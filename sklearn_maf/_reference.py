@@ -156,11 +156,13 @@ def stacking_weights(log_densities, weight, floor_column, floor, max_iter=5000, 
     """
     n_models = log_densities.shape[1]
     w = np.full(n_models, 1.0 / n_models)
-    share = weight / weight.sum()
     finite = np.where(np.isfinite(log_densities), log_densities, -np.inf)
+    # a row that no model gives any density says nothing about the weights
+    explained = (finite > -np.inf).any(axis=1) & (weight > 0)
+    finite, share = finite[explained], weight[explained] / weight[explained].sum()
     previous = -np.inf
     for _ in range(max_iter):
-        joint = finite + np.log(w)
+        joint = finite + np.log(w, out=np.full_like(w, -np.inf), where=w > 0)
         row = logsumexp(joint, axis=1)
         w = share @ np.exp(joint - row[:, None])
         w = _with_floor(w, floor_column, floor)

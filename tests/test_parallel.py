@@ -303,7 +303,9 @@ def test_halving_search_over_n_samples(X):
 
 
 def _state_dict_bytes(model):
-    return sum(t.numel() * t.element_size() for t in model.module_.state_dict().values())
+    """The bytes of the fitted torch modules' tensors: the flow's and the reference's."""
+    modules = [model.module_] + ([] if model.reference_ is None else [model.reference_])
+    return sum(t.numel() * t.element_size() for module in modules for t in module.state_dict().values())
 
 
 class _BytesCounter(pickle.Pickler):
