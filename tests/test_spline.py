@@ -162,3 +162,21 @@ def test_spline_flow_training_step_equals_autograd(batch_norm, weighted, n_conte
     torch.testing.assert_close(manual, loss.detach(), rtol=1e-12, atol=0)
     for (name, a), b in zip(flows[0].named_parameters(), flows[1].parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_estimators_take_the_spline_transformer_by_parameter(rng):
+    import numpy as np
+
+    from sklearn_maf import MAFDensity
+
+    X = rng.normal(size=(200, 2))
+    model = MAFDensity(transformer="spline", n_bins=4, tail_bound=2.0, n_layers=2, hidden_units=8, max_iter=2,
+                       random_state=0).fit(X)  # fmt: skip
+    splines = [t for t in model.module_.transforms if isinstance(t, SplineMADE)]
+    assert len(splines) == 2 and all(t.n_bins == 4 and t.tail_bound == 2.0 for t in splines)
+    assert np.all(np.isfinite(model.score_samples(X)))
+    np.testing.assert_allclose(model.inverse_transform(model.transform(X)), X, atol=1e-8)
+    with pytest.raises(ValueError, match="n_bins"):
+        MAFDensity(transformer="spline", n_bins=0).fit(X)
+    with pytest.raises(ValueError, match="transformer"):
+        MAFDensity(transformer="cubic").fit(X)
