@@ -123,12 +123,15 @@ class AffineMADE(nn.Module):
     # ------------------------------------------------ hand-written training pass
 
     def backprop_state(self, setup):
-        """The MADE's state, and this layer's numbers as tensors of the batch's dtype."""
-        return SimpleNamespace(made=self.made.backprop_state(setup), native=setup.native, constant=setup.constant)
+        """The MADE and its state, and this layer's numbers as tensors of the batch's dtype."""
+        # the MADE itself too: a submodule attribute costs a Module.__getattr__ call per access
+        return SimpleNamespace(
+            conditioner=self.made, made=self.made.backprop_state(setup), native=setup.native, constant=setup.constant
+        )
 
     def forward_cached(self, state, x, batch, log_det):
         """``(u, cache)``; adds the log-det per row to ``log_det``."""
-        out, made_cache = self.made.forward_cached(state.made, x, batch.context)
+        out, made_cache = state.conditioner.forward_cached(state.made, x, batch.context)
         if state.native:
             factors = _native.affine_forward(out, x, self.log_scale_bound, log_det)
             return factors[0], (made_cache, factors)
@@ -146,7 +149,9 @@ class AffineMADE(nn.Module):
         share = batch.share
         if state.native:
             grad_out, grad_x = _native.affine_backward(factors, grad_u, share, state.made.bias_grads[-1])
-            grad_below = self.made.backward(state.made, made_cache, grad_out, need_input_grad, output_bias_done=True)
+            grad_below = state.conditioner.backward(
+                state.made, made_cache, grad_out, need_input_grad, output_bias_done=True
+            )
             return None if grad_below is None else grad_x.add_(grad_below)
         u, s, scale = factors
         n_rows, d = grad_u.shape
@@ -159,7 +164,7 @@ class AffineMADE(nn.Module):
         minus_grad_m = torch.addcmul(share, grad_u, u, value=-1.0)
         d_s = torch.addcmul(s, s, s, value=-1.0)
         torch.addcmul(state.constant(0.0), minus_grad_m, d_s, value=4.0, out=grad_out[:, d:])
-        grad_below = self.made.backward(state.made, made_cache, grad_out, need_input_grad)
+        grad_below = state.conditioner.backward(state.made, made_cache, grad_out, need_input_grad)
         return None if grad_below is None else grad_x.add_(grad_below)
 
 
@@ -254,17 +259,16 @@ class BatchNorm(nn.Module):
     # ------------------------------------------------ hand-written training pass
 
     def backprop_state(self, setup):
+        # the parameters and running averages change in place (Adam, lerp_): references stay valid
         return SimpleNamespace(
-            native=setup.native, grad_log_gamma=self.log_gamma.grad, grad_beta=self.beta.grad, one=setup.constant(1.0)
-        )
+            native=setup.native, grad_log_gamma=self.log_gamma.grad, grad_beta=self.beta.grad, one=setup.constant(1.0),
+            tensors=(self.log_gamma, self.beta, self.running_mean, self.running_var),
+        )  # fmt: skip
 
     def forward_cached(self, state, x, batch, log_det):
         """Batch norm with (weighted) batch statistics, the running ones updated; adds the log-det."""
         if state.native:  # rows: y and x - mean; features: var + eps and the scale
-            rows, features = _native.batch_norm_forward(
-                x, batch.share, self.log_gamma, self.beta, self.running_mean, self.running_var, self.momentum,
-                self.eps, log_det,
-            )  # fmt: skip
+            rows, features = _native.batch_norm_forward(x, batch.share, *state.tensors, self.momentum, self.eps, log_det)
             return rows[0], (rows, features)
         y, log_scale, centred, var_eps, scale = self.normalize(x, batch.weight)
         log_det.add_(log_scale.sum())
