@@ -61,6 +61,9 @@ class _BaseMAF(BaseEstimator):
         "activation": [StrOptions({"relu", "tanh"})],
         "batch_norm": ["boolean"],
         "order": [StrOptions({"reverse", "random"})],
+        "transformer": [StrOptions({"affine", "spline"})],
+        "n_bins": [Interval(Integral, 1, None, closed="left")],
+        "tail_bound": [Interval(Real, 0, None, closed="neither")],
         "base": [StrOptions({"auto", "gaussian", "mog", "student-t", "elliptical-t", "fitted-t"})],
         "n_components": [Interval(Integral, 1, None, closed="left")],
         "tail_cut": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither"), None],
@@ -93,6 +96,9 @@ class _BaseMAF(BaseEstimator):
         activation="relu",
         batch_norm=True,
         order="reverse",
+        transformer="affine",
+        n_bins=8,
+        tail_bound=3.0,
         base="auto",
         n_components=10,
         tail_cut="auto",
@@ -121,6 +127,9 @@ class _BaseMAF(BaseEstimator):
         self.activation = activation
         self.batch_norm = batch_norm
         self.order = order
+        self.transformer = transformer
+        self.n_bins = n_bins
+        self.tail_bound = tail_bound
         self.base = base
         self.n_components = n_components
         self.tail_cut = tail_cut
@@ -492,6 +501,10 @@ class _BaseMAF(BaseEstimator):
             n_context=n_context,
             base="elliptical-t" if base == "fitted-t" else base,
             n_components=self.n_components,
+            transform=self.transformer,
+            transform_params=(
+                dict(n_bins=self.n_bins, tail_bound=self.tail_bound) if self.transformer == "spline" else None
+            ),
             tail_cut=None if self.tail_cut == "auto" else self.tail_cut,
             bounds=bounds,
             whiten=whiten,

@@ -72,6 +72,19 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
           "gaussian" elsewhere. The choice is stored as ``base_``
           (``benchmarks/RESULTS.md``, "The fitted t base and
           base='auto'").
+    transformer : {"affine", "spline"}, default="affine"
+        The map of each feature in a MAF layer, whose parameters the MADE
+        computes from the features before it: "affine", the paper's ``u_i =
+        (x_i - mu_i) exp(-alpha_i)``; "spline", a
+        monotone rational-quadratic spline of ``x_i`` (Durkan et al., "Neural
+        Spline Flows", 2019), which can bend one mode into several within a
+        layer. Spline layers are trained through autograd,
+        so an epoch takes longer.
+    n_bins : int, default=8
+        Bins of each spline; ignored by "affine".
+    tail_bound : float, default=3.0
+        Each spline acts on ``[-tail_bound, tail_bound]`` of its standardised
+        input and is the identity beyond; ignored by "affine".
     n_components : int, default=10
         Mixture components per conditional of the MoG base; ignored by the
         other bases.

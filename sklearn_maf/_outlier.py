@@ -139,6 +139,19 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         The detector keeps "gaussian" as its default: its quantile
         preprocessing makes every marginal normal before the flow sees the
         rows, and its ADBench results were measured with that base.
+    transformer : {"affine", "spline"}, default="affine"
+        The map of each feature in a MAF layer, whose parameters the MADE
+        computes from the features before it: "affine", the paper's ``u_i =
+        (x_i - mu_i) exp(-alpha_i)``; "spline", a
+        monotone rational-quadratic spline of ``x_i`` (Durkan et al., "Neural
+        Spline Flows", 2019), which can bend one mode into several within a
+        layer. Spline layers are trained through autograd,
+        so an epoch takes longer.
+    n_bins : int, default=8
+        Bins of each spline; ignored by "affine".
+    tail_bound : float, default=3.0
+        Each spline acts on ``[-tail_bound, tail_bound]`` of its standardised
+        input and is the identity beyond; ignored by "affine".
     n_components : int, default=10
         Mixture components per conditional of the MoG base; ignored by the
         other bases.
@@ -295,6 +308,9 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         activation="relu",
         batch_norm=True,
         order="reverse",
+        transformer="affine",
+        n_bins=8,
+        tail_bound=3.0,
         base="gaussian",
         n_components=10,
         tail_cut="auto",
@@ -320,6 +336,9 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
             activation=activation,
             batch_norm=batch_norm,
             order=order,
+            transformer=transformer,
+            n_bins=n_bins,
+            tail_bound=tail_bound,
             base=base,
             n_components=n_components,
             tail_cut=tail_cut,

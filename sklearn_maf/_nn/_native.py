@@ -169,12 +169,10 @@ def batch_norm_forward(x, share, log_gamma, beta, running_mean, running_var, mom
     dtype = x.dtype
     x_address = _check("x", x, dtype, (n_rows, d))
     share_address, share_stride = _share(share, n_rows, dtype)
-    parameters = [
-        _check(name, tensor, dtype, (d,))
-        for name, tensor in (
-            ("log_gamma", log_gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var),
-        )
-    ]  # fmt: skip
+    parameters = (
+        _check("log_gamma", log_gamma, dtype, (d,)), _check("beta", beta, dtype, (d,)),
+        _check("running_mean", running_mean, dtype, (d,)), _check("running_var", running_var, dtype, (d,)),
+    )  # fmt: skip
     log_det_address = _check("log_det", log_det, dtype, (n_rows,))
     rows = x.new_empty((2, n_rows, d))
     features = x.new_empty((2, d))
@@ -220,13 +218,12 @@ def adam_step(
     code = _code(param)
     n = param.numel()
     dtype = param.dtype
-    buffers = [
-        _check(name, tensor, dtype, (n,))
-        for name, tensor in (
-            ("param", param), ("grad", grad), ("mask", mask), ("decay", decay), ("exp_avg", exp_avg),
-            ("exp_avg_sq", exp_avg_sq),
-        )
-    ]  # fmt: skip
+    shape = (n,)
+    buffers = (
+        _check("param", param, dtype, shape), _check("grad", grad, dtype, shape), _check("mask", mask, dtype, shape),
+        _check("decay", decay, dtype, shape), _check("exp_avg", exp_avg, dtype, shape),
+        _check("exp_avg_sq", exp_avg_sq, dtype, shape),
+    )  # fmt: skip
     average_address = 0 if average is None else _check("average", average, dtype, (n,))
     clip_address = 0 if clip_average is None else _check("clip_average", clip_average, dtype, ())
     beta1, beta2 = betas

@@ -20,13 +20,14 @@ from torch import nn
 from .distributions import EllipticalT, MADEMoG, StandardNormal, StudentT
 from .made import input_degrees, reused_buffers
 from .preprocessing import Bounded, Standardize, Whiten, _feature_major
-from .transforms import AffineMADE, BatchNorm, power_tails, power_tails_inverse, soft_clamp
+from .transforms import AffineMADE, BatchNorm, SplineMADE, power_tails, power_tails_inverse, soft_clamp
 
 __all__ = ["BASES", "MAF", "TRANSFORMS", "power_tails", "power_tails_inverse", "soft_clamp"]
 
 #: The autoregressive transforms a flow can stack: ``cls(degrees, log_scale_bound=...,
-#: **made_params)``, where ``made_params`` configure its :class:`~.made.MADE`.
-TRANSFORMS = {"affine": AffineMADE}
+#: **transform_params, **made_params)``, where ``made_params`` configure its
+#: :class:`~.made.MADE`.
+TRANSFORMS = {"affine": AffineMADE, "spline": SplineMADE}
 
 
 def _mog(spec):
@@ -99,8 +100,11 @@ class MAF(nn.Module):
         ``tail_cut`` between the last layer and N(0, I), so that a row far
         outside the training range costs a logarithm rather than a square in
         base space. Training mode (the training loss) uses N(0, I) alone.
-    transform : {"affine"}, default="affine"
-        The autoregressive transform of each MAF layer, a key of :data:`TRANSFORMS`.
+    transform : {"affine", "spline"}, default="affine"
+        The autoregressive transform of each MAF layer, a key of :data:`TRANSFORMS`:
+        :class:`AffineMADE` or :class:`SplineMADE`.
+    transform_params : dict, optional
+        Further arguments of that transform (for "spline": ``n_bins``, ``tail_bound``).
     generator : torch.Generator, optional
         Source of all randomness at construction (weights, random orders).
     dtype : torch.dtype, optional
@@ -129,6 +133,7 @@ class MAF(nn.Module):
         log_scale_bound=5.0,
         tail_cut=None,
         transform="affine",
+        transform_params=None,
         generator=None,
         dtype=None,
     ):
@@ -159,7 +164,9 @@ class MAF(nn.Module):
         )
         for index in range(n_layers):
             transforms.append(
-                TRANSFORMS[transform](degrees(index), log_scale_bound=log_scale_bound, **made_params)
+                TRANSFORMS[transform](
+                    degrees(index), log_scale_bound=log_scale_bound, **(transform_params or {}), **made_params
+                )
             )
             if batch_norm and index < n_layers - 1:
                 transforms.append(BatchNorm(n_features, dtype=dtype))

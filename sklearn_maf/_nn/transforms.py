@@ -1,4 +1,4 @@
-"""The learned transforms of a flow: the MAF layer and batch normalisation.
+"""The learned transforms of a flow: the affine and spline MAF layers and batch normalisation.
 
 Each class owns its mathematics: ``forward(x, context, weight) -> (u,
 logabsdet)`` towards the base density (the autograd and scoring path),
@@ -18,7 +18,7 @@ from torch import nn
 from . import _native
 from .made import MADE
 
-__all__ = ["AffineMADE", "BatchNorm", "affine_minus_log_scale", "power_tails", "power_tails_inverse", "soft_clamp"]
+__all__ = ["AffineMADE", "BatchNorm", "SplineMADE", "affine_minus_log_scale", "power_tails", "power_tails_inverse", "soft_clamp"]
 
 
 def soft_clamp(x, bound):
@@ -123,12 +123,15 @@ class AffineMADE(nn.Module):
     # ------------------------------------------------ hand-written training pass
 
     def backprop_state(self, setup):
-        """The MADE's state, and this layer's numbers as tensors of the batch's dtype."""
-        return SimpleNamespace(made=self.made.backprop_state(setup), native=setup.native, constant=setup.constant)
+        """The MADE and its state, and this layer's numbers as tensors of the batch's dtype."""
+        # the MADE itself too: a submodule attribute costs a Module.__getattr__ call per access
+        return SimpleNamespace(
+            conditioner=self.made, made=self.made.backprop_state(setup), native=setup.native, constant=setup.constant
+        )
 
     def forward_cached(self, state, x, batch, log_det):
         """``(u, cache)``; adds the log-det per row to ``log_det``."""
-        out, made_cache = self.made.forward_cached(state.made, x, batch.context)
+        out, made_cache = state.conditioner.forward_cached(state.made, x, batch.context)
         if state.native:
             factors = _native.affine_forward(out, x, self.log_scale_bound, log_det)
             return factors[0], (made_cache, factors)
@@ -146,7 +149,9 @@ class AffineMADE(nn.Module):
         share = batch.share
         if state.native:
             grad_out, grad_x = _native.affine_backward(factors, grad_u, share, state.made.bias_grads[-1])
-            grad_below = self.made.backward(state.made, made_cache, grad_out, need_input_grad, output_bias_done=True)
+            grad_below = state.conditioner.backward(
+                state.made, made_cache, grad_out, need_input_grad, output_bias_done=True
+            )
             return None if grad_below is None else grad_x.add_(grad_below)
         u, s, scale = factors
         n_rows, d = grad_u.shape
@@ -159,7 +164,7 @@ class AffineMADE(nn.Module):
         minus_grad_m = torch.addcmul(share, grad_u, u, value=-1.0)
         d_s = torch.addcmul(s, s, s, value=-1.0)
         torch.addcmul(state.constant(0.0), minus_grad_m, d_s, value=4.0, out=grad_out[:, d:])
-        grad_below = self.made.backward(state.made, made_cache, grad_out, need_input_grad)
+        grad_below = state.conditioner.backward(state.made, made_cache, grad_out, need_input_grad)
         return None if grad_below is None else grad_x.add_(grad_below)
 
 
@@ -254,17 +259,16 @@ class BatchNorm(nn.Module):
     # ------------------------------------------------ hand-written training pass
 
     def backprop_state(self, setup):
+        # the parameters and running averages change in place (Adam, lerp_): references stay valid
         return SimpleNamespace(
-            native=setup.native, grad_log_gamma=self.log_gamma.grad, grad_beta=self.beta.grad, one=setup.constant(1.0)
-        )
+            native=setup.native, grad_log_gamma=self.log_gamma.grad, grad_beta=self.beta.grad, one=setup.constant(1.0),
+            tensors=(self.log_gamma, self.beta, self.running_mean, self.running_var),
+        )  # fmt: skip
 
     def forward_cached(self, state, x, batch, log_det):
         """Batch norm with (weighted) batch statistics, the running ones updated; adds the log-det."""
         if state.native:  # rows: y and x - mean; features: var + eps and the scale
-            rows, features = _native.batch_norm_forward(
-                x, batch.share, self.log_gamma, self.beta, self.running_mean, self.running_var, self.momentum,
-                self.eps, log_det,
-            )  # fmt: skip
+            rows, features = _native.batch_norm_forward(x, batch.share, *state.tensors, self.momentum, self.eps, log_det)
             return rows[0], (rows, features)
         y, log_scale, centred, var_eps, scale = self.normalize(x, batch.weight)
         log_det.add_(log_scale.sum())
@@ -294,3 +298,131 @@ class BatchNorm(nn.Module):
         grad_var = grad_log_scale / var_eps  # -2 d loss / d var
         grad_x = torch.sub(grad_y, share * grad_sum).mul_(scale)
         return grad_x.addcmul_(share * centred, grad_var, value=-1.0)
+
+
+# The smallest bin width, height and knot derivative of a spline (as fractions
+# of the interval and as a slope): keeps every bin invertible and its
+# log-derivative finite.
+_MIN_BIN = 1e-3
+_MIN_DERIVATIVE = 1e-3
+# softplus(_DERIVATIVE_START) + _MIN_DERIVATIVE = 1: the raw derivatives start
+# near zero (the MADE's small output weights), so every knot's slope starts at 1
+# and, with equal bins, every spline layer starts at the identity.
+_DERIVATIVE_START = math.log(math.expm1(1 - _MIN_DERIVATIVE))
+
+
+class SplineMADE(nn.Module):
+    """One autoregressive rational-quadratic spline layer (Durkan et al., "Neural Spline Flows", 2019).
+
+    ``u_i = g(x_i; theta_i)``, where ``g`` is a monotone rational-quadratic
+    spline of ``n_bins`` bins on ``[-tail_bound, tail_bound]`` and the identity
+    outside (its slope 1 at both ends, so it is continuously differentiable),
+    and ``theta_i`` (bin widths, heights and inner knot slopes) comes from a
+    :class:`MADE` of the features before ``x_i``, as the shift and log-scale
+    of :class:`AffineMADE` do. Sampling inverts each bin analytically (a
+    quadratic's root), feature by feature through :meth:`MADE.solve`. The
+    layer starts as the identity. It has no hand-written backward pass: a
+    training step differentiates it through autograd (:mod:`.backprop`).
+
+    Parameters
+    ----------
+    degrees : torch.LongTensor of shape (n_features,)
+        Degrees of the inputs (the variable order of this layer).
+    n_bins : int, default=8
+        Bins of each spline.
+    tail_bound : float, default=3.0
+        The spline acts on ``[-tail_bound, tail_bound]`` (standardised units).
+    log_scale_bound : float, optional
+        Unused; accepted so that every transform takes the flow's arguments.
+    **made_params
+        Passed to :class:`MADE`.
+    """
+
+    def __init__(self, degrees, *, n_bins=8, tail_bound=3.0, log_scale_bound=None, **made_params):
+        super().__init__()
+        self.n_bins = n_bins
+        self.tail_bound = float(tail_bound)
+        self.made = MADE(degrees, n_params=3 * n_bins - 1, **made_params)
+        self.register_buffer("order", torch.argsort(degrees))
+
+    def _knots(self, params):
+        """Knot positions and slopes from the MADE's output blocks: each (..., n_bins + 1)."""
+        raw = torch.stack(params, dim=-1)
+        k, bound = self.n_bins, self.tail_bound
+        # the raw widths and heights are divided by sqrt(units) as Durkan et al. do, so
+        # that their softmax does not saturate as the hidden layers widen
+        norm = math.sqrt(self.made.layers[-1].weight.shape[1])
+        widths, heights, slopes = raw[..., :k] / norm, raw[..., k : 2 * k] / norm, raw[..., 2 * k :]
+
+        def positions(unnormalised):
+            fractions = _MIN_BIN + (1 - _MIN_BIN * k) * torch.softmax(unnormalised, dim=-1)
+            cumulative = torch.nn.functional.pad(torch.cumsum(fractions, dim=-1), (1, 0))
+            knots = 2 * bound * cumulative - bound
+            # the ends exactly at the bounds, whatever the round-off of the sums
+            return torch.cat([torch.full_like(knots[..., :1], -bound), knots[..., 1:-1],
+                              torch.full_like(knots[..., :1], bound)], dim=-1)  # fmt: skip
+
+        inner = _MIN_DERIVATIVE + torch.nn.functional.softplus(slopes + _DERIVATIVE_START)
+        ones = torch.ones_like(raw[..., :1])
+        return positions(widths), positions(heights), torch.cat([ones, inner, ones], dim=-1)
+
+    def _spline(self, x, params, inverse=False):
+        """``(y, log|dy/dx| per number)`` of the spline (or its inverse) at ``x``, identity outside the bounds.
+
+        ``log|dy/dx|`` is that of the map applied: for the inverse, minus the
+        forward's at the result.
+        """
+        xs, ys, slopes = self._knots(params)
+        bound = self.tail_bound
+        inside = (x > -bound) & (x < bound)
+        z = x.clamp(-bound, bound)
+        # the bin of each number, among the knots of its own spline
+        knots = ys if inverse else xs
+        index = torch.searchsorted(knots[..., 1:-1].contiguous(), z.unsqueeze(-1).contiguous()).clamp(max=self.n_bins - 1)
+
+        def take(values, shift=0):
+            return torch.gather(values, -1, index + shift).squeeze(-1)
+
+        x_k, width = take(xs), take(xs, 1) - take(xs)
+        y_k, height = take(ys), take(ys, 1) - take(ys)
+        d_k, d_k1 = take(slopes), take(slopes, 1)
+        delta = height / width
+        if inverse:
+            offset = z - y_k
+            curvature = d_k1 + d_k - 2 * delta
+            a = height * (delta - d_k) + offset * curvature
+            b = height * d_k - offset * curvature
+            c = -delta * offset
+            # the root in [0, 1], in the form that does not cancel
+            theta = (2 * c) / (-b - torch.sqrt((b * b - 4 * a * c).clamp(min=0)))
+            y = theta * width + x_k
+        else:
+            theta = (z - x_k) / width
+            one_minus = 1 - theta
+            mixed = theta * one_minus
+            denominator = delta + (d_k1 + d_k - 2 * delta) * mixed
+            y = y_k + height * (delta * theta * theta + d_k * mixed) / denominator
+        one_minus = 1 - theta
+        mixed = theta * one_minus
+        denominator = delta + (d_k1 + d_k - 2 * delta) * mixed
+        log_derivative = (
+            2 * torch.log(delta)
+            + torch.log(d_k1 * theta * theta + 2 * delta * mixed + d_k * one_minus * one_minus)
+            - 2 * torch.log(denominator)
+        )
+        if inverse:
+            log_derivative = -log_derivative
+        return torch.where(inside, y, x), torch.where(inside, log_derivative, torch.zeros_like(x))
+
+    def forward(self, x, context=None, weight=None):
+        u, log_derivative = self._spline(x, self.made(x, context))
+        return u, log_derivative.sum(dim=-1)
+
+    def inverse(self, u, context=None):
+        """Invert feature by feature, each bin's quadratic solved for its root."""
+
+        def step(features, params):
+            return self._spline(u[:, features], params, inverse=True)[0]
+
+        x, params = self.made.solve(step, u.shape[0], context, like=u)
+        return x, -self._spline(x, params)[1].sum(dim=-1)
