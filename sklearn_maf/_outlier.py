@@ -4,7 +4,8 @@ from numbers import Real
 
 import numpy as np
 from scipy.special import ndtr, ndtri
-from sklearn.base import OutlierMixin, _fit_context
+from sklearn.base import OutlierMixin, _fit_context, clone
+from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight
 
@@ -13,6 +14,11 @@ from ._base import _BaseMAF, _constant_features, _weighted_moments
 # MAFDensity's parameters that the detector does not take: its own preprocessing
 # (dequantize, preprocessing="quantile") handles discrete and bounded features.
 _NOT_PARAMETERS = {"bounds", "discrete_features"}
+
+# What preprocessing="auto" chooses among. Standardising is not a third
+# candidate: the flow's first layer standardises every feature already, so
+# standardised rows give the same model as None.
+_CANDIDATES = ("quantile", None)
 
 # contamination="auto": the fraction of held-out rows scored below the threshold.
 _AUTO_FRACTION = 0.01
@@ -278,7 +284,7 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
             if name not in _NOT_PARAMETERS
         },
         "contamination": [StrOptions({"auto"}), Interval(Real, 0, 0.5, closed="right")],
-        "preprocessing": [StrOptions({"quantile"}), None],
+        "preprocessing": [StrOptions({"auto", "quantile"}), None],
         "dequantize": ["boolean"],
     }
 
@@ -286,7 +292,7 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
         self,
         *,
         contamination="auto",
-        preprocessing="quantile",
+        preprocessing="auto",
         dequantize=True,
         n_layers=5,
         hidden_units=100,
@@ -294,7 +300,7 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
         activation="relu",
         batch_norm=True,
         order="reverse",
-        base="gaussian",
+        base="auto",
         n_components=10,
         tail_cut="auto",
         alpha=1e-6,
@@ -361,7 +367,14 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
         self : MAFOutlierDetector
             The fitted estimator.
         """
+        if self.preprocessing == "auto" and not (self.warm_start and hasattr(self, "module_")):
+            return self._fit_auto(X, sample_weight)
+        if not (self.warm_start and hasattr(self, "module_")):
+            self.preprocessing_ = self.preprocessing
         train, validation = self._fit(X, sample_weight)
+        rows = train if validation is None else validation
+        self.preprocessing_scores_ = {self.preprocessing_: self._held_out_log_likelihood(rows, sample_weight)}
+        del self._dequantized
         scores = self.score_samples(X)
         weight = _check_sample_weight(sample_weight, scores, dtype=np.float64)
         if self.contamination == "auto":
@@ -372,6 +385,45 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
             fraction = self.contamination
         self.offset_ = _weighted_threshold(scores[rows], weight[rows], fraction)
         return self
+
+    def _fit_auto(self, X, sample_weight):
+        """``preprocessing="auto"``: fit every candidate, keep the most likely on held-out rows.
+
+        The candidates share one seed drawn from ``random_state``, hence the
+        same validation rows and the same dequantization noise, so that their
+        held-out log-likelihoods (in the units of ``X``) are comparable.
+        """
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        fitted = []
+        for choice in _CANDIDATES:
+            candidate = clone(self).set_params(preprocessing=choice, random_state=seed, warm_start=False)
+            unfitted = set(vars(candidate))
+            candidate.fit(X, sample_weight=sample_weight)
+            fitted.append((candidate, set(vars(candidate)) - unfitted))
+        scores = {choice: candidate.preprocessing_scores_[choice] for choice, (candidate, _) in zip(_CANDIDATES, fitted)}
+        # the first of equals: the quantile map, which never gives a row -inf
+        best, state = fitted[max(range(len(fitted)), key=lambda i: (scores[_CANDIDATES[i]], -i))]
+        for key in [key for key in vars(self) if key.endswith("_") and not key.startswith("_")]:
+            delattr(self, key)  # a refit leaves nothing of an earlier fit behind
+        vars(self).update({key: getattr(best, key) for key in state})
+        self.preprocessing_scores_ = scores
+        return self
+
+    def _held_out_log_likelihood(self, rows, sample_weight):
+        """Mean log-likelihood, in the units of ``X``, of the (dequantized) ``rows``.
+
+        The log-Jacobian of the marginal transform is included, so that flows
+        fitted behind different preprocessings are compared as densities of
+        the same variable.
+        """
+        X = self._dequantized[rows]
+        log_density = self._log_mass(lambda x: self.module_.log_prob(x), self._marginals.transform(X))
+        log_density = log_density + self._marginals.log_jacobian(X)
+        weight = np.ones(rows.size) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)[rows]
+        positive = weight > 0
+        if np.any(np.isneginf(log_density[positive])):
+            return -np.inf
+        return float(np.average(log_density[positive], weights=weight[positive]))
 
     def score_samples(self, X):
         """Log-density of each row under the fitted flow; higher is more typical.
@@ -460,12 +512,13 @@ class MAFOutlierDetector(OutlierMixin, _BaseMAF):
             self.constant_features_ = constant
             self._constant_values = X[rows[0], constant]
             self._modelled = np.setdiff1d(np.arange(X.shape[1]), constant)
-            self._marginals = _Marginals(self.preprocessing == "quantile").fit(
+            self._marginals = _Marginals(self.preprocessing_ == "quantile").fit(
                 X[rows][:, self._modelled], sample_weight[rows]
             )
         X = X[:, self._modelled]
         if self.dequantize:
             X = _dequantize(X, X[train[sample_weight[train] > 0]], rng)
+        self._dequantized = X  # for the held-out log-likelihood, deleted by fit
         return self._marginals.transform(X)
 
     def _validate_fitted_input(self, X):
@@ -516,6 +569,26 @@ class _Marginals:
             z = np.where(x < knots[0], z_low + (x - knots[0]) * low, z)
             Z[:, j] = np.where(x > knots[-1], z_high + (x - knots[-1]) * high, z)
         return Z
+
+    def log_jacobian(self, X):
+        """``log |det dZ/dX|`` of :meth:`transform` for each row of ``X`` (0 for the identity).
+
+        Inside the knots each feature's map is ``ndtri`` of a piecewise-linear
+        distribution function, whose slope is the cell's mass over its width;
+        beyond them the map is linear with its end slopes.
+        """
+        if not self.gaussianize:
+            return np.zeros(X.shape[0])
+        total = np.zeros(X.shape[0])
+        for j, (knots, levels, (low, high)) in enumerate(zip(self.knots, self.levels, self.slopes)):
+            x = X[:, j]
+            cell = np.clip(np.searchsorted(knots, x, side="right") - 1, 0, knots.size - 2)
+            density = (levels[cell + 1] - levels[cell]) / (knots[cell + 1] - knots[cell])
+            z = ndtri(np.interp(x, knots, levels))
+            with np.errstate(divide="ignore"):  # an empty cell: density 0, log -inf
+                inside = np.log(density) + 0.5 * z**2 + 0.5 * np.log(2 * np.pi)
+            total += np.where(x < knots[0], np.log(low), np.where(x > knots[-1], np.log(high), inside))
+        return total
 
     def inverse_transform(self, Z):
         if not self.gaussianize:
