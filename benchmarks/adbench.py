@@ -568,14 +568,15 @@ def main(argv=None):
     out(f"\nSets of more than {max_rows} rows subsampled (stratified, fixed seed, at least {MIN_ANOMALIES} anomalies)"
         + ("; --quick: one seed, the 12 smallest sets, 3 bundled sets." if args.quick else "."))
 
-    # largest units first, so that the processes finish together
+    # seed by seed (a run cut short leaves whole seeds), largest units first
+    # within a seed, so that the processes finish together
     def cost(unit):
         if unit[0] != "real":
             return 0
         shape = np.load(Path(unit[3]) / f"{unit[1]}.npz", mmap_mode="r")["X"].shape
         return min(shape[0], unit[4]) * shape[1] ** 0.5
 
-    todo.sort(key=cost, reverse=True)
+    todo.sort(key=lambda unit: (unit[2], -cost(unit)))
     start = time.perf_counter()
     if args.jobs > 1:
         pool = get_context("spawn").Pool(args.jobs)

@@ -9,7 +9,7 @@ from scipy import stats
 from sklearn.base import clone
 
 from sklearn_maf import MAFDensity, MAFOutlierDetector
-from sklearn_maf._outlier import _dequantize, _Marginals, _weighted_threshold
+from sklearn_maf._outlier import _clearly_better, _dequantize, _Marginals, _weighted_threshold
 
 
 def _small(**params):
@@ -368,3 +368,21 @@ def test_log_jacobian_is_that_of_the_transform(rng):
         )
         np.testing.assert_allclose(marginals.log_jacobian(points), numeric, rtol=1e-5, atol=1e-5)
     assert np.all(_Marginals(False).fit(X, np.ones(200)).log_jacobian(inside) == 0)
+
+
+def test_clearly_better_needs_more_than_noise(rng):
+    """The quantile map is kept only when its held-out gain exceeds two standard errors."""
+    ones = np.ones(400)
+    reference = rng.normal(size=400)
+    noise = reference + rng.normal(scale=1.0, size=400)  # gain 0 on average
+    assert not _clearly_better((noise, ones), (reference, ones))
+    assert _clearly_better((reference + 0.3 + rng.normal(scale=1.0, size=400), ones), (reference, ones))
+    # weights: a zero-weight row does not count, even at -inf
+    worse = reference.copy()
+    worse[0] = -np.inf
+    weight = ones.copy()
+    weight[0] = 0.0
+    assert _clearly_better((reference + 1.0, weight), (worse, weight))
+    # a row that only the reference gives -inf decides, and the other way round
+    assert _clearly_better((reference, ones), (worse, ones))
+    assert not _clearly_better((worse, ones), (reference + 0.0, ones))
