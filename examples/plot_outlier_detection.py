@@ -13,7 +13,7 @@ that ``contamination`` sets, and the points outside it are the ones
 
 The two panels compare the detector's two ways of preparing the features:
 
-- ``preprocessing="quantile"`` (the default) maps each feature to a standard
+- ``preprocessing="quantile"`` maps each feature to a standard
   normal through its empirical distribution before the flow. The score then
   measures how far a row lies in the tails of each feature and how unusual
   the combination of its values is, which is robust to skewed, heavy-tailed
@@ -22,6 +22,10 @@ The two panels compare the detector's two ways of preparing the features:
   between two clusters along one axis.
 - ``preprocessing=None`` models the features as they are: the score is the
   log-density in the units of the data and follows every valley of it.
+
+The default, ``preprocessing="auto"``, fits both and keeps the one with the
+higher held-out log-likelihood as a density of the data (user guide,
+"Outlier and novelty detection").
 """
 
 # %%
@@ -94,9 +98,9 @@ fig.tight_layout()
 # the combination of the features, but a noise point between the clusters
 # that lies inside both features' ranges can stay inside it. Modelling the
 # features as they are, the flow's density also drops between the clusters.
-# On tabular data with skewed, heavy-tailed or discrete features (the ADBench
-# sets in ``benchmarks/adbench.py``) the quantile preprocessing ranks outliers
-# better, which is why it is the default.
+# Neither is better on every data set (the ADBench sets in
+# ``benchmarks/adbench.py``), which is why the default, ``"auto"``, decides
+# per data set by held-out likelihood.
 
 if __name__ == "__main__" and matplotlib.get_backend().lower() == "agg":
     path = Path(tempfile.gettempdir()) / "plot_outlier_detection.png"

@@ -4,7 +4,8 @@ from numbers import Real
 
 import numpy as np
 from scipy.special import ndtr, ndtri
-from sklearn.base import OutlierMixin, _fit_context
+from sklearn.base import OutlierMixin, _fit_context, clone
+from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight
 
@@ -14,6 +15,11 @@ from ._preprocessing import _constant_features, _weighted_moments
 # MAFDensity's parameters that the detector does not take: its own preprocessing
 # (dequantize, preprocessing="quantile") handles discrete and bounded features.
 _NOT_PARAMETERS = {"bounds", "discrete_features", "reference", "min_reference_weight"}
+
+# What preprocessing="auto" chooses among. Standardising is not a third
+# candidate: the flow's first layer standardises every feature already, so
+# standardised rows give the same model as None.
+_CANDIDATES = ("quantile", None)
 
 # contamination="auto": the fraction of held-out rows scored below the threshold.
 _AUTO_FRACTION = 0.01
@@ -65,8 +71,27 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
        features on a common scale, and heavy tails and skew no longer dominate
        the score. :meth:`score_samples` is the log-density of the transformed
        row (not a density in the units of ``X``). With
-       ``preprocessing=None`` the flow sees the features as they are and
-       :meth:`score_samples` is a log-density in the units of ``X``.
+       ``preprocessing=None`` the flow sees the features as they are (its
+       first layer standardises them) and :meth:`score_samples` is a
+       log-density in the units of ``X``.
+
+    The default, ``preprocessing="auto"``, decides between the two for each
+    data set, at fit time: it fits a flow behind each and compares the
+    log-likelihoods that their densities of ``X`` give the held-out rows. It
+    keeps the quantile map only where its mean is higher by more than two
+    standard errors of the paired per-row differences, and raw coordinates
+    otherwise: the map is itself fitted to the training rows (a knot per
+    distinct value, up to about 2,000 per feature), raw coordinates need
+    nothing fitted, and a difference within the noise of the held-out rows
+    does not justify the extra model. A detector that ranks rows by a density is as good as that density, and
+    held-out likelihood is the measure of a density that needs no labels. The
+    quantile candidate's density of ``X`` is its flow's density of the
+    transformed row times the Jacobian of the map (the slopes of the
+    empirical distribution functions over the normal density at the mapped
+    values): without that factor the two likelihoods would be densities of
+    different variables, and which one won would depend on the units of
+    ``X``. The choice is stored as ``preprocessing_``, the two
+    log-likelihoods as ``preprocessing_scores_``.
 
     Parameters
     ----------
@@ -82,10 +107,19 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         training rows themselves would flag more, since a flexible model
         scores its own training rows higher); the training rows when
         ``early_stopping=False``.
-    preprocessing : {"quantile"} or None, default="quantile"
-        Map each feature to a standard normal through its empirical
-        distribution before the flow (see above), or None to model the
-        features as they are.
+    preprocessing : {"auto", "quantile"} or None, default="auto"
+        "quantile": map each feature to a standard normal through its
+        empirical distribution before the flow (see above). None: model the
+        features as they are (standardised rows would give the same model:
+        the flow's first layer standardises). "auto": fit both and keep the
+        quantile map where its held-out log-likelihood as a density of
+        ``X``, log-Jacobian included, is higher than the raw flow's by more
+        than two standard errors, raw coordinates otherwise (see above): on the
+        validation rows, which the flows were not trained on (the training
+        rows when ``early_stopping=False``). Both candidates use the same
+        split and the same dequantization noise, from one seed drawn from
+        ``random_state``; fitting takes about twice as long as with a fixed
+        choice.
     dequantize : bool, default=True
         Spread each training value uniformly over its cell before the flow,
         with noise drawn from ``random_state`` (see above). Scoring uses the
@@ -106,7 +140,7 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
     order : {"reverse", "random"}, default="reverse"
         Variable order of the layers: alternating natural and reversed, or a
         random permutation per layer drawn from ``random_state``.
-    base : {"auto", "gaussian", "mog", "student-t", "elliptical-t", "fitted-t"}, default="gaussian"
+    base : {"auto", "gaussian", "mog", "student-t", "elliptical-t", "fitted-t"}, default="auto"
         Base density under the MAF layers:
 
         - "gaussian": a standard normal (the paper's MAF);
@@ -136,9 +170,9 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
           (``benchmarks/RESULTS.md``, "The fitted t base and
           base='auto'").
 
-        The detector keeps "gaussian" as its default: its quantile
-        preprocessing makes every marginal normal before the flow sees the
-        rows, and its ADBench results were measured with that base.
+        The default, "auto", lets the data decide here too: after the
+        quantile map every marginal is normal and "auto" takes the Gaussian
+        base; on raw features it takes a t base where they are heavy-tailed.
     transformer : {"affine", "spline"}, default="affine"
         The map of each feature in a MAF layer, whose parameters the MADE
         computes from the features before it: "affine", the paper's ``u_i =
@@ -211,7 +245,8 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         Print the loss (and validation log-likelihood) after each epoch.
     warm_start : bool, default=False
         Continue training the fitted flow on the next call to :meth:`fit`; the
-        dropped features and the marginal transform stay those fitted first.
+        dropped features, the preprocessing chosen and the marginal transform
+        stay those fitted first.
 
     Attributes
     ----------
@@ -235,6 +270,15 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         Mean validation log-likelihood per epoch; None without early stopping.
     best_validation_score_ : float or None
         Best of ``validation_scores_``, whose weights were restored.
+    preprocessing_ : {"quantile"} or None
+        The preprocessing of the fitted flow: ``preprocessing``, with "auto"
+        resolved.
+    preprocessing_scores_ : dict
+        Mean held-out log-likelihood (nats per row, as a density of the
+        dequantized ``X``, the quantile map's log-Jacobian included) of the
+        flow behind each preprocessing that was fitted: both candidates with
+        "auto", the one given otherwise. Rows are the validation split, or
+        the training rows when ``early_stopping=False``.
     base_ : str
         The base of the fitted flow: ``base``, with "auto" resolved.
     tail_cut_ : float or None
@@ -292,7 +336,7 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
             if name not in _NOT_PARAMETERS
         },
         "contamination": [StrOptions({"auto"}), Interval(Real, 0, 0.5, closed="right")],
-        "preprocessing": [StrOptions({"quantile"}), None],
+        "preprocessing": [StrOptions({"auto", "quantile"}), None],
         "dequantize": ["boolean"],
     }
 
@@ -300,7 +344,7 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         self,
         *,
         contamination="auto",
-        preprocessing="quantile",
+        preprocessing="auto",
         dequantize=True,
         n_layers=5,
         hidden_units=100,
@@ -311,7 +355,7 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         transformer="affine",
         n_bins=8,
         tail_bound=3.0,
-        base="gaussian",
+        base="auto",
         n_components=10,
         tail_cut="auto",
         alpha=1e-6,
@@ -381,17 +425,79 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         self : MAFOutlierDetector
             The fitted estimator.
         """
+        continuing = self.warm_start and hasattr(self, "module_")
+        if self.preprocessing == "auto" and not continuing:
+            return self._fit_auto(X, sample_weight)
+        if not continuing:
+            self.preprocessing_ = self.preprocessing
+        held_out = self._fit_flow(X, sample_weight)
+        self.preprocessing_scores_ = {self.preprocessing_: _weighted_mean(*held_out)}
+        return self
+
+    def _fit_flow(self, X, sample_weight):
+        """Fit the flow behind ``preprocessing_`` and set ``offset_``.
+
+        Returns the held-out rows' log-likelihoods as a density of ``X`` and
+        their weights (see :meth:`_held_out_log_likelihood`).
+        """
         train, validation = self._fit(X, sample_weight)
+        held_out_rows = train if validation is None else validation
+        held_out = self._held_out_log_likelihood(held_out_rows, sample_weight)
+        del self._dequantized
         scores = self.score_samples(X)
         weight = _check_sample_weight(sample_weight, scores, dtype=np.float64)
         if self.contamination == "auto":
-            rows = train if validation is None else validation
+            rows = held_out_rows
             fraction = _AUTO_FRACTION
         else:
             rows = np.arange(scores.shape[0])
             fraction = self.contamination
         self.offset_ = _weighted_threshold(scores[rows], weight[rows], fraction)
+        return held_out
+
+    def _fit_auto(self, X, sample_weight):
+        """``preprocessing="auto"``: fit a flow behind each candidate and keep one.
+
+        The candidates share one seed drawn from ``random_state``, hence the
+        same validation rows and the same dequantization noise, so that their
+        held-out log-likelihoods (as densities of ``X``) are paired. The
+        quantile map is kept only where it is clearly better (see
+        :func:`_clearly_better`): it is a model fitted to the training rows,
+        with up to about ``2 * _MAX_QUANTILES`` knots per feature, where raw
+        coordinates need nothing fitted, so a difference within the noise of
+        the held-out rows does not justify it.
+        """
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        fitted = []
+        for choice in _CANDIDATES:
+            candidate = clone(self).set_params(preprocessing=choice, random_state=seed, warm_start=False)
+            unfitted = set(vars(candidate))
+            candidate.preprocessing_ = choice
+            held_out = candidate._fit_flow(X, sample_weight)
+            fitted.append((candidate, set(vars(candidate)) - unfitted, held_out))
+        (quantile, *_, held_out_quantile), (raw, *_, held_out_raw) = fitted
+        best, state, _ = fitted[0] if _clearly_better(held_out_quantile, held_out_raw) else fitted[1]
+        for key in [key for key in vars(self) if key.endswith("_") and not key.startswith("_")]:
+            delattr(self, key)  # a refit leaves nothing of an earlier fit behind
+        vars(self).update({key: getattr(best, key) for key in state})
+        self.preprocessing_scores_ = {
+            "quantile": _weighted_mean(*held_out_quantile),
+            None: _weighted_mean(*held_out_raw),
+        }
         return self
+
+    def _held_out_log_likelihood(self, rows, sample_weight):
+        """Log-likelihood, in the units of ``X``, of each (dequantized) row in ``rows``, and its weight.
+
+        The log-Jacobian of the marginal transform is included, so that flows
+        fitted behind different preprocessings are compared as densities of
+        the same variable.
+        """
+        X = self._dequantized[rows]
+        log_density = self._log_mass(lambda x: self.module_.log_prob(x), self._marginals.transform(X))
+        log_density = log_density + self._marginals.log_jacobian(X)
+        weight = np.ones(rows.size) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)[rows]
+        return log_density, weight
 
     def score_samples(self, X):
         """Log-density of each row under the fitted flow; higher is more typical.
@@ -484,12 +590,13 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
             self.constant_features_ = constant
             self._constant_values = X[rows[0], constant]
             self._modelled = np.setdiff1d(np.arange(X.shape[1]), constant)
-            self._marginals = _Marginals(self.preprocessing == "quantile").fit(
+            self._marginals = _Marginals(self.preprocessing_ == "quantile").fit(
                 X[rows][:, self._modelled], sample_weight[rows]
             )
         X = X[:, self._modelled]
         if self.dequantize:
             X = _dequantize(X, X[train[sample_weight[train] > 0]], rng)
+        self._dequantized = X  # for the held-out log-likelihood, deleted by fit
         return self._marginals.transform(X)
 
     def _validate_fitted_input(self, X):
@@ -540,6 +647,26 @@ class _Marginals:
             z = np.where(x < knots[0], z_low + (x - knots[0]) * low, z)
             Z[:, j] = np.where(x > knots[-1], z_high + (x - knots[-1]) * high, z)
         return Z
+
+    def log_jacobian(self, X):
+        """``log |det dZ/dX|`` of :meth:`transform` for each row of ``X`` (0 for the identity).
+
+        Inside the knots each feature's map is ``ndtri`` of a piecewise-linear
+        distribution function, whose slope is the cell's mass over its width;
+        beyond them the map is linear with its end slopes.
+        """
+        if not self.gaussianize:
+            return np.zeros(X.shape[0])
+        total = np.zeros(X.shape[0])
+        for j, (knots, levels, (low, high)) in enumerate(zip(self.knots, self.levels, self.slopes)):
+            x = X[:, j]
+            cell = np.clip(np.searchsorted(knots, x, side="right") - 1, 0, knots.size - 2)
+            density = (levels[cell + 1] - levels[cell]) / (knots[cell + 1] - knots[cell])
+            z = ndtri(np.interp(x, knots, levels))
+            with np.errstate(divide="ignore"):  # an empty cell: density 0, log -inf
+                inside = np.log(density) + 0.5 * z**2 + 0.5 * np.log(2 * np.pi)
+            total += np.where(x < knots[0], np.log(low), np.where(x > knots[-1], np.log(high), inside))
+        return total
 
     def inverse_transform(self, Z):
         if not self.gaussianize:
@@ -605,6 +732,34 @@ def _dequantize(X, reference, rng):
         start = np.where(outside, x - width / 2, start)
         X[:, j] = start + rng.uniform(size=x.shape[0]) * width
     return X
+
+
+def _weighted_mean(values, weight):
+    """Weighted mean of ``values``; -inf where a row of positive weight is -inf."""
+    positive = weight > 0
+    if np.any(np.isneginf(values[positive])):
+        return -np.inf
+    return float(np.average(values[positive], weights=weight[positive]))
+
+
+def _clearly_better(held_out, reference, n_standard_errors=2.0):
+    """Whether the per-row held-out log-likelihoods ``held_out`` beat ``reference`` beyond noise.
+
+    Both are ``(log_likelihoods, weights)`` of the same rows. The mean of the
+    paired differences must exceed ``n_standard_errors`` of its standard
+    error; a row that only one of the two gives -inf decides by itself.
+    """
+    (a, weight), (b, _) = held_out, reference
+    positive = weight > 0
+    a, b, weight = a[positive], b[positive], weight[positive]
+    a_inf, b_inf = np.isneginf(a), np.isneginf(b)
+    if a_inf.any() or b_inf.any():
+        return not a_inf.any()
+    difference = a - b
+    weight = weight / weight.sum()
+    mean = np.sum(weight * difference)
+    standard_error = np.sqrt(np.sum(weight**2 * (difference - mean) ** 2))
+    return bool(mean > n_standard_errors * standard_error)
 
 
 def _weighted_threshold(scores, weight, fraction):

@@ -9,7 +9,7 @@ from scipy import stats
 from sklearn.base import clone
 
 from sklearn_maf import MAFDensity, MAFOutlierDetector
-from sklearn_maf._outlier import _dequantize, _Marginals, _weighted_threshold
+from sklearn_maf._outlier import _clearly_better, _dequantize, _Marginals, _weighted_threshold
 
 
 def _small(**params):
@@ -276,7 +276,7 @@ def test_weighted_threshold_edge_cases():
 
 def test_sample_is_in_the_units_of_the_data(rng):
     X = np.c_[rng.normal(loc=100.0, scale=10.0, size=2000), rng.exponential(scale=5.0, size=2000)]
-    detector = _small(max_iter=40).fit(X)
+    detector = _small(preprocessing="quantile", max_iter=40).fit(X)
     samples = detector.sample(2000, random_state=0)
     assert samples.shape == (2000, 2)
     np.testing.assert_allclose(samples.mean(axis=0), X.mean(axis=0), rtol=0.1)
@@ -294,3 +294,95 @@ def test_warm_start_keeps_the_preprocessing(rng):
     # a modelled feature that is constant on the new rows is no error either
     X[:, 0] = 1.0
     assert np.all(np.isfinite(detector.fit(X).score_samples(X)))
+
+
+def _correlated_gaussian(n, rng):
+    """Rows of a correlated 3-D Gaussian: a linear density, simplest in raw coordinates."""
+    return rng.normal(size=(n, 3)) @ np.array([[1.0, 0.8, 0.0], [0.0, 0.6, 0.5], [0.0, 0.0, 0.7]])
+
+
+def test_auto_takes_raw_coordinates_where_the_density_is_simplest_there(rng):
+    """A Gaussian needs no marginal map: its quantile map only adds the empirical marginals' noise."""
+    detector = _small().fit(_correlated_gaussian(1000, rng))
+    assert detector.preprocessing_ is None
+    assert set(detector.preprocessing_scores_) == {"quantile", None}
+    assert detector.preprocessing_scores_[None] > detector.preprocessing_scores_["quantile"]
+    assert not hasattr(detector, "_dequantized")  # no copy of the data stays behind
+
+
+def test_auto_takes_the_quantile_map_for_strongly_skewed_features(rng):
+    """Log-normal features with a Gaussian dependence: a Gaussian after the quantile map."""
+    detector = _small().fit(np.exp(2.0 * _correlated_gaussian(1000, rng)))
+    assert detector.preprocessing_ == "quantile" and detector._marginals.gaussianize
+
+
+@pytest.mark.parametrize("unit", [1e-3, 1e3])
+def test_auto_choice_does_not_depend_on_the_units(unit, rng):
+    """The log-Jacobian of the quantile map makes the comparison fair.
+
+    Without it the raw flow's log-likelihood would move by ``3 * log(unit)``
+    with the units of X and the quantile flow's would not: at ``unit=1e3``
+    (20.7 nats) the quantile map would win on Gaussian data.
+    """
+    X = _correlated_gaussian(1000, rng)
+    reference = _small().fit(X)
+    scaled = _small().fit(unit * X)
+    assert reference.preprocessing_ is None and scaled.preprocessing_ is None
+    gap = reference.preprocessing_scores_[None] - reference.preprocessing_scores_["quantile"]
+    scaled_gap = scaled.preprocessing_scores_[None] - scaled.preprocessing_scores_["quantile"]
+    assert abs(scaled_gap - gap) < 0.05
+    np.testing.assert_allclose(
+        scaled.preprocessing_scores_[None], reference.preprocessing_scores_[None] - 3 * np.log(unit), atol=0.05
+    )
+
+
+def test_explicit_preprocessing_is_kept(rng):
+    X = _correlated_gaussian(300, rng)
+    for choice in ("quantile", None):
+        detector = _small(preprocessing=choice).fit(X)
+        assert detector.preprocessing_ == choice and list(detector.preprocessing_scores_) == [choice]
+
+
+def test_auto_refit_leaves_nothing_of_the_earlier_fit(rng):
+    import pandas as pd
+
+    X = _correlated_gaussian(300, rng)
+    detector = _small().fit(pd.DataFrame(X, columns=["a", "b", "c"]))
+    assert hasattr(detector, "feature_names_in_")
+    detector.fit(X)
+    assert not hasattr(detector, "feature_names_in_")
+
+
+def test_log_jacobian_is_that_of_the_transform(rng):
+    """The marginal map's log-derivative against finite differences, inside and beyond the knots."""
+    X = np.c_[rng.exponential(size=200), rng.randint(0, 5, size=200).astype(float)]
+    marginals = _Marginals(True).fit(X, np.ones(200))
+    # points strictly inside cells (not on knots) and beyond the range
+    inside = np.c_[rng.uniform(0.2, 2.0, size=50), rng.uniform(0.1, 3.9, size=50) // 1 + 0.3]
+    beyond = np.array([[-3.0, -4.0], [25.0, 12.0]])
+    for points in (inside, beyond):
+        step = 1e-7
+        numeric = sum(
+            np.log((marginals.transform(points + step * e)[:, j] - marginals.transform(points - step * e)[:, j]) / (2 * step))
+            for j, e in enumerate(np.eye(2))
+        )
+        np.testing.assert_allclose(marginals.log_jacobian(points), numeric, rtol=1e-5, atol=1e-5)
+    assert np.all(_Marginals(False).fit(X, np.ones(200)).log_jacobian(inside) == 0)
+
+
+def test_clearly_better_needs_more_than_noise(rng):
+    """The quantile map is kept only when its held-out gain exceeds two standard errors."""
+    ones = np.ones(400)
+    reference = rng.normal(size=400)
+    noise = reference + rng.normal(scale=1.0, size=400)  # gain 0 on average
+    assert not _clearly_better((noise, ones), (reference, ones))
+    assert _clearly_better((reference + 0.3 + rng.normal(scale=1.0, size=400), ones), (reference, ones))
+    # weights: a zero-weight row does not count, even at -inf
+    worse = reference.copy()
+    worse[0] = -np.inf
+    weight = ones.copy()
+    weight[0] = 0.0
+    assert _clearly_better((reference + 1.0, weight), (worse, weight))
+    # a row that only the reference gives -inf decides, and the other way round
+    assert _clearly_better((reference, ones), (worse, ones))
+    assert not _clearly_better((worse, ones), (reference + 0.0, ones))
