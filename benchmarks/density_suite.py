@@ -57,9 +57,9 @@ Cost: about an hour on 2 quiet cores for the full run with ``--jobs 2``
 rows, 5,000 rows for the KDE search). ``--quick`` (a few small real sets and
 one generated set, seed 0, the small size) takes a few minutes on 2 cores.
 
-Usage::
+Usage (from the repository root; ``PYTHONPATH=.`` measures this checkout)::
 
-    python benchmarks/density_suite.py [--quick] [--sets a,b] [--seeds 0,1,2]
+    PYTHONPATH=. python benchmarks/density_suite.py [--quick] [--sets a,b] [--seeds 0,1,2]
         [--sizes small,large] [--maf-params JSON] [--out FILE.csv|FILE.json]
         [--resume] [--jobs N] [--threads N]
 
@@ -103,6 +103,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _densities import DENSITIES  # noqa: E402
 from _machine import cpu_model  # noqa: E402
 
+import sklearn_maf  # noqa: E402
 from sklearn_maf import MAFDensity  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -550,7 +551,8 @@ def header(argv, args):
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return [
         f"- command: `{' '.join(shlex.quote(a) for a in argv)}`",
-        f"- commit: {commit}; MAF parameters: {json.dumps(args.maf_params)}",
+        f"- commit: {commit}; sklearn_maf {sklearn_maf.__version__} from {Path(sklearn_maf.__file__).parent}",
+        f"- MAF parameters: {json.dumps(args.maf_params)}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: nproc={os.cpu_count()}, CPU: {cpu_model()}; {args.jobs} job(s) x {args.threads} thread(s)",
         (
