@@ -527,6 +527,24 @@ def summary_line(records):
     )
 
 
+def summary_by_group(records):
+    """Wins / ties / losses of MAF per group of sets and size."""
+    lines = [
+        "| group | size | runs | vs GMM W/T/L | vs KDE W/T/L | MAF rows below the floor |",
+        "|---|---|---:|:-:|:-:|---:|",
+    ]
+    keys = sorted({(r["group"], r["size"]) for r in records}, key=lambda k: (k[0], k[1] != "small"))
+    for group, size in keys:
+        rows = [r for r in records if (r["group"], r["size"]) == (group, size)]
+        cells = []
+        for other in ("gmm", "kde"):
+            v = [r[f"verdict_{other}"] for r in rows]
+            cells.append(f"{v.count('win')}/{v.count('tie')}/{v.count('loss')}")
+        floor = sum(int(r["floor_maf"]) for r in rows)
+        lines.append(f"| {group} | {size} | {len(rows)} | {cells[0]} | {cells[1]} | {floor} |")
+    return lines
+
+
 def losses(records):
     out = []
     for r in records:
@@ -544,7 +562,9 @@ def header(argv, args):
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "sklearn_maf"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "sklearn_maf"], cwd=REPO, capture_output=True, text=True
+        )
         commit += " (sklearn_maf modified)" if dirty.stdout.strip() else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
@@ -578,7 +598,9 @@ def select_sets(spec, quick):
             elif item in sets:
                 names.append(item)
             else:
-                raise SystemExit(f"unknown set {item!r}; choose from groups adbench, sklearn, generated or {list(sets)}")
+                raise SystemExit(
+                    f"unknown set {item!r}; choose from the groups adbench, sklearn, generated or {list(sets)}"
+                )
     if _adbench_folder() is None:
         print("../shared/data/adbench not found: the ADBench sets are skipped", flush=True)
     return [sets[n] for n in names if n in sets]
@@ -647,7 +669,7 @@ def main(argv=None):
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     report = ["", *lines, f"- load average at end: {load}; this run {elapsed:.0f} s", ""]
     report += per_set_summary(records)
-    report += ["", summary_line(records)]
+    report += ["", *summary_by_group(records), "", summary_line(records)]
     lost = losses(records)
     report += ["", f"Losses ({len(lost)}):" if lost else "Losses: none."] + [f"- {x}" for x in lost]
     print("\n".join(report))
