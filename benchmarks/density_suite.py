@@ -627,14 +627,18 @@ def main(argv=None):
 
     done = read_records(args.out) if (args.out and args.resume) else []
     finished = {(r["set"], r["size"], int(r["seed"])) for r in done}
-    units = []
+    units, cost = [], {}
     for dataset in sets:
-        n_rows = None if dataset.density is not None else dataset.load().shape[0]
+        if dataset.density is not None:
+            n_rows, dim = None, dataset.density.dim
+        else:
+            n_rows, dim = dataset.load().shape
         for size, n_train in sizes_of(dataset, n_rows, sizes):
+            cost[dataset.name, size] = n_train * (dim + 10)
             units += [(dataset, size, n_train, seed) for seed in seeds if (dataset.name, size, seed) not in finished]
-    # The cheap small runs first, seed by seed, then the large ones: a run cut short covers every set.
-    position = {d.name: i for i, d in enumerate(sets)}
-    units.sort(key=lambda u: (u[1] == "large", u[3], position[u[0].name]))
+    # Seed by seed, the small size before the large, the cheaper sets first:
+    # a run cut short covers as many sets as it can.
+    units.sort(key=lambda u: (u[3], u[1] == "large", cost[u[0].name, u[1]]))
 
     lines = header(["python"] + (sys.argv if argv is None else ["benchmarks/density_suite.py", *argv]), args)
     print("\n".join(lines), flush=True)
