@@ -5,7 +5,9 @@ Data (every set is used as tabular density data; nothing is downloaded):
 - **adbench**: the inliers (``y == 0``) of every set in ``../shared/data/adbench``
   (skipped with a message when the folder is absent). Constant columns (over
   the set's inliers) are dropped; integer-valued columns are dequantised with
-  U(0, 1) noise, one noisy copy per split that every model shares.
+  U(0, 1) noise, one noisy copy per split that every model shares; a column
+  constant on a split's training rows is dropped from that split for every
+  model (the table says how many).
 - **sklearn**: scikit-learn's bundled real sets: iris, wine, diabetes (raw
   units, ``scaled=False``, without its two-valued sex column), breast_cancer,
   digits; the same column rules (digits' pixels and diabetes' integer columns
@@ -217,7 +219,7 @@ def split(dataset, seed, n_train):
     if dataset.density is not None:
         X_train = dataset.density.sample(n_train, np.random.default_rng([key, seed, 0]))
         X_test = dataset.density.sample(TEST_CAP, np.random.default_rng([key, seed, 1]))
-        return X_train, X_test, {"n_rows": None, "dropped_constant": 0, "dequantised": 0}
+        return X_train, X_test, {"n_rows": None, "dropped_constant": 0, "dropped_constant_train": 0, "dequantised": 0}
     X = dataset.load()
     keep, integer = column_rules(X)
     X = X[:, keep]
@@ -229,8 +231,16 @@ def split(dataset, seed, n_train):
     used = X[order]
     used[:, integer] += rng.uniform(0.0, 1.0, size=(used.shape[0], int(integer.sum())))
     X_test, X_train = used[:n_test], used[n_test : n_test + n_train]
-    info = {"n_rows": n, "dropped_constant": int((~keep).sum()), "dequantised": int(integer.sum())}
-    return X_train, X_test, info
+    # A column constant on these training rows (a rare value elsewhere) has no
+    # density to learn: every model would put a spike there. Dropped for all.
+    varies = X_train.std(axis=0) > 0
+    info = {
+        "n_rows": n,
+        "dropped_constant": int((~keep).sum()),
+        "dropped_constant_train": int((~varies).sum()),
+        "dequantised": int(integer[varies].sum()),
+    }
+    return X_train[:, varies], X_test[:, varies], info
 
 
 def duplicate_fraction(X_train, X_test):
@@ -363,6 +373,7 @@ def run_unit(dataset, size, n_train, seed, maf_params, threads):
             "dim": d,
             "n_rows": info["n_rows"],
             "dropped_constant": info["dropped_constant"],
+            "dropped_constant_train": info["dropped_constant_train"],
             "dequantised": info["dequantised"],
             "dup_test": duplicate_fraction(X_train, X_test),
             "ll_gauss": float(reference.mean()),
@@ -486,6 +497,8 @@ def per_set_summary(records):
         notes = []
         if first["dropped_constant"]:
             notes.append(f"{first['dropped_constant']} constant cols dropped")
+        if first.get("dropped_constant_train"):
+            notes.append(f"{first['dropped_constant_train']} more constant on the training rows")
         if first["dequantised"]:
             notes.append(f"{first['dequantised']} cols dequantised")
         dup = mean("dup_test")

@@ -77,7 +77,7 @@ def test_split_shares_test_rows_and_noise_across_sizes(suite):
     dataset = suite.DataSet("fake", "adbench", load=lambda: X.copy())
     small_train, test_a, info = suite.split(dataset, 0, 500)
     large_train, test_b, _ = suite.split(dataset, 0, 800)
-    assert info == {"n_rows": n, "dropped_constant": 1, "dequantised": 1}
+    assert info == {"n_rows": n, "dropped_constant": 1, "dropped_constant_train": 0, "dequantised": 1}
     assert test_a.shape == (200, 3) and large_train.shape == (800, 3)
     np.testing.assert_array_equal(test_a, test_b)
     np.testing.assert_array_equal(small_train, large_train[:500])
@@ -102,3 +102,20 @@ def test_sizes_of_a_small_set_is_one_size(suite):
 )
 def test_verdict_is_two_standard_errors(suite, mean, se, expected):
     assert suite.verdict(mean, se) == expected
+
+
+def test_split_drops_a_column_constant_on_the_training_rows(suite):
+    """A rare value leaves a column constant on the training rows: no model could standardise it."""
+    rng = np.random.default_rng(5)
+    n = 1_000
+    rare = np.zeros(n)
+    rare[0] = 1.5
+    X = np.column_stack([rng.normal(size=n), rare])
+    dataset = suite.DataSet("fake", "adbench", load=lambda: X.copy())
+    dropped = []
+    for seed in range(6):
+        X_train, X_test, info = suite.split(dataset, seed, 500)
+        assert X_train.shape[1] == X_test.shape[1] == 2 - info["dropped_constant_train"]
+        assert np.all(X_train.std(axis=0) > 0)
+        dropped.append(info["dropped_constant_train"])
+    assert 0 < sum(dropped) < 6  # the rare row fell in the training rows of some seeds only
