@@ -63,12 +63,13 @@ Usage (from the repository root; ``PYTHONPATH=.`` measures this checkout)::
 
     PYTHONPATH=. python benchmarks/density_suite.py [--quick] [--sets a,b] [--seeds 0,1,2]
         [--sizes small,large] [--maf-params JSON] [--out FILE.csv|FILE.json]
-        [--resume] [--jobs N] [--threads N]
+        [--resume] [--report] [--jobs N] [--threads N]
 
 ``--sets`` takes set names (``45_wine``, ``sk-wine``, ``banana-2d``) or the
 groups ``adbench``, ``sklearn``, ``generated``. With ``--out`` every finished
 (set, size, seed) is appended as it completes; ``--resume`` skips those
-already in the file, so a long run can be done in pieces. Fit times depend on
+already in the file, so a long run can be done in pieces; ``--report`` only
+prints the tables of the rows in the file. Fit times depend on
 the machine's load; the header records it.
 """
 
@@ -628,6 +629,7 @@ def main(argv=None):
     parser.add_argument("--maf-params", type=json.loads, default={}, help="JSON keyword arguments of MAFDensity")
     parser.add_argument("--out", type=Path, help="write every row to this .csv or .json file")
     parser.add_argument("--resume", action="store_true", help="skip the runs already in --out")
+    parser.add_argument("--report", action="store_true", help="run nothing: print the tables of the rows in --out")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads per job (default 1)")
     args = parser.parse_args(argv)
@@ -638,7 +640,9 @@ def main(argv=None):
         parser.error(f"--sizes takes small and/or large, got {args.sizes!r}")
     sets = select_sets(args.sets, args.quick)
 
-    done = read_records(args.out) if (args.out and args.resume) else []
+    if args.report and not args.out:
+        parser.error("--report reads the rows of --out")
+    done = read_records(args.out) if (args.out and (args.resume or args.report)) else []
     finished = {(r["set"], r["size"], int(r["seed"])) for r in done}
     units, cost = [], {}
     for dataset in sets:
@@ -648,7 +652,11 @@ def main(argv=None):
             n_rows, dim = dataset.load().shape
         for size, n_train in sizes_of(dataset, n_rows, sizes):
             cost[dataset.name, size] = n_train * (dim + 10)
-            units += [(dataset, size, n_train, seed) for seed in seeds if (dataset.name, size, seed) not in finished]
+            units += [
+                (dataset, size, n_train, seed)
+                for seed in seeds
+                if (dataset.name, size, seed) not in finished and not args.report
+            ]
     # Seed by seed, the small size before the large, the cheaper sets first:
     # a run cut short covers as many sets as it can.
     units.sort(key=lambda u: (u[3], u[1] == "large", cost[u[0].name, u[1]]))
@@ -681,7 +689,7 @@ def main(argv=None):
         return
     order = {d.name: i for i, d in enumerate(all_sets())}
     records.sort(key=lambda r: (order.get(r["set"], len(order)), r["size"] != "small", int(r["seed"])))
-    if args.out:
+    if args.out and not args.report:
         write_records(args.out, records)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     report = ["", *lines, f"- load average at end: {load}; this run {elapsed:.0f} s", ""]
