@@ -332,7 +332,7 @@ def fit_kde(X, seed):
     note = f"h={h:.3g}"
     if h_search in (grid[0], grid[-1]):
         note += " (edge of grid)"
-    return (lambda Y: kde.score_samples((Y - loc) / scale) + log_jacobian), note, h
+    return (lambda Y: kde.score_samples((Y - loc) / scale) + log_jacobian), note, float(h)
 
 
 # --------------------------------------------------------------- one unit
@@ -433,6 +433,8 @@ def read_records(path):
 def _parse(value):
     if value == "":
         return None
+    if value.startswith("np.float64("):  # rows written before numpy scalars were converted
+        value = value[len("np.float64(") : -1]
     for cast in (int, float):
         try:
             return cast(value)
@@ -456,8 +458,8 @@ def write_records(path, records):
 
 
 def _format_cell(value):
-    if isinstance(value, float):
-        return repr(value)
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
     return value
 
 
