@@ -1,0 +1,706 @@
+"""A broad held-out density benchmark: MAFDensity against GaussianMixture and KernelDensity.
+
+Data (every set is used as tabular density data; nothing is downloaded):
+
+- **adbench**: the inliers (``y == 0``) of every set in ``../shared/data/adbench``
+  (skipped with a message when the folder is absent). Constant columns (over
+  the set's inliers) are dropped; integer-valued columns are dequantised with
+  U(0, 1) noise, one noisy copy per split that every model shares; a column
+  constant on a split's training rows is dropped from that split for every
+  model (the table says how many).
+- **sklearn**: scikit-learn's bundled real sets: iris, wine, diabetes (raw
+  units, ``scaled=False``, without its two-valued sex column), breast_cancer,
+  digits; the same column rules (digits' pixels and diabetes' integer columns
+  are dequantised).
+- **generated**: the densities of ``_densities.py``, each with its exact
+  log-density, so the table also gives each model's gap to the truth in nats.
+
+Splits: for a real set of n inlier rows, seed s shuffles the rows, takes
+``min(round(0.2 n), 5,000)`` test rows, and the training rows are the first
+``min(rest, 500)`` ("small") or ``min(rest, 20,000)`` ("large") of the rest,
+so the small training set is part of the large one and both are scored on the
+same test rows. A set with at most 500 rows left for training has one size
+("small"). Generated sets draw 500 or 20,000 training rows and 5,000 test
+rows per seed. Seed s is the split's seed, the dequantisation noise's and
+every model's ``random_state``; the default seeds are 0, 1, 2.
+
+Models, fitted on the same training rows:
+
+- **MAF**: ``MAFDensity(random_state=seed, **params)``, ``params`` from
+  ``--maf-params`` (JSON; default ``{}``, the defaults);
+- **GMM**: ``GaussianMixture(covariance_type="full", random_state=seed)``
+  (``n_init=1``, default ``reg_covar``) on standardised features, the number
+  of components chosen by BIC over 1..10 (at most the number of training
+  rows; a k whose fit fails is skipped);
+- **KDE**: ``KernelDensity(kernel="gaussian", rtol=1e-6)`` on standardised
+  features; the bandwidth by 3-fold ``GridSearchCV`` over Scott's rule times
+  2^-6 .. 2^1 (15 values, half-octave steps) on at most 5,000 training rows,
+  then rescaled from the search's fold size to the full training size by
+  Scott's n^(-1/(d+4)) and refitted on every training row.
+
+Standardising (training mean and standard deviation) is an affine map, so
+its log-Jacobian ``-sum(log std)`` is added back: every score is a
+log-density in the units of the data the set provides. The reference for
+the worst row is one full-covariance Gaussian fitted to the training rows
+(standardised, covariance + 1e-6 I, in the same units).
+
+Columns per (set, size, seed): held-out mean log-likelihood of each model;
+the paired differences MAF-GMM and MAF-KDE with their standard errors (std of
+the per-row difference / sqrt(n_test)); each model's worst held-out row
+against the Gaussian reference (min over rows of score - Gaussian score) and
+its number of rows below the -50-nat floor; fit times (model selection
+included); the fraction of test rows identical to a training row (ties make
+the density ill-posed: a KDE or a GMM can put a spike on them).
+A difference beyond +2 s.e. is a win for MAF, below -2 s.e. a loss,
+otherwise a tie.
+
+Cost: about an hour on 2 quiet cores for the full run with ``--jobs 2``
+(three seeds, both sizes; the caps above: 20,000 training rows, 5,000 test
+rows, 5,000 rows for the KDE search). ``--quick`` (a few small real sets and
+one generated set, seed 0, the small size) takes a few minutes on 2 cores.
+
+Usage (from the repository root; ``PYTHONPATH=.`` measures this checkout)::
+
+    PYTHONPATH=. python benchmarks/density_suite.py [--quick] [--sets a,b] [--seeds 0,1,2]
+        [--sizes small,large] [--maf-params JSON] [--out FILE.csv|FILE.json]
+        [--resume] [--report] [--jobs N] [--threads N]
+
+``--sets`` takes set names (``45_wine``, ``sk-wine``, ``banana-2d``) or the
+groups ``adbench``, ``sklearn``, ``generated``. With ``--out`` every finished
+(set, size, seed) is appended as it completes; ``--resume`` skips those
+already in the file, so a long run can be done in pieces; ``--report`` only
+prints the tables of the rows in the file. Fit times depend on
+the machine's load; the header records it.
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy
+import sklearn
+import torch
+from joblib import Parallel, delayed
+from scipy.linalg import cho_factor, solve_triangular
+from sklearn import datasets as skdata
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+from sklearn.model_selection import GridSearchCV
+from sklearn.neighbors import KernelDensity
+from threadpoolctl import threadpool_limits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _densities import DENSITIES  # noqa: E402
+from _machine import cpu_model  # noqa: E402
+
+import sklearn_maf  # noqa: E402
+from sklearn_maf import MAFDensity  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+ADBENCH_CANDIDATES = [REPO.parent / "shared" / "data" / "adbench", REPO / "shared" / "data" / "adbench"]
+
+SMALL, LARGE = 500, 20_000  # training rows of the two sizes
+TEST_FRACTION, TEST_CAP = 0.2, 5_000
+GMM_COMPONENTS = range(1, 11)
+KDE_SEARCH_ROWS = 5_000
+KDE_CV = 3
+KDE_GRID = 2.0 ** np.arange(-6.0, 1.01, 0.5)  # times Scott's rule
+# A relative tolerance of 1e-6 moves log-densities by about 1e-6 nats and lets the tree prune.
+KDE_RTOL = 1e-6
+GAUSS_RIDGE = 1e-6  # added to the correlation matrix of the Gaussian reference
+FLOOR = -50.0  # nats below the Gaussian reference that count as an absurd row
+MODELS = ("maf", "gmm", "kde")
+
+
+# ------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A named set: ``load()`` gives the real rows, or ``density`` draws them."""
+
+    name: str
+    group: str
+    load: object = None
+    density: object = None
+
+
+def _adbench_folder():
+    return next((p for p in ADBENCH_CANDIDATES if p.is_dir()), None)
+
+
+def _adbench_sets():
+    folder = _adbench_folder()
+    if folder is None:
+        return []
+
+    def loader(path):
+        def load():
+            data = np.load(path)
+            return np.asarray(data["X"], dtype=np.float64)[np.asarray(data["y"]) == 0]
+
+        return load
+
+    paths = sorted(folder.glob("*.npz"), key=lambda p: (int(p.stem.split("_")[0]), p.stem))
+    return [DataSet(p.stem, "adbench", load=loader(p)) for p in paths]
+
+
+def _load_diabetes():
+    X = skdata.load_diabetes(scaled=False).data
+    return np.delete(X, 1, axis=1)  # column 1 is sex, two values
+
+
+SKLEARN_SETS = [
+    DataSet("sk-iris", "sklearn", load=lambda: skdata.load_iris().data),
+    DataSet("sk-wine", "sklearn", load=lambda: skdata.load_wine().data),
+    DataSet("sk-diabetes", "sklearn", load=_load_diabetes),
+    DataSet("sk-breast_cancer", "sklearn", load=lambda: skdata.load_breast_cancer().data),
+    DataSet("sk-digits", "sklearn", load=lambda: skdata.load_digits().data),
+]
+GENERATED_SETS = [DataSet(name, "generated", density=d) for name, d in DENSITIES.items()]
+QUICK_SETS = [
+    "sk-iris",
+    "sk-wine",
+    "sk-diabetes",
+    "sk-breast_cancer",
+    "sk-digits",
+    "14_glass",
+    "29_Pima",
+    "39_vertebral",
+    "6_cardio",
+    "banana-2d",
+]
+
+
+def all_sets():
+    return _adbench_sets() + SKLEARN_SETS + GENERATED_SETS
+
+
+def column_rules(X):
+    """Columns to keep (not constant) and, among those, the integer-valued ones."""
+    keep = X.std(axis=0) > 0
+    integer = np.all(X[:, keep] == np.round(X[:, keep]), axis=0)
+    return keep, integer
+
+
+def n_test_rows(n):
+    return int(min(round(TEST_FRACTION * n), TEST_CAP))
+
+
+def sizes_of(dataset, n_rows, sizes):
+    """The sizes (name, training rows) that this set has, of those asked for."""
+    if dataset.density is not None:
+        return [(s, SMALL if s == "small" else LARGE) for s in sizes]
+    rest = n_rows - n_test_rows(n_rows)
+    if rest <= SMALL:
+        return [("small", rest)] if "small" in sizes else []
+    return [(s, SMALL if s == "small" else min(rest, LARGE)) for s in sizes]
+
+
+def split(dataset, seed, n_train):
+    """(X_train, X_test, info) for one set, seed and training size.
+
+    The test rows and the dequantisation noise depend on the set and the seed
+    only, so every size and every model of a seed sees the same noisy rows.
+    """
+    key = zlib.crc32(dataset.name.encode())
+    if dataset.density is not None:
+        X_train = dataset.density.sample(n_train, np.random.default_rng([key, seed, 0]))
+        X_test = dataset.density.sample(TEST_CAP, np.random.default_rng([key, seed, 1]))
+        return X_train, X_test, {"n_rows": None, "dropped_constant": 0, "dropped_constant_train": 0, "dequantised": 0}
+    X = dataset.load()
+    keep, integer = column_rules(X)
+    X = X[:, keep]
+    n = X.shape[0]
+    n_test = n_test_rows(n)
+    rest = n - n_test
+    rng = np.random.default_rng([key, seed])
+    order = rng.permutation(n)[: n_test + min(rest, LARGE)]
+    used = X[order]
+    used[:, integer] += rng.uniform(0.0, 1.0, size=(used.shape[0], int(integer.sum())))
+    X_test, X_train = used[:n_test], used[n_test : n_test + n_train]
+    # A column constant on these training rows (a rare value elsewhere) has no
+    # density to learn: every model would put a spike there. Dropped for all.
+    varies = X_train.std(axis=0) > 0
+    info = {
+        "n_rows": n,
+        "dropped_constant": int((~keep).sum()),
+        "dropped_constant_train": int((~varies).sum()),
+        "dequantised": int(integer[varies].sum()),
+    }
+    return X_train[:, varies], X_test[:, varies], info
+
+
+def duplicate_fraction(X_train, X_test):
+    """Fraction of test rows identical to some training row."""
+    seen = {row.tobytes() for row in np.ascontiguousarray(X_train)}
+    return float(np.mean([row.tobytes() in seen for row in np.ascontiguousarray(X_test)]))
+
+
+# ------------------------------------------------------------------ models
+
+
+def standardiser(X):
+    """Training mean and std, and the log-Jacobian ``-sum(log std)`` of x -> (x - mean) / std."""
+    loc, scale = X.mean(axis=0), X.std(axis=0)
+    return loc, scale, -float(np.log(scale).sum())
+
+
+class GaussianReference:
+    """One full-covariance Gaussian fitted to the training rows, scored in their units."""
+
+    def __init__(self, X):
+        self.loc, self.scale, self.log_jacobian = standardiser(X)
+        Z = (X - self.loc) / self.scale
+        covariance = np.cov(Z, rowvar=False, bias=True).reshape(Z.shape[1], Z.shape[1])
+        covariance += GAUSS_RIDGE * np.eye(Z.shape[1])
+        self.cholesky = cho_factor(covariance, lower=True)[0]
+
+    def score_samples(self, X):
+        Z = (X - self.loc) / self.scale
+        W = solve_triangular(self.cholesky, Z.T, lower=True, check_finite=False)
+        d = Z.shape[1]
+        log_det = np.log(np.diag(self.cholesky)).sum()
+        return -0.5 * (W**2).sum(axis=0) - log_det - 0.5 * d * np.log(2 * np.pi) + self.log_jacobian
+
+
+def fit_maf(X, seed, params):
+    model = MAFDensity(random_state=seed, **params)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(X)
+    capped = any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    note = f"{model.n_iter_} epochs" + (" (max_iter)" if capped else "")
+    return model.score_samples, note
+
+
+def fit_gmm(X, seed):
+    loc, scale, log_jacobian = standardiser(X)
+    Z = (X - loc) / scale
+    best, best_bic, failed = None, np.inf, []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for k in GMM_COMPONENTS:
+            if k > Z.shape[0]:
+                break
+            gmm = GaussianMixture(k, covariance_type="full", random_state=seed)
+            try:
+                bic = gmm.fit(Z).bic(Z)
+            except ValueError:  # an ill-defined covariance: this k has no fit
+                failed.append(k)
+                continue
+            if bic < best_bic:
+                best, best_bic = gmm, bic
+    note = f"k={best.n_components}" + (" (largest)" if best.n_components == GMM_COMPONENTS[-1] else "")
+    if failed:
+        note += f"; k={','.join(map(str, failed))} failed"
+    return (lambda Y: best.score_samples((Y - loc) / scale) + log_jacobian), note, best.n_components
+
+
+def kde_bandwidth_grid(n, d):
+    """Scott's rule for ``n`` standardised rows in ``d`` dimensions, times KDE_GRID."""
+    return n ** (-1.0 / (d + 4)) * KDE_GRID
+
+
+def fit_kde(X, seed):
+    loc, scale, log_jacobian = standardiser(X)
+    Z = (X - loc) / scale
+    n, d = Z.shape
+    rows = Z
+    if n > KDE_SEARCH_ROWS:
+        rows = Z[np.random.default_rng(seed).choice(n, KDE_SEARCH_ROWS, replace=False)]
+    n_fold = len(rows) - len(rows) // KDE_CV  # rows each fold of the search fits on
+    grid = kde_bandwidth_grid(n_fold, d)
+    search = GridSearchCV(KernelDensity(kernel="gaussian", rtol=KDE_RTOL), {"bandwidth": grid}, cv=KDE_CV)
+    search.fit(rows)
+    h_search = search.best_params_["bandwidth"]
+    h = h_search * (n / n_fold) ** (-1.0 / (d + 4))
+    kde = KernelDensity(kernel="gaussian", bandwidth=h, rtol=KDE_RTOL).fit(Z)
+    note = f"h={h:.3g}"
+    if h_search in (grid[0], grid[-1]):
+        note += " (edge of grid)"
+    return (lambda Y: kde.score_samples((Y - loc) / scale) + log_jacobian), note, float(h)
+
+
+# --------------------------------------------------------------- one unit
+
+
+def paired(a, b):
+    """Mean of the per-row difference a - b and its standard error."""
+    diff = a - b
+    if not np.all(np.isfinite(diff)):
+        return float(np.mean(diff)), float("nan")
+    se = diff.std(ddof=1) / np.sqrt(diff.size) if diff.size > 1 else float("nan")
+    return float(diff.mean()), float(se)
+
+
+def verdict(mean, se):
+    if not np.isfinite(mean):
+        return "loss" if mean < 0 or np.isnan(mean) else "win"
+    if mean > 2 * se:
+        return "win"
+    if mean < -2 * se:
+        return "loss"
+    return "tie"
+
+
+def run_unit(dataset, size, n_train, seed, maf_params, threads):
+    """Fit the three models on one (set, size, seed) and return the row of the table."""
+    torch.set_num_threads(threads)
+    with threadpool_limits(threads):
+        X_train, X_test, info = split(dataset, seed, n_train)
+        n, d = X_train.shape
+        reference = GaussianReference(X_train).score_samples(X_test)
+        record = {
+            "set": dataset.name,
+            "group": dataset.group,
+            "size": size,
+            "seed": seed,
+            "n_train": n,
+            "n_test": X_test.shape[0],
+            "dim": d,
+            "n_rows": info["n_rows"],
+            "dropped_constant": info["dropped_constant"],
+            "dropped_constant_train": info["dropped_constant_train"],
+            "dequantised": info["dequantised"],
+            "dup_test": duplicate_fraction(X_train, X_test),
+            "ll_gauss": float(reference.mean()),
+        }
+        scores = {}
+        fits = {
+            "maf": lambda: fit_maf(X_train, seed, maf_params),
+            "gmm": lambda: fit_gmm(X_train, seed),
+            "kde": lambda: fit_kde(X_train, seed),
+        }
+        for name, fit in fits.items():
+            start, out = time.perf_counter(), ()
+            try:
+                out = fit()
+                record[f"t_{name}"] = time.perf_counter() - start
+                log_p = np.asarray(out[0](X_test), dtype=np.float64)
+                record[f"note_{name}"] = out[1]
+            except Exception as error:  # a failed fit is a result: it scores -inf everywhere
+                record[f"t_{name}"] = time.perf_counter() - start
+                log_p = np.full(X_test.shape[0], -np.inf)
+                record[f"note_{name}"] = f"failed: {type(error).__name__}: {error}"[:200]
+            if len(out) > 2:
+                record["gmm_k" if name == "gmm" else "kde_h"] = out[2]
+            scores[name] = log_p
+            excess = log_p - reference
+            record[f"ll_{name}"] = float(log_p.mean())
+            record[f"worst_{name}"] = float(np.min(excess))
+            record[f"floor_{name}"] = int(np.sum(~(excess >= FLOOR)))
+            record[f"nonfinite_{name}"] = int(np.sum(~np.isfinite(log_p)))
+        for other in ("gmm", "kde"):
+            mean, se = paired(scores["maf"], scores[other])
+            record[f"maf_{other}"], record[f"se_maf_{other}"] = mean, se
+            record[f"verdict_{other}"] = verdict(mean, se)
+        if dataset.density is not None:
+            truth = dataset.density.log_prob(X_test)
+            record["ll_true"] = float(truth.mean())
+            for name in MODELS:
+                gap, se = paired(truth, scores[name])
+                record[f"gap_{name}"], record[f"se_gap_{name}"] = gap, se
+    return record
+
+
+# ------------------------------------------------------------------ output
+
+
+def read_records(path):
+    if not path.exists():
+        return []
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: _parse(v) for k, v in row.items()} for row in rows]
+
+
+def _parse(value):
+    if value == "":
+        return None
+    if value.startswith("np.float64("):  # rows written before numpy scalars were converted
+        value = value[len("np.float64(") : -1]
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def write_records(path, records):
+    if path.suffix == ".json":
+        path.write_text(json.dumps(records, indent=1, default=float) + "\n")
+        return
+    fields = []
+    for record in records:
+        fields += [k for k in record if k not in fields]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: _format_cell(v) for k, v in record.items()})
+
+
+def _format_cell(value):
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    return value
+
+
+def fmt(x, digits=2):
+    """A number for the table: fixed point when moderate, else 3 significant digits."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    if not math.isfinite(x):
+        return "-inf" if x < 0 else "inf"
+    if abs(x) >= 1e5:
+        return f"{x:.3g}"
+    return f"{x:.{digits}f}"
+
+
+def per_set_summary(records):
+    """One line per (set, size): means over seeds and the verdicts per seed."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["set"], r["size"]), []).append(r)
+    lines = [
+        "| set | size | n_train x d | MAF | GMM | KDE | MAF-GMM | MAF-KDE | vs GMM W/T/L | vs KDE W/T/L "
+        "| worst MAF row vs Gaussian | MAF fit (s) | notes |",
+        "|---|---|---|---:|---:|---:|---:|---:|:-:|:-:|---:|---:|---|",
+    ]
+    for (name, size), rows in groups.items():
+        first = rows[0]
+
+        def mean(key):
+            return float(np.mean([r[key] for r in rows]))
+
+        def pooled(key):  # s.e. of the mean over seeds of independent paired differences
+            return math.sqrt(sum(r[key] ** 2 for r in rows)) / len(rows)
+
+        def wtl(other):
+            v = [r[f"verdict_{other}"] for r in rows]
+            return f"{v.count('win')}/{v.count('tie')}/{v.count('loss')}"
+
+        notes = []
+        if first["dropped_constant"]:
+            notes.append(f"{first['dropped_constant']} constant cols dropped")
+        if first.get("dropped_constant_train"):
+            notes.append(f"{first['dropped_constant_train']} more constant on the training rows")
+        if first["dequantised"]:
+            notes.append(f"{first['dequantised']} cols dequantised")
+        dup = mean("dup_test")
+        if dup > 0:
+            notes.append(f"{dup:.1%} test rows in train")
+        if "ll_true" in first and first["ll_true"] is not None:
+            notes.append(
+                "gap to truth MAF/GMM/KDE "
+                + "/".join(fmt(mean(f"gap_{m}"), 3) for m in MODELS)
+                + f" (truth {fmt(mean('ll_true'))})"
+            )
+        floor = sum(int(r["floor_maf"]) for r in rows)
+        if floor:
+            notes.append(f"**{floor} MAF rows below the floor**")
+        lines.append(
+            f"| {name} | {size} | {first['n_train']} x {first['dim']} | {fmt(mean('ll_maf'))} | "
+            f"{fmt(mean('ll_gmm'))} | {fmt(mean('ll_kde'))} | "
+            f"{fmt(mean('maf_gmm'))} ± {fmt(pooled('se_maf_gmm'))} | "
+            f"{fmt(mean('maf_kde'))} ± {fmt(pooled('se_maf_kde'))} | {wtl('gmm')} | {wtl('kde')} | "
+            f"{fmt(min(r['worst_maf'] for r in rows), 1)} | {fmt(mean('t_maf'), 1)} | {'; '.join(notes)} |"
+        )
+    return lines
+
+
+def summary_line(records):
+    counts = {}
+    for other in ("gmm", "kde"):
+        v = [r[f"verdict_{other}"] for r in records]
+        counts[other] = f"{v.count('win')} / {v.count('tie')} / {v.count('loss')}"
+    floor = {m: sum(int(r[f"floor_{m}"]) for r in records) for m in MODELS}
+    worst = min(r["worst_maf"] for r in records)
+    n_sets = len({r["set"] for r in records})
+    return (
+        f"MAF wins / ties / losses over {len(records)} (set, size, seed) runs on {n_sets} sets: "
+        f"against GMM {counts['gmm']}, against KDE {counts['kde']}; "
+        f"held-out rows more than {-FLOOR:g} nats below the Gaussian reference: "
+        f"MAF {floor['maf']}, GMM {floor['gmm']}, KDE {floor['kde']} "
+        f"(MAF's worst row: {fmt(worst, 1)} nats)."
+    )
+
+
+def summary_by_group(records):
+    """Wins / ties / losses of MAF per group of sets and size."""
+    lines = [
+        "| group | size | runs | vs GMM W/T/L | vs KDE W/T/L | MAF rows below the floor |",
+        "|---|---|---:|:-:|:-:|---:|",
+    ]
+    keys = sorted({(r["group"], r["size"]) for r in records}, key=lambda k: (k[0], k[1] != "small"))
+    for group, size in keys:
+        rows = [r for r in records if (r["group"], r["size"]) == (group, size)]
+        cells = []
+        for other in ("gmm", "kde"):
+            v = [r[f"verdict_{other}"] for r in rows]
+            cells.append(f"{v.count('win')}/{v.count('tie')}/{v.count('loss')}")
+        floor = sum(int(r["floor_maf"]) for r in rows)
+        lines.append(f"| {group} | {size} | {len(rows)} | {cells[0]} | {cells[1]} | {floor} |")
+    return lines
+
+
+def losses(records):
+    out = []
+    for r in records:
+        for other in ("gmm", "kde"):
+            if r[f"verdict_{other}"] == "loss":
+                out.append(
+                    f"{r['set']} {r['size']} seed {r['seed']}: MAF-{other.upper()} "
+                    f"{fmt(r[f'maf_{other}'])} ± {fmt(r[f'se_maf_{other}'])}"
+                )
+    return out
+
+
+def header(argv, args):
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "sklearn_maf"], cwd=REPO, capture_output=True, text=True
+        )
+        commit += " (sklearn_maf modified)" if dirty.stdout.strip() else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return [
+        f"- command: `{' '.join(shlex.quote(a) for a in argv)}`",
+        f"- commit: {commit}; sklearn_maf {sklearn_maf.__version__} from {Path(sklearn_maf.__file__).parent}",
+        f"- MAF parameters: {json.dumps(args.maf_params)}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: nproc={os.cpu_count()}, CPU: {cpu_model()}; {args.jobs} job(s) x {args.threads} thread(s)",
+        (
+            f"- torch {torch.__version__}, scikit-learn {sklearn.__version__}, numpy {np.__version__}, "
+            f"scipy {scipy.__version__}, Python {platform.python_version()}"
+        ),
+        f"- load average at start (1, 5, 15 min): {load}",
+    ]
+
+
+# ------------------------------------------------------------------ main
+
+
+def select_sets(spec, quick):
+    sets = {d.name: d for d in all_sets()}
+    if spec is None:
+        names = QUICK_SETS if quick else list(sets)
+    else:
+        names = []
+        for item in spec.split(","):
+            if item in ("adbench", "sklearn", "generated"):
+                names += [d.name for d in sets.values() if d.group == item]
+            elif item in sets:
+                names.append(item)
+            else:
+                raise SystemExit(
+                    f"unknown set {item!r}; choose from the groups adbench, sklearn, generated or {list(sets)}"
+                )
+    if _adbench_folder() is None:
+        print("../shared/data/adbench not found: the ADBench sets are skipped", flush=True)
+    return [sets[n] for n in names if n in sets]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few small sets, seed 0, the small size")
+    parser.add_argument("--sets", help="comma-separated set names or groups (adbench, sklearn, generated)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    parser.add_argument("--sizes", help="comma-separated of small,large (default both; --quick: small)")
+    parser.add_argument("--maf-params", type=json.loads, default={}, help="JSON keyword arguments of MAFDensity")
+    parser.add_argument("--out", type=Path, help="write every row to this .csv or .json file")
+    parser.add_argument("--resume", action="store_true", help="skip the runs already in --out")
+    parser.add_argument("--report", action="store_true", help="run nothing: print the tables of the rows in --out")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads per job (default 1)")
+    args = parser.parse_args(argv)
+
+    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    sizes = (args.sizes or ("small" if args.quick else "small,large")).split(",")
+    if set(sizes) - {"small", "large"}:
+        parser.error(f"--sizes takes small and/or large, got {args.sizes!r}")
+    sets = select_sets(args.sets, args.quick)
+
+    if args.report and not args.out:
+        parser.error("--report reads the rows of --out")
+    done = read_records(args.out) if (args.out and (args.resume or args.report)) else []
+    finished = {(r["set"], r["size"], int(r["seed"])) for r in done}
+    units, cost = [], {}
+    for dataset in sets:
+        if dataset.density is not None:
+            n_rows, dim = None, dataset.density.dim
+        else:
+            n_rows, dim = dataset.load().shape
+        for size, n_train in sizes_of(dataset, n_rows, sizes):
+            cost[dataset.name, size] = n_train * (dim + 10)
+            units += [
+                (dataset, size, n_train, seed)
+                for seed in seeds
+                if (dataset.name, size, seed) not in finished and not args.report
+            ]
+    # Seed by seed, the small size before the large, the cheaper sets first:
+    # a run cut short covers as many sets as it can.
+    units.sort(key=lambda u: (u[3], u[1] == "large", cost[u[0].name, u[1]]))
+
+    lines = header(["python"] + (sys.argv if argv is None else ["benchmarks/density_suite.py", *argv]), args)
+    print("\n".join(lines), flush=True)
+    print(f"{len(units)} runs to do, {len(done)} already in {args.out}", flush=True)
+    records = list(done)
+    start = time.perf_counter()
+    jobs = Parallel(n_jobs=args.jobs, return_as="generator_unordered")(
+        delayed(run_unit)(dataset, size, n_train, seed, args.maf_params, args.threads)
+        for dataset, size, n_train, seed in units
+    )
+    for record in jobs:
+        records.append(record)
+        print(
+            f"{record['set']} {record['size']} seed {record['seed']} ({record['n_train']}x{record['dim']}): "
+            f"MAF {fmt(record['ll_maf'])} GMM {fmt(record['ll_gmm'])} KDE {fmt(record['ll_kde'])}; "
+            f"MAF-GMM {fmt(record['maf_gmm'])}±{fmt(record['se_maf_gmm'])} ({record['verdict_gmm']}), "
+            f"MAF-KDE {fmt(record['maf_kde'])}±{fmt(record['se_maf_kde'])} ({record['verdict_kde']}); "
+            f"worst MAF row {fmt(record['worst_maf'], 1)}; fit s MAF/GMM/KDE "
+            f"{record['t_maf']:.1f}/{record['t_gmm']:.1f}/{record['t_kde']:.1f}",
+            flush=True,
+        )
+        if args.out:
+            write_records(args.out, records)
+    elapsed = time.perf_counter() - start
+    if not records:
+        print("nothing to report")
+        return
+    order = {d.name: i for i, d in enumerate(all_sets())}
+    records.sort(key=lambda r: (order.get(r["set"], len(order)), r["size"] != "small", int(r["seed"])))
+    if args.out and not args.report:
+        write_records(args.out, records)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    report = ["", *lines, f"- load average at end: {load}; this run {elapsed:.0f} s", ""]
+    report += per_set_summary(records)
+    report += ["", *summary_by_group(records), "", summary_line(records)]
+    lost = losses(records)
+    report += ["", f"Losses ({len(lost)}):" if lost else "Losses: none."] + [f"- {x}" for x in lost]
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()

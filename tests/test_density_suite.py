@@ -1,0 +1,121 @@
+"""The helpers of benchmarks/density_suite.py: every density in the data's units, honest splits."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+from scipy.special import logsumexp
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def suite():
+    if not (BENCHMARKS / "density_suite.py").exists():
+        pytest.skip("benchmarks/ is not part of this checkout")
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("density_suite", BENCHMARKS / "density_suite.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def _scaled_rows(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    Z = rng.standard_normal((n, 3)) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 1.0]])
+    return Z * np.array([50.0, 0.02, 3.0]) + np.array([1e3, -5.0, 0.0])
+
+
+def test_kde_score_matches_a_direct_sum_of_kernels_in_data_units(suite):
+    """The standardised KDE plus its log-Jacobian is the KDE with bandwidth h * std per feature."""
+    X = _scaled_rows()
+    X_test = _scaled_rows(20, seed=1)
+    score_samples, _, h = suite.fit_kde(X, seed=0)
+    bandwidths = h * X.std(axis=0)
+    per_kernel = stats.norm.logpdf(X_test[:, None, :], loc=X[None, :, :], scale=bandwidths).sum(axis=2)
+    direct = logsumexp(per_kernel, axis=1) - np.log(len(X))
+    np.testing.assert_allclose(score_samples(X_test), direct, rtol=0, atol=1e-4)
+
+
+def test_gaussian_reference_matches_scipy(suite):
+    """The reference is the Gaussian with the training mean and (ridged) covariance, in data units."""
+    X = _scaled_rows()
+    X_test = _scaled_rows(50, seed=2)
+    std = X.std(axis=0)
+    correlation = np.cov(X / std, rowvar=False, bias=True) + suite.GAUSS_RIDGE * np.eye(3)
+    expected = stats.multivariate_normal(X.mean(axis=0), correlation * np.outer(std, std)).logpdf(X_test)
+    np.testing.assert_allclose(suite.GaussianReference(X).score_samples(X_test), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("model", ["gmm", "kde", "reference"])
+def test_every_density_integrates_to_one_in_data_units(suite, model):
+    """On a feature with std 40, a density left in standardised units would integrate to about 40."""
+    rng = np.random.default_rng(3)
+    X = np.concatenate([rng.normal(0.0, 40.0, 150), rng.normal(300.0, 20.0, 150)])[:, None]
+    if model == "gmm":
+        score_samples = suite.fit_gmm(X, seed=0)[0]
+    elif model == "kde":
+        score_samples = suite.fit_kde(X, seed=0)[0]
+    else:
+        score_samples = suite.GaussianReference(X).score_samples
+    grid = np.linspace(-600.0, 900.0, 30_001)[:, None]
+    integral = np.trapezoid(np.exp(score_samples(grid)), grid[:, 0])
+    assert integral == pytest.approx(1.0, abs=1e-3)
+
+
+def test_split_shares_test_rows_and_noise_across_sizes(suite):
+    """Small training rows are part of the large ones, under the same test rows and noise."""
+    rng = np.random.default_rng(4)
+    n = 1_000
+    X = np.column_stack([rng.normal(size=n), rng.integers(0, 5, n), np.full(n, 7.0), rng.normal(size=n)])
+    dataset = suite.DataSet("fake", "adbench", load=lambda: X.copy())
+    small_train, test_a, info = suite.split(dataset, 0, 500)
+    large_train, test_b, _ = suite.split(dataset, 0, 800)
+    assert info == {"n_rows": n, "dropped_constant": 1, "dropped_constant_train": 0, "dequantised": 1}
+    assert test_a.shape == (200, 3) and large_train.shape == (800, 3)
+    np.testing.assert_array_equal(test_a, test_b)
+    np.testing.assert_array_equal(small_train, large_train[:500])
+    # the integer column is dequantised by U(0, 1) noise, the others untouched
+    noise = large_train[:, 1] - np.floor(large_train[:, 1])
+    assert np.all((noise > 0) & (noise < 1)) and np.all(np.floor(large_train[:, 1]) <= 4)
+    assert set(np.round(large_train[:, 0], 12)) <= set(np.round(X[:, 0], 12))
+    other_seed = suite.split(dataset, 1, 500)[1]
+    assert not np.array_equal(other_seed, test_a)
+
+
+def test_sizes_of_a_small_set_is_one_size(suite):
+    dataset = suite.DataSet("fake", "adbench", load=None)
+    assert suite.sizes_of(dataset, 600, ["small", "large"]) == [("small", 480)]
+    assert suite.sizes_of(dataset, 1_000, ["small", "large"]) == [("small", 500), ("large", 800)]
+    assert suite.sizes_of(dataset, 300_000, ["large"]) == [("large", 20_000)]
+
+
+@pytest.mark.parametrize(
+    "mean, se, expected",
+    [(0.5, 0.2, "win"), (0.3, 0.2, "tie"), (-0.3, 0.2, "tie"), (-0.5, 0.2, "loss"), (-np.inf, np.nan, "loss")],
+)
+def test_verdict_is_two_standard_errors(suite, mean, se, expected):
+    assert suite.verdict(mean, se) == expected
+
+
+def test_split_drops_a_column_constant_on_the_training_rows(suite):
+    """A rare value leaves a column constant on the training rows: no model could standardise it."""
+    rng = np.random.default_rng(5)
+    n = 1_000
+    rare = np.zeros(n)
+    rare[0] = 1.5
+    X = np.column_stack([rng.normal(size=n), rare])
+    dataset = suite.DataSet("fake", "adbench", load=lambda: X.copy())
+    dropped = []
+    for seed in range(6):
+        X_train, X_test, info = suite.split(dataset, seed, 500)
+        assert X_train.shape[1] == X_test.shape[1] == 2 - info["dropped_constant_train"]
+        assert np.all(X_train.std(axis=0) > 0)
+        dropped.append(info["dropped_constant_train"])
+    assert 0 < sum(dropped) < 6  # the rare row fell in the training rows of some seeds only
