@@ -1,5 +1,6 @@
 /*
  * Fused element-wise passes of a MAF training step (see backprop.py), and of scoring.
+ * Python reaches them only through _native.py, which checks every tensor first.
  *
  * A training step at the usual sizes (a few hundred rows, hidden layers of
  * about a hundred units) spends as much time dispatching torch's element-wise
@@ -23,17 +24,18 @@
  *
  *   linear_relu_score    a MADE's first layer with its ReLU, for a few inputs (made.py);
  *   affine_score         a MAF layer's affine transform and log-det on feature-major rows
- *                        (flow._affine_score).
+ *                        (AffineMADE.forward, transforms.py).
  *
  * Arguments are addresses of contiguous row-major buffers (torch's
- * data_ptr()) and sizes, checked by the Python caller, which owns the memory.
+ * data_ptr()) and sizes, checked by _native.py against each other (dtype, layout,
+ * device, every size) before the call; the caller owns the memory.
  * Each training pass has a float and a double version; a "share" is each row's
  * weight in the mean: one value for every row (stride 0) or one per row
  * (stride 1). Sums over rows accumulate column by column in the tensors'
  * dtype (as torch's sums do), the loss in double.
  *
  * This module is optional: without a C compiler the package installs
- * without it and backprop.py runs the same passes as torch operations.
+ * without it and the layers run the same arithmetic as torch operations.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -111,7 +113,7 @@ fast_exp(double x)
 
 /*
  * Scoring, float64 without gradients: one MAF layer on feature-major rows,
- * as MADE._forward_inference lays them out (flow._affine_score). shift and
+ * as MADE._forward_inference lays them out (_native.affine_score). shift and
  * raw (the MADE's raw log-scale) are (d, n), x has d rows of n numbers
  * x_stride apart; writes u (d, n) and log_det (n):
  * m = 2 bound sigmoid(-2 raw / bound) - bound, u = (x - shift) exp(m), log_det = sum m.

@@ -18,7 +18,15 @@ from torch import nn
 from . import _native
 from .made import MADE
 
-__all__ = ["AffineMADE", "BatchNorm", "SplineMADE", "affine_minus_log_scale", "power_tails", "power_tails_inverse", "soft_clamp"]
+__all__ = [
+    "AffineMADE",
+    "BatchNorm",
+    "SplineMADE",
+    "affine_minus_log_scale",
+    "power_tails",
+    "power_tails_inverse",
+    "soft_clamp",
+]
 
 
 def soft_clamp(x, bound):
@@ -268,7 +276,9 @@ class BatchNorm(nn.Module):
     def forward_cached(self, state, x, batch, log_det):
         """Batch norm with (weighted) batch statistics, the running ones updated; adds the log-det."""
         if state.native:  # rows: y and x - mean; features: var + eps and the scale
-            rows, features = _native.batch_norm_forward(x, batch.share, *state.tensors, self.momentum, self.eps, log_det)
+            rows, features = _native.batch_norm_forward(
+                x, batch.share, *state.tensors, self.momentum, self.eps, log_det
+            )
             return rows[0], (rows, features)
         y, log_scale, centred, var_eps, scale = self.normalize(x, batch.weight)
         log_det.add_(log_scale.sum())
@@ -378,7 +388,8 @@ class SplineMADE(nn.Module):
         z = x.clamp(-bound, bound)
         # the bin of each number, among the knots of its own spline
         knots = ys if inverse else xs
-        index = torch.searchsorted(knots[..., 1:-1].contiguous(), z.unsqueeze(-1).contiguous()).clamp(max=self.n_bins - 1)
+        inner_knots = knots[..., 1:-1].contiguous()
+        index = torch.searchsorted(inner_knots, z.unsqueeze(-1).contiguous()).clamp(max=self.n_bins - 1)
 
         def take(values, shift=0):
             return torch.gather(values, -1, index + shift).squeeze(-1)
@@ -395,16 +406,15 @@ class SplineMADE(nn.Module):
             c = -delta * offset
             # the root in [0, 1], in the form that does not cancel
             theta = (2 * c) / (-b - torch.sqrt((b * b - 4 * a * c).clamp(min=0)))
-            y = theta * width + x_k
         else:
             theta = (z - x_k) / width
-            one_minus = 1 - theta
-            mixed = theta * one_minus
-            denominator = delta + (d_k1 + d_k - 2 * delta) * mixed
-            y = y_k + height * (delta * theta * theta + d_k * mixed) / denominator
         one_minus = 1 - theta
         mixed = theta * one_minus
         denominator = delta + (d_k1 + d_k - 2 * delta) * mixed
+        if inverse:
+            y = theta * width + x_k
+        else:
+            y = y_k + height * (delta * theta * theta + d_k * mixed) / denominator
         log_derivative = (
             2 * torch.log(delta)
             + torch.log(d_k1 * theta * theta + 2 * delta * mixed + d_k * one_minus * one_minus)
