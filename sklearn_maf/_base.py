@@ -36,7 +36,7 @@ from ._preprocessing import (
     _weighted_loc_scale,
 )
 from ._nn.mixture import from_fixed, to_fixed
-from ._reference import fit_reference, parts_log_prob, reference_density, stacking_weights
+from ._reference import fit_reference, reference_mixture, stacking_weights
 from ._threads import limit_torch_threads, training_threads
 from ._training import TrainingConfig, _cyclic_gc_paused, train_flow
 
@@ -346,11 +346,11 @@ class _BaseMAF(BaseEstimator):
 
         The parts are fitted to the training rows in the coordinates after
         the flow's fixed layers, the weights by EM on the held-out rows (the
-        training rows without early stopping), and the parts are then fitted
-        again to all rows (see :mod:`sklearn_maf._reference`). ``seed``
-        starts their k-means: the fit's own, drawn before anything that
-        depends on the number of rows, so that rows of weight zero change
-        nothing.
+        training rows without early stopping, where the kernel density, which
+        holds those rows, takes no part), and the parts are then fitted again
+        to all rows (see :mod:`sklearn_maf._reference`). ``seed`` starts their
+        k-means: the fit's own, drawn before anything that depends on the
+        number of rows, so that rows of weight zero change nothing.
         """
         kind = self._reference_kind()
         if kind is None:
@@ -371,12 +371,22 @@ class _BaseMAF(BaseEstimator):
             lambda x, *c: self.module_.log_prob(x, *c)[:, None], 1, X[held],
             *(() if context is None else (context[held],)),
         )[:, 0]  # fmt: skip
-        log_densities = np.column_stack([flow, parts_log_prob(Z_held, parts) + logabsdet[:, None]])
+        with torch.no_grad():
+            classical = [part.log_prob(torch.as_tensor(Z_held)).numpy() for part in parts]
+        log_densities = np.column_stack([flow] + classical) + np.r_[0.0, np.ones(len(parts))] * logabsdet[:, None]
+        if validation is None and len(parts) == 3:  # the kernel density on its own rows: no say
+            log_densities[:, 3] = -np.inf
         weights = stacking_weights(log_densities, weight[held], 1, self.min_reference_weight)
-        sizes = [part[0].size for part in parts]
-        parts = fit_reference(fixed(np.arange(X.shape[0]))[0], weight, kind, seed, sizes)
-        self.mixture_weights_ = weights
-        self.reference_ = reference_density(parts, weights[1:], like=next(self.module_.buffers()))
+        growth = weight.sum() / weight[train].sum()
+        parts = fit_reference(fixed(np.arange(X.shape[0]))[0], weight, kind, seed, like=parts, growth=growth)
+        self.reference_ = reference_mixture(parts, weights[1:], like=next(self.module_.buffers()))
+        if self.reference_ is None:
+            self.mixture_weights_ = np.ones(1)
+            return
+        # the weights of the parts kept, scaled to the reference's share
+        kept = np.array([any(part is mine for mine in self.reference_.parts) for part in parts], dtype=float)
+        reference_weights = weights[1:] * kept
+        self.mixture_weights_ = np.r_[weights[0], (1 - weights[0]) * reference_weights / reference_weights.sum()]
 
     def _model_log_prob(self, x, context=None):
         """Log-density of rows ``x`` (tensors) under the fitted model: the flow and its reference."""

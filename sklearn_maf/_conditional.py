@@ -109,8 +109,11 @@ class MAFConditionalDensity(_BaseMAF):
         w_flow * p_flow(y | x) + (1 - w_flow) * p_reference(y)``, in the
         coordinates after the fixed layers (``bounds``, the standardisation),
         so on the same support. "gmm": a broad Gaussian (Ledoit-Wolf
-        covariance) and the full-covariance Gaussian mixture that BIC chooses
-        among 1 to 10 components; "gaussian": the broad Gaussian alone. The
+        covariance), the full-covariance Gaussian mixture that BIC chooses
+        among 1 to 10 components, and a Gaussian kernel density with the
+        bandwidth of highest leave-one-out likelihood (kept only where the
+        validation rows give it a weight of at least 0.001); "gaussian": the
+        broad Gaussian alone. The
         weights are fitted by EM on the validation rows (the training rows
         without early stopping), then the parts are refitted on all rows
         (stacked density estimation, Smyth & Wolpert, 1999). The reference
@@ -210,13 +213,14 @@ class MAFConditionalDensity(_BaseMAF):
     tail_cut_ : float or None
         The cut of the fitted base's power-law tails (see ``tail_cut``); None
         for the plain normal, and for the other bases.
-    mixture_weights_ : ndarray of shape (1,), (2,) or (3,)
+    mixture_weights_ : ndarray of shape (1,), (2,) or (4,)
         The weights of the flow, the broad Gaussian and (``reference="gmm"``)
-        the Gaussian mixture; ``[1.0]`` for the flow alone.
-    reference_ : sklearn_maf._nn.mixture.GaussianMixtureDensity or None
-        The reference parts as one Gaussian mixture (their weights scaled by
-        ``mixture_weights_[1:]``) in the coordinates after the flow's fixed
-        layers; None for the flow alone.
+        the Gaussian mixture and the kernel density (0 where it was left
+        out); ``[1.0]`` for the flow alone.
+    reference_ : sklearn_maf._nn.mixture.Mixture or None
+        The reference parts kept, with their weights relative to each other,
+        in the coordinates after the flow's fixed layers; None for the flow
+        alone.
     best_loss_ : float
         Lowest training loss.
     n_iter_ : int

@@ -6,30 +6,36 @@ no density where a plain Gaussian puts plenty. The estimators therefore model
 
 ``p(x) = w_flow * p_flow(x) + (1 - w_flow) * p_reference(x)``
 
-where ``p_reference`` is a mixture of full-covariance Gaussians in the
-coordinates after the flow's fixed layers (bounds, standardisation,
-whitening), with their log-determinant, so it lives on the same support as the
-flow. It holds a broad Gaussian (Ledoit-Wolf covariance) and, for
-``reference="gmm"``, the Gaussian mixture that BIC chooses: the classical
-answer. The weights of the flow, the mixture and the broad Gaussian are fitted
-by EM on held-out rows (stacked density estimation, Smyth & Wolpert, 1999), so
-the combination is chosen by held-out likelihood on every data set; the broad
-Gaussian keeps at least ``min_reference_weight``, which bounds every row's
-score from below by ``log(min_reference_weight)`` plus its score under that
-Gaussian, at a cost of at most ``-log(1 - min_reference_weight)`` nats per row.
+where ``p_reference`` is a mixture of classical densities in the coordinates
+after the flow's fixed layers (bounds, standardisation, whitening), with their
+log-determinant, so it lives on the same support as the flow. Its parts: a
+broad Gaussian (Ledoit-Wolf covariance) and, for ``reference="gmm"``, the
+Gaussian mixture that BIC chooses and a Gaussian kernel density whose
+bandwidth maximises the leave-one-out likelihood: the classical answers. The
+weights of the flow and of each part are fitted by EM on held-out rows
+(stacked density estimation, Smyth & Wolpert, 1999), so the combination is
+chosen by held-out likelihood on every data set. The broad Gaussian keeps at
+least ``min_reference_weight``, which bounds every row's score from below by
+``log(min_reference_weight)`` plus its score under that Gaussian, at a cost of
+at most ``-log(1 - min_reference_weight)`` nats per row. A kernel density
+scores a row in a time that grows with its points, so it is kept only where
+the held-out rows give it a weight of at least ``_MIN_KERNEL_WEIGHT``.
 
-Everything here works on float64 numpy arrays; row weights count as
-repetitions (a weight of 2 is the row twice), as everywhere in the estimators.
+The fits work on float64 numpy arrays and return the parts as the torch
+modules of :mod:`sklearn_maf._nn.mixture`, which hold each density's formula;
+row weights count as repetitions (a weight of 2 is the row twice), as
+everywhere in the estimators.
 """
 
 import numpy as np
 import torch
+from scipy import optimize
 from scipy.special import logsumexp
 from sklearn.cluster import KMeans
 
-from ._nn.mixture import GaussianMixtureDensity
+from ._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture
 
-__all__ = ["fit_reference", "parts_log_prob", "reference_density", "stacking_weights"]
+__all__ = ["fit_reference", "reference_mixture", "stacking_weights"]
 
 # Components the BIC search may try, and the rows it fits them on: evenly
 # spaced ones beyond this, as the ECME fit of the t base does.
@@ -42,6 +48,13 @@ _SEARCH_WORK = 50_000_000
 # Covariance ridge, in standardised units (unit variances), as
 # sklearn.mixture.GaussianMixture's reg_covar.
 _REG_COVAR = 1e-6
+# The kernel density's bandwidth is chosen on the leave-one-out likelihood of
+# at most this many of its rows, between these multiples of Scott's factor.
+_KERNEL_QUERIES = 1_000
+_KERNEL_RANGE = (1e-2, 3.0)
+# Least stacking weight for which the kernel density is kept: below it, its
+# scoring cost (proportional to its rows) buys at most ~0.001 nats per row.
+_MIN_KERNEL_WEIGHT = 1e-3
 
 
 def ledoit_wolf(Z, weight):
@@ -64,18 +77,17 @@ def ledoit_wolf(Z, weight):
     return mean, covariance + _REG_COVAR * np.eye(S.shape[0])
 
 
+def _gaussians(weights, means, covariances):
+    """The torch density of a Gaussian mixture given by numpy arrays."""
+    covariances = torch.as_tensor(covariances)
+    return GaussianMixtureDensity(torch.as_tensor(weights), torch.as_tensor(means), torch.linalg.cholesky(covariances))
+
+
 def _component_log_prob(Z, means, covariances):
     """Log-density of each row under each (unweighted) component, shape (n, K)."""
-    out = np.empty((Z.shape[0], means.shape[0]))
-    for k, (mean, covariance) in enumerate(zip(means, covariances)):
-        chol = np.linalg.cholesky(covariance)
-        # one product with the D x D inverse factor: several times faster than a solve for many rows
-        white = (Z - mean) @ np.linalg.inv(chol).T
-        out[:, k] = (
-            -0.5 * Z.shape[1] * np.log(2 * np.pi) - np.log(np.diag(chol)).sum()
-            - 0.5 * np.einsum("ij,ij->i", white, white)
-        )  # fmt: skip
-    return out
+    density = _gaussians(np.ones(means.shape[0]), means, covariances)
+    with torch.no_grad():
+        return density.component_log_prob(torch.as_tensor(Z), weighted=False).numpy()
 
 
 def _weighted_gaussians(Z, weight, responsibilities):
@@ -199,43 +211,75 @@ def thinned(Z, weight, max_rows=_MAX_ROWS):
     return Z[::step], weight[::step] * (weight.sum() / weight[::step].sum())
 
 
-def fit_reference(Z, weight, kind, random_state, sizes=None):
-    """The reference components fitted to the rows ``Z``: a list of ``(weights, means, covariances)``.
+def kernel_bandwidth(Z, weight):
+    """The bandwidth of a Gaussian kernel density on the rows ``Z`` that maximises the leave-one-out likelihood.
 
-    The broad Gaussian first, then (``kind="gmm"``) the mixture chosen by BIC,
-    or, given ``sizes`` (the components' numbers of Gaussians from an earlier
-    fit), a mixture of that many.
+    Scored on at most ``_KERNEL_QUERIES`` evenly spaced rows against all rows;
+    leaving a row out removes one unit of its weight (all of it below 1), so a
+    weight of 2 is the row twice here too. Searched (bounded, on the log
+    scale) between ``_KERNEL_RANGE`` times Scott's factor.
+    """
+    n, n_features = weight.sum(), Z.shape[1]
+    queries = np.unique(np.linspace(0, Z.shape[0] - 1, min(_KERNEL_QUERIES, Z.shape[0])).astype(int))
+    distance2 = np.maximum(
+        np.sum(Z[queries] ** 2, axis=1)[:, None] + np.sum(Z**2, axis=1) - 2 * Z[queries] @ Z.T, 0
+    )  # fmt: skip
+    distance2[np.arange(queries.size), queries] = 0.0
+    left_out = np.minimum(weight[queries], 1.0)
+    share = weight[queries] / weight[queries].sum()
+    log_weight = np.log(weight, out=np.full_like(weight, -np.inf), where=weight > 0)
+
+    def loss(log_bandwidth):
+        h2 = np.exp(2 * log_bandwidth)
+        total = logsumexp(log_weight - distance2 / (2 * h2), axis=1)
+        # the row's own kernel, exp(0) = 1 per unit of weight, leaves the sum
+        # (nothing may be left: -inf, which the search avoids)
+        with np.errstate(divide="ignore", over="ignore"):
+            rest = total + np.log1p(-np.minimum(left_out * np.exp(-total), 1.0))
+        values = rest - np.log(n - left_out) - 0.5 * n_features * np.log(2 * np.pi * h2)
+        return -(share @ np.where(np.isfinite(values), values, -1e300))
+
+    scott = n ** (-1.0 / (n_features + 4))
+    bounds = np.log(np.array(_KERNEL_RANGE) * scott)
+    return float(np.exp(optimize.minimize_scalar(loss, bounds=bounds, method="bounded").x))
+
+
+def fit_reference(Z, weight, kind, random_state, like=None, growth=1.0):
+    """The reference parts fitted to the rows ``Z``: a list of torch densities.
+
+    The broad Gaussian first, then (``kind="gmm"``) the mixture chosen by BIC
+    and the kernel density, or, given ``like`` (the parts of an earlier fit
+    to ``1 / growth`` times fewer rows), the same kinds with the same numbers
+    of components, the kernel density's bandwidth scaled by Scott's rate,
+    ``growth ** (-1 / (D + 4))``.
     """
     keep = weight > 0
     Z, weight = thinned(Z[keep], weight[keep])
     mean, covariance = ledoit_wolf(Z, weight)
-    components = [(np.ones(1), mean[None], covariance[None])]
+    parts = [_gaussians(np.ones(1), mean[None], covariance[None])]
     if kind == "gmm":
-        if sizes is None:
+        if like is None:
             mixture = gaussian_mixture_by_bic(Z, weight, random_state)
+            bandwidth = kernel_bandwidth(Z, weight)
         else:
-            mixture = gaussian_mixture(Z, weight, sizes[1], random_state)[:3]
-        components.append(tuple(mixture))
-    return components
+            mixture = gaussian_mixture(Z, weight, like[1].means.shape[0], random_state)[:3]
+            bandwidth = float(like[2].bandwidth) * growth ** (-1.0 / (Z.shape[1] + 4))
+        parts += [_gaussians(*mixture), GaussianKernelDensity(torch.as_tensor(Z), torch.as_tensor(weight), bandwidth)]
+    return parts
 
 
-def parts_log_prob(Z, parts):
-    """Log-density of each row under each part of the reference (a mixture each), shape (n, n_parts)."""
-    return np.column_stack(
-        [logsumexp(_component_log_prob(Z, means, covs) + np.log(w), axis=1) for w, means, covs in parts]
-    )
+def reference_mixture(parts, weights, like):
+    """The parts, weighted by their stacking ``weights``, as one :class:`Mixture` on ``like``'s device.
 
-
-def reference_density(parts, weights, like):
-    """The parts, weighted by their stacking ``weights``, as one torch density on ``like``'s device.
-
-    Parts of zero weight are left out; None when all are.
+    Parts of zero weight are left out, and so is a kernel density of weight
+    below ``_MIN_KERNEL_WEIGHT`` (see the module's docstring); None when
+    nothing is left.
     """
-    total = float(np.sum(weights))
-    kept = [(w * part_weights / total, means, covs) for w, (part_weights, means, covs) in zip(weights, parts) if w > 0]
+    kept = [
+        (part, w) for part, w in zip(parts, weights)
+        if w > 0 and not (isinstance(part, GaussianKernelDensity) and w < _MIN_KERNEL_WEIGHT)
+    ]  # fmt: skip
     if not kept:
         return None
-    mixture_weights, means, covariances = (np.concatenate(arrays) for arrays in zip(*kept))
-    return GaussianMixtureDensity(
-        torch.as_tensor(mixture_weights), torch.as_tensor(means), torch.linalg.cholesky(torch.as_tensor(covariances))
-    ).to(like.device)
+    parts, weights = zip(*kept)
+    return Mixture(list(parts), torch.as_tensor(weights)).to(like.device)

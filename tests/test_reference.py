@@ -11,10 +11,13 @@ from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import train_test_split
 
 from sklearn_maf import MAFConditionalDensity, MAFDensity
-from sklearn_maf._nn.mixture import GaussianMixtureDensity, to_fixed
+from sklearn.neighbors import KernelDensity
+
+from sklearn_maf._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture, to_fixed
 from sklearn_maf._reference import (
     gaussian_mixture,
     gaussian_mixture_by_bic,
+    kernel_bandwidth,
     ledoit_wolf,
     stacking_weights,
 )
@@ -61,6 +64,50 @@ def test_gaussian_mixture_density_draws_its_components():
     small = density.sample(10, generator=torch.Generator().manual_seed(3))
     large = density.sample(30, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(small, large[:10], rtol=0, atol=0)
+
+
+def test_kernel_density_matches_sklearn_and_integrates_to_one():
+    rng = np.random.RandomState(0)
+    points = rng.normal(size=(300, 2))
+    density = GaussianKernelDensity(torch.as_tensor(points), torch.ones(300, dtype=torch.float64), 0.3)
+    z = rng.normal(scale=2, size=(40, 2))
+    expected = KernelDensity(bandwidth=0.3).fit(points).score_samples(z)
+    np.testing.assert_allclose(density.log_prob(torch.as_tensor(z)).numpy(), expected, rtol=1e-10)
+    # blocks of points give the same sums as one block
+    big = torch.as_tensor(rng.normal(size=(5000, 2)))
+    whole = density.log_prob(big)
+    import sklearn_maf._nn.mixture as mixture_module
+
+    old, mixture_module._KERNEL_BLOCK = mixture_module._KERNEL_BLOCK, 5000 * 7
+    try:
+        torch.testing.assert_close(density.log_prob(big), whole, rtol=1e-12, atol=1e-12)
+    finally:
+        mixture_module._KERNEL_BLOCK = old
+    mixture = Mixture([density, GaussianMixtureDensity(torch.ones(1), torch.zeros(1, 2), torch.eye(2)[None])], [0.4, 0.6])
+    grid = torch.linspace(-9, 9, 361, dtype=torch.float64)
+    xx, yy = torch.meshgrid(grid, grid, indexing="ij")
+    mass = mixture.log_prob(torch.stack([xx.ravel(), yy.ravel()], dim=1)).exp().sum() * (grid[1] - grid[0]) ** 2
+    assert float(mass) == pytest.approx(1.0, abs=1e-6)
+    draws = mixture.sample(4000, generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (4000, 2)
+    np.testing.assert_allclose(draws.mean(dim=0).numpy(), 0.4 * points.mean(axis=0), atol=0.08)
+
+
+def test_kernel_bandwidth_maximises_the_leave_one_out_likelihood():
+    rng = np.random.RandomState(0)
+    Z = np.concatenate([rng.normal(-2, 0.3, size=(150, 2)), rng.normal(2, 0.3, size=(150, 2))])
+    bandwidth = kernel_bandwidth(Z, np.ones(300))
+
+    def leave_one_out(h):
+        d2 = ((Z[:, None] - Z[None]) ** 2).sum(-1)
+        kernel = np.exp(-d2 / (2 * h * h))
+        np.fill_diagonal(kernel, 0.0)
+        return np.mean(np.log(kernel.sum(axis=1) / 299 / (2 * np.pi * h * h)))
+
+    assert leave_one_out(bandwidth) >= max(leave_one_out(bandwidth * f) for f in (0.8, 1.25)) - 1e-9
+    # a weight of 2 is the row twice
+    repeated = np.repeat(Z[:40], 2, axis=0)
+    assert kernel_bandwidth(Z[:40], np.full(40, 2.0)) == pytest.approx(kernel_bandwidth(repeated, np.ones(80)), rel=1e-5)
 
 
 def test_gaussian_mixture_density_rejects_bad_parameters():
@@ -143,8 +190,9 @@ def test_no_absurd_held_out_row_on_small_real_data(load, floor):
     model = MAFDensity(random_state=0).fit(X_train)
     scores = model.score_samples(X_test)
     assert (scores - _gaussian_logpdf(X_train, X_test)).min() > floor
-    assert model.mixture_weights_.shape == (3,)
-    assert model.mixture_weights_[1] >= model.min_reference_weight
+    assert model.mixture_weights_.shape == (4,)
+    assert model.mixture_weights_[1] >= model.min_reference_weight * (1 - 1e-9)
+    assert model.mixture_weights_.sum() == pytest.approx(1.0)
 
 
 def test_far_rows_cost_at_most_the_floor_against_the_broad_gaussian():
@@ -159,6 +207,15 @@ def test_far_rows_cost_at_most_the_floor_against_the_broad_gaussian():
     # n >> d: the Ledoit-Wolf Gaussian is the maximum-likelihood one, up to a tiny shrinkage
     bound = np.log(1e-3) + _gaussian_logpdf(X, far)
     assert np.all(scores >= bound - 1e-3 * np.abs(bound) - 1)
+
+
+def test_kernel_density_kept_only_with_held_out_weight():
+    """Without early stopping the kernel density, which holds the training rows, has no say."""
+    rng = np.random.RandomState(0)
+    X = np.concatenate([rng.normal(-3, 0.2, size=(150, 2)), rng.normal(3, 0.2, size=(150, 2))])
+    model = _tiny(early_stopping=False).fit(X)
+    assert model.mixture_weights_[3] == 0.0
+    assert not any(isinstance(part, GaussianKernelDensity) for part in model.reference_.parts)
 
 
 def test_reference_none_is_the_flow_alone():
@@ -178,7 +235,7 @@ def test_scores_are_the_mixture_of_flow_and_reference(reference):
     X = rng.normal(size=(400, 3)) ** 3
     model = _tiny(reference=reference, bounds=[[-np.inf, np.inf], [-30, np.inf], [-np.inf, np.inf]]).fit(X)
     weights = model.mixture_weights_
-    assert weights.shape == ((2,) if reference == "gaussian" else (3,))
+    assert weights.shape == ((2,) if reference == "gaussian" else (4,))
     assert weights.sum() == pytest.approx(1.0)
     x = torch.as_tensor(X[:50])
     with torch.no_grad():
@@ -193,7 +250,7 @@ def test_samples_come_from_both_parts_and_respect_bounds():
     rng = np.random.RandomState(0)
     X = rng.gamma(2.0, size=(500, 2))
     model = _tiny(min_reference_weight=0.5, bounds=[[0, np.inf], [0, np.inf]]).fit(X)
-    assert model.mixture_weights_[1] >= 0.5
+    assert model.mixture_weights_[1] >= 0.5 - 1e-9
     draws = model.sample(4000, random_state=0)
     assert draws.shape == (4000, 2)
     assert np.all(draws > 0)
@@ -207,7 +264,7 @@ def test_conditional_density_mixes_a_reference_too():
     X = rng.normal(size=(600, 2))
     y = X @ [1.0, -2.0] + 0.3 * rng.normal(size=600)
     model = _tiny(MAFConditionalDensity, min_reference_weight=0.2).fit(X, y)
-    assert model.mixture_weights_[1] >= 0.2
+    assert model.mixture_weights_[1] >= 0.2 - 1e-9
     far = model.score_samples(X[:5], y[:5] + 1e4)
     assert np.all(np.isfinite(far))
     prediction = model.predict(X[:200], n_draws=64)

@@ -1,7 +1,9 @@
-"""A mixture of full-covariance Gaussians: the classical density mixed with the flow.
+"""The classical densities mixed with the flow: Gaussian mixtures, a kernel density, their mixture.
 
-The estimators fit its parameters (``sklearn_maf._reference``); this module only
-evaluates and samples it, in any dtype, on any device.
+The estimators fit their parameters (``sklearn_maf._reference``); this module
+evaluates and samples them, in any dtype, on any device. Each draws a row from
+``n_noise`` uniform numbers (``from_uniform``), so a draw in chunks is the
+same as in one go.
 """
 
 import math
@@ -9,7 +11,28 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["GaussianMixtureDensity", "fixed_layers", "from_fixed", "to_fixed"]
+__all__ = [
+    "GaussianKernelDensity",
+    "GaussianMixtureDensity",
+    "Mixture",
+    "fixed_layers",
+    "from_fixed",
+    "to_fixed",
+]
+
+# Kernel-density terms evaluated at once (rows x points): bounds the memory of one block.
+_KERNEL_BLOCK = 1 << 22
+
+
+def _pick(weights, uniform):
+    """Index drawn with probabilities ``weights`` for each of the ``uniform`` numbers."""
+    cumulative = torch.cumsum(weights, dim=0)
+    return torch.searchsorted(cumulative, uniform.contiguous()).clamp_max(cumulative.numel() - 1)
+
+
+def _normal(uniform):
+    """Standard normals from uniform numbers in (0, 1)."""
+    return torch.special.ndtri(uniform.clamp(1e-300, 1 - 2**-53))
 
 
 class GaussianMixtureDensity(nn.Module):
@@ -46,8 +69,8 @@ class GaussianMixtureDensity(nn.Module):
     def n_features(self):
         return self.means.shape[1]
 
-    def component_log_prob(self, z):
-        """Log-density of each row of ``z`` under each weighted component, shape (n, K)."""
+    def component_log_prob(self, z, weighted=True):
+        """Log-density of each row of ``z`` under each component (times its weight), shape (n, K)."""
         chol = self.cholesky.to(z.dtype)
         centred = z[None, :, :] - self.means.to(z.dtype)[:, None, :]  # (K, n, D)
         # one triangular solve per component: the squared Mahalanobis radii
@@ -55,7 +78,8 @@ class GaussianMixtureDensity(nn.Module):
         radius2 = white.square().sum(dim=1)  # (K, n)
         log_det = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(dim=1)
         log_norm = -0.5 * self.n_features * math.log(2 * math.pi) - log_det
-        return (self.log_weights.to(z.dtype)[:, None] + log_norm[:, None] - 0.5 * radius2).T
+        log_prob = log_norm[:, None] - 0.5 * radius2
+        return (log_prob + self.log_weights.to(z.dtype)[:, None] if weighted else log_prob).T
 
     def log_prob(self, z):
         """Log-density of each row of ``z``, shape (n,)."""
@@ -69,15 +93,126 @@ class GaussianMixtureDensity(nn.Module):
     def from_uniform(self, noise):
         """Rows drawn from uniform ``noise`` of shape (n, n_noise), row by row."""
         noise = noise.to(self.means.dtype)
-        cumulative = torch.cumsum(self.log_weights.exp(), dim=0)
-        component = torch.searchsorted(cumulative, noise[:, :1].contiguous()).clamp_max(cumulative.numel() - 1)[:, 0]
-        normal = torch.special.ndtri(noise[:, 1:].clamp(1e-300, 1 - 2**-53))
+        component = _pick(self.log_weights.exp(), noise[:, 0])
+        normal = _normal(noise[:, 1:])
         return self.means[component] + (self.cholesky[component] @ normal[:, :, None])[:, :, 0]
 
     def sample(self, n_samples, generator=None):
         """Draw ``n_samples`` rows; every number comes from ``generator``, row by row."""
-        noise = torch.rand(n_samples, self.n_noise, generator=generator, dtype=torch.float64)
-        return self.from_uniform(noise.to(self.means.device))
+        return _sample(self, n_samples, generator, self.means)
+
+
+class GaussianKernelDensity(nn.Module):
+    """``sum_i weights[i] * N(z; points[i], bandwidth^2 I)``: a Gaussian kernel density.
+
+    Parameters
+    ----------
+    points : torch.Tensor of shape (n_points, n_features)
+    weights : torch.Tensor of shape (n_points,)
+        Non-negative, with a positive sum; normalised here.
+    bandwidth : float
+        The kernel's standard deviation, the same in every direction.
+    """
+
+    def __init__(self, points, weights, bandwidth):
+        super().__init__()
+        points, weights = torch.as_tensor(points), torch.as_tensor(weights)
+        if points.ndim != 2 or weights.shape != points.shape[:1]:
+            raise ValueError(
+                f"points and weights must have shapes (n, D) and (n,); got {tuple(points.shape)} "
+                f"and {tuple(weights.shape)}."
+            )
+        if not bandwidth > 0 or not bool((weights >= 0).all()) or not weights.sum() > 0:
+            raise ValueError("The bandwidth must be positive and the weights non-negative with a positive sum.")
+        self.register_buffer("points", points)
+        self.register_buffer("log_weights", torch.log(weights / weights.sum()))
+        self.register_buffer("bandwidth", torch.as_tensor(float(bandwidth), dtype=points.dtype))
+
+    @property
+    def n_features(self):
+        return self.points.shape[1]
+
+    @property
+    def n_noise(self):
+        """Uniform numbers per drawn row: one picks the point, the others the kernel's draw."""
+        return self.n_features + 1
+
+    def log_prob(self, z):
+        """Log-density of each row of ``z``, shape (n,), summed over blocks of points."""
+        points, log_weights = self.points.to(z.dtype), self.log_weights.to(z.dtype)
+        h2 = self.bandwidth.to(z.dtype) ** 2
+        z2 = z.square().sum(dim=1, keepdim=True)
+        out = torch.full((z.shape[0],), -torch.inf, dtype=z.dtype, device=z.device)
+        block = max(1, _KERNEL_BLOCK // max(1, z.shape[0]))
+        for start in range(0, points.shape[0], block):
+            p = points[start : start + block]
+            distance2 = (z2 + p.square().sum(dim=1) - 2 * z @ p.T).clamp_min(0)
+            out = torch.logaddexp(out, torch.logsumexp(log_weights[start : start + block] - distance2 / (2 * h2), dim=1))
+        return out - 0.5 * self.n_features * torch.log(2 * math.pi * h2)
+
+    def from_uniform(self, noise):
+        """Rows drawn from uniform ``noise`` of shape (n, n_noise), row by row."""
+        noise = noise.to(self.points.dtype)
+        index = _pick(self.log_weights.exp(), noise[:, 0])
+        return self.points[index] + self.bandwidth * _normal(noise[:, 1:])
+
+    def sample(self, n_samples, generator=None):
+        """Draw ``n_samples`` rows; every number comes from ``generator``, row by row."""
+        return _sample(self, n_samples, generator, self.points)
+
+
+class Mixture(nn.Module):
+    """``sum_k weights[k] * parts[k](z)``: densities of the same space, mixed.
+
+    Parameters
+    ----------
+    parts : list of torch.nn.Module
+        Each with ``log_prob(z)``, ``from_uniform(noise)`` and ``n_noise``.
+    weights : torch.Tensor of shape (len(parts),)
+        Positive, normalised here.
+    """
+
+    def __init__(self, parts, weights):
+        super().__init__()
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        if weights.shape != (len(parts),) or not bool((weights > 0).all()):
+            raise ValueError(f"One positive weight per part is needed; got {weights.tolist()} for {len(parts)} parts.")
+        self.parts = nn.ModuleList(parts)
+        self.register_buffer("log_weights", torch.log(weights / weights.sum()))
+
+    @property
+    def n_features(self):
+        return self.parts[0].n_features
+
+    @property
+    def n_noise(self):
+        """Uniform numbers per drawn row: one picks the part, the others its draw."""
+        return 1 + max(part.n_noise for part in self.parts)
+
+    def log_prob(self, z):
+        """Log-density of each row of ``z``, shape (n,)."""
+        terms = [w.to(z.dtype) + part.log_prob(z) for w, part in zip(self.log_weights, self.parts)]
+        return torch.logsumexp(torch.stack(terms, dim=1), dim=1)
+
+    def from_uniform(self, noise):
+        """Rows drawn from uniform ``noise`` of shape (n, n_noise), row by row."""
+        noise = noise.to(torch.float64)
+        which = _pick(self.log_weights.exp(), noise[:, 0])
+        out = noise.new_empty(noise.shape[0], self.n_features)
+        for index, part in enumerate(self.parts):
+            rows = which == index
+            if rows.any():
+                out[rows] = part.from_uniform(noise[rows, 1 : 1 + part.n_noise]).to(out.dtype)
+        return out
+
+    def sample(self, n_samples, generator=None):
+        """Draw ``n_samples`` rows; every number comes from ``generator``, row by row."""
+        return _sample(self, n_samples, generator, self.log_weights)
+
+
+def _sample(density, n_samples, generator, like):
+    noise = torch.rand(n_samples, density.n_noise, generator=generator, dtype=torch.float64)
+    return density.from_uniform(noise.to(like.device))
 
 
 def fixed_layers(flow):
