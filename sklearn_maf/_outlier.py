@@ -581,7 +581,10 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         if not continuing:
             rows = train[sample_weight[train] > 0]
             loc, scale = _weighted_moments(X[rows], sample_weight[rows])
-            constant = _constant_features(loc, scale)
+            # a single value is constant whatever the round-off of its mean
+            # (a column summed with a stride can drift by many ulps)
+            single = np.flatnonzero(np.all(X[rows] == X[rows[0]], axis=0))
+            constant = np.union1d(_constant_features(loc, scale), single).astype(int)
             if constant.size == X.shape[1]:
                 raise ValueError(
                     f"All {X.shape[1]} features are constant on the training rows: "

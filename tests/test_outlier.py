@@ -386,3 +386,14 @@ def test_clearly_better_needs_more_than_noise(rng):
     # a row that only the reference gives -inf decides, and the other way round
     assert _clearly_better((reference, ones), (worse, ones))
     assert not _clearly_better((worse, ones), (reference + 0.0, ones))
+
+
+def test_a_single_value_is_constant_despite_the_round_off_of_its_mean(rng):
+    """A repeated value whose strided mean drifts by ~100 ulps was not dropped, and the quantile map raised.
+
+    (6_cardio of ADBench, seed 1: an IndexError in the marginal transform.)
+    """
+    X = np.c_[rng.normal(size=(1042, 2)), np.full(1042, -0.06140064449540183)]
+    for preprocessing in ("quantile", None):
+        detector = _small(preprocessing=preprocessing, max_iter=2).fit(X)
+        np.testing.assert_array_equal(detector.constant_features_, [2])
