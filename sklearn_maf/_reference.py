@@ -12,9 +12,14 @@ log-determinant, so it lives on the same support as the flow. Its parts: a
 broad Gaussian (Ledoit-Wolf covariance) and, for ``reference="gmm"``, the
 Gaussian mixture that BIC chooses and a Gaussian kernel density whose
 bandwidth maximises the leave-one-out likelihood: the classical answers. The
-weights of the flow and of each part are fitted by EM on held-out rows
-(stacked density estimation, Smyth & Wolpert, 1999), so the combination is
-chosen by held-out likelihood on every data set. The broad Gaussian keeps at
+weights are fitted by EM to held-out likelihoods (stacked density
+estimation, Smyth & Wolpert, 1999), in two steps so that each rests on as
+many rows as it can: the parts' weights among themselves on up to a thousand
+training rows, each scored as if held out (leave-one-out for the kernel
+density, Akaike's correction for the Gaussians), then the flow's weight
+against the reference on the validation rows, the only rows the flow has
+not seen. The combination is chosen by held-out likelihood on every data
+set. The broad Gaussian keeps at
 least ``min_reference_weight``, which bounds every row's score from below by
 ``log(min_reference_weight)`` plus its score under that Gaussian, at a cost of
 at most ``-log(1 - min_reference_weight)`` nats per row. A kernel density
@@ -35,7 +40,7 @@ from sklearn.cluster import KMeans
 
 from ._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture
 
-__all__ = ["fit_reference", "reference_mixture", "stacking_weights"]
+__all__ = ["fit_reference", "refit_reference", "reference_mixture", "stacking_weights"]
 
 # Components the BIC search may try, and the rows it fits them on: evenly
 # spaced ones beyond this, as the ECME fit of the t base does.
@@ -217,10 +222,11 @@ def kernel_bandwidth(Z, weight):
     Scored on at most ``_KERNEL_QUERIES`` evenly spaced rows against all rows;
     leaving a row out removes one unit of its weight (all of it below 1), so a
     weight of 2 is the row twice here too. Searched (bounded, on the log
-    scale) between ``_KERNEL_RANGE`` times Scott's factor.
+    scale) between ``_KERNEL_RANGE`` times Scott's factor. Returns the
+    bandwidth, the query rows and their leave-one-out log-densities at it.
     """
     n, n_features = weight.sum(), Z.shape[1]
-    queries = np.unique(np.linspace(0, Z.shape[0] - 1, min(_KERNEL_QUERIES, Z.shape[0])).astype(int))
+    queries = _queries(Z)
     distance2 = np.maximum(
         np.sum(Z[queries] ** 2, axis=1)[:, None] + np.sum(Z**2, axis=1) - 2 * Z[queries] @ Z.T, 0
     )  # fmt: skip
@@ -229,43 +235,78 @@ def kernel_bandwidth(Z, weight):
     share = weight[queries] / weight[queries].sum()
     log_weight = np.log(weight, out=np.full_like(weight, -np.inf), where=weight > 0)
 
-    def loss(log_bandwidth):
+    def leave_one_out(log_bandwidth):
         h2 = np.exp(2 * log_bandwidth)
         total = logsumexp(log_weight - distance2 / (2 * h2), axis=1)
         # the row's own kernel, exp(0) = 1 per unit of weight, leaves the sum
         # (nothing may be left: -inf, which the search avoids)
         with np.errstate(divide="ignore", over="ignore"):
             rest = total + np.log1p(-np.minimum(left_out * np.exp(-total), 1.0))
-        values = rest - np.log(n - left_out) - 0.5 * n_features * np.log(2 * np.pi * h2)
+        return rest - np.log(n - left_out) - 0.5 * n_features * np.log(2 * np.pi * h2)
+
+    def loss(log_bandwidth):
+        values = leave_one_out(log_bandwidth)
         return -(share @ np.where(np.isfinite(values), values, -1e300))
 
     scott = n ** (-1.0 / (n_features + 4))
     bounds = np.log(np.array(_KERNEL_RANGE) * scott)
-    return float(np.exp(optimize.minimize_scalar(loss, bounds=bounds, method="bounded").x))
+    best = optimize.minimize_scalar(loss, bounds=bounds, method="bounded").x
+    return float(np.exp(best)), queries, leave_one_out(best)
 
 
-def fit_reference(Z, weight, kind, random_state, like=None, growth=1.0):
-    """The reference parts fitted to the rows ``Z``: a list of torch densities.
+def _queries(Z):
+    """At most ``_KERNEL_QUERIES`` evenly spaced row indices of ``Z``."""
+    return np.unique(np.linspace(0, Z.shape[0] - 1, min(_KERNEL_QUERIES, Z.shape[0])).astype(int))
 
-    The broad Gaussian first, then (``kind="gmm"``) the mixture chosen by BIC
-    and the kernel density, or, given ``like`` (the parts of an earlier fit
-    to ``1 / growth`` times fewer rows), the same kinds with the same numbers
-    of components, the kernel density's bandwidth scaled by Scott's rate,
-    ``growth ** (-1 / (D + 4))``.
+
+def fit_reference(Z, weight, kind, random_state, floor=0.0, kernel=True):
+    """The reference parts fitted to the rows ``Z`` and their weights within the reference.
+
+    The parts, torch densities: the broad Gaussian, then (``kind="gmm"``) the
+    mixture chosen by BIC and the kernel density. Their weights maximise the
+    likelihood of at most ``_KERNEL_QUERIES`` of the rows, each part scored as
+    if those rows were held out: the kernel density by leave-one-out, each
+    Gaussian fit by its in-sample log-density less Akaike's correction (its
+    number of parameters over the rows' total weight), so that they rest on
+    many rows rather than on the few of a validation split. The broad
+    Gaussian keeps at least ``floor``; ``kernel=False`` gives the kernel
+    density no weight.
+    """
+    keep = weight > 0
+    Z, weight = thinned(Z[keep], weight[keep])
+    n, n_features = weight.sum(), Z.shape[1]
+    per_gaussian = n_features + n_features * (n_features + 1) / 2
+    mean, covariance = ledoit_wolf(Z, weight)
+    parts = [_gaussians(np.ones(1), mean[None], covariance[None])]
+    if kind != "gmm":
+        return parts, np.ones(1)
+    mixture = gaussian_mixture_by_bic(Z, weight, random_state)
+    bandwidth, queries, kernel_values = kernel_bandwidth(Z, weight)
+    parts += [_gaussians(*mixture), GaussianKernelDensity(torch.as_tensor(Z), torch.as_tensor(weight), bandwidth)]
+    with torch.no_grad():
+        rows = torch.as_tensor(Z[queries])
+        gaussians = [part.log_prob(rows).numpy() for part in parts[:2]]
+    n_parameters = [per_gaussian, mixture[0].size * (per_gaussian + 1) - 1]
+    columns = [values - k / n for values, k in zip(gaussians, n_parameters)]
+    columns.append(kernel_values if kernel else np.full(queries.size, -np.inf))
+    return parts, stacking_weights(np.column_stack(columns), weight[queries], 0, floor)
+
+
+def refit_reference(parts, Z, weight, random_state, growth):
+    """``parts`` fitted again to the rows ``Z``, ``growth`` times as many as before.
+
+    The same kinds with the same numbers of components; the kernel density's
+    bandwidth scaled by Scott's rate, ``growth ** (-1 / (D + 4))``.
     """
     keep = weight > 0
     Z, weight = thinned(Z[keep], weight[keep])
     mean, covariance = ledoit_wolf(Z, weight)
-    parts = [_gaussians(np.ones(1), mean[None], covariance[None])]
-    if kind == "gmm":
-        if like is None:
-            mixture = gaussian_mixture_by_bic(Z, weight, random_state)
-            bandwidth = kernel_bandwidth(Z, weight)
-        else:
-            mixture = gaussian_mixture(Z, weight, like[1].means.shape[0], random_state)[:3]
-            bandwidth = float(like[2].bandwidth) * growth ** (-1.0 / (Z.shape[1] + 4))
-        parts += [_gaussians(*mixture), GaussianKernelDensity(torch.as_tensor(Z), torch.as_tensor(weight), bandwidth)]
-    return parts
+    refitted = [_gaussians(np.ones(1), mean[None], covariance[None])]
+    if len(parts) > 1:
+        mixture = gaussian_mixture(Z, weight, parts[1].means.shape[0], random_state)[:3]
+        bandwidth = float(parts[2].bandwidth) * growth ** (-1.0 / (Z.shape[1] + 4))
+        refitted += [_gaussians(*mixture), GaussianKernelDensity(torch.as_tensor(Z), torch.as_tensor(weight), bandwidth)]
+    return refitted
 
 
 def reference_mixture(parts, weights, like):

@@ -15,6 +15,7 @@ from sklearn.neighbors import KernelDensity
 
 from sklearn_maf._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture, to_fixed
 from sklearn_maf._reference import (
+    fit_reference,
     gaussian_mixture,
     gaussian_mixture_by_bic,
     kernel_bandwidth,
@@ -96,7 +97,7 @@ def test_kernel_density_matches_sklearn_and_integrates_to_one():
 def test_kernel_bandwidth_maximises_the_leave_one_out_likelihood():
     rng = np.random.RandomState(0)
     Z = np.concatenate([rng.normal(-2, 0.3, size=(150, 2)), rng.normal(2, 0.3, size=(150, 2))])
-    bandwidth = kernel_bandwidth(Z, np.ones(300))
+    bandwidth = kernel_bandwidth(Z, np.ones(300))[0]
 
     def leave_one_out(h):
         d2 = ((Z[:, None] - Z[None]) ** 2).sum(-1)
@@ -107,7 +108,7 @@ def test_kernel_bandwidth_maximises_the_leave_one_out_likelihood():
     assert leave_one_out(bandwidth) >= max(leave_one_out(bandwidth * f) for f in (0.8, 1.25)) - 1e-9
     # a weight of 2 is the row twice
     repeated = np.repeat(Z[:40], 2, axis=0)
-    assert kernel_bandwidth(Z[:40], np.full(40, 2.0)) == pytest.approx(kernel_bandwidth(repeated, np.ones(80)), rel=1e-5)
+    assert kernel_bandwidth(Z[:40], np.full(40, 2.0))[0] == pytest.approx(kernel_bandwidth(repeated, np.ones(80))[0], rel=1e-5)
 
 
 def test_gaussian_mixture_density_rejects_bad_parameters():
@@ -207,6 +208,19 @@ def test_far_rows_cost_at_most_the_floor_against_the_broad_gaussian():
     # n >> d: the Ledoit-Wolf Gaussian is the maximum-likelihood one, up to a tiny shrinkage
     bound = np.log(1e-3) + _gaussian_logpdf(X, far)
     assert np.all(scores >= bound - 1e-3 * np.abs(bound) - 1)
+
+
+def test_reference_weights_rest_on_many_rows():
+    """The parts' weights among themselves come from the training rows, scored as if held out:
+    on Gaussian clusters the mixture takes nearly all of it, the kernel density little."""
+    rng = np.random.RandomState(0)
+    Z = np.concatenate([rng.normal(loc, 1.0, size=(200, 3)) for loc in (-6, 0, 6)])
+    parts, weights = fit_reference(Z, np.ones(len(Z)), "gmm", random_state=0, floor=1e-3)
+    assert [type(part).__name__ for part in parts] == ["GaussianMixtureDensity", "GaussianMixtureDensity", "GaussianKernelDensity"]
+    assert weights[0] >= 1e-3 and weights.sum() == pytest.approx(1.0)
+    assert weights[1] > 0.8 and weights[2] < 0.2
+    _, weights = fit_reference(Z, np.ones(len(Z)), "gmm", random_state=0, floor=1e-3, kernel=False)
+    assert weights[2] == 0.0
 
 
 def test_kernel_density_kept_only_with_held_out_weight():
