@@ -195,7 +195,8 @@ def all_sets():
 
 def column_rules(X):
     """Columns to keep (not constant) and, among those, the integer-valued ones."""
-    keep = X.std(axis=0) > 0
+    # max > min, not std > 0: the std of a constant column can be round-off (1e-16), not 0.
+    keep = np.ptp(X, axis=0) > 0
     integer = np.all(X[:, keep] == np.round(X[:, keep]), axis=0)
     return keep, integer
 
@@ -238,7 +239,7 @@ def split(dataset, seed, n_train):
     X_test, X_train = used[:n_test], used[n_test : n_test + n_train]
     # A column constant on these training rows (a rare value elsewhere) has no
     # density to learn: every model would put a spike there. Dropped for all.
-    varies = X_train.std(axis=0) > 0
+    varies = np.ptp(X_train, axis=0) > 0
     info = {
         "n_rows": n,
         "dropped_constant": int((~keep).sum()),
