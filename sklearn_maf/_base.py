@@ -35,8 +35,8 @@ from ._preprocessing import (
     _sobol_points,
     _weighted_loc_scale,
 )
-from ._nn.mixture import Mixture, from_fixed, to_fixed
-from ._reference import fit_reference, refit_reference, reference_mixture, stacking_weights
+from ._nn.mixture import from_fixed, to_fixed
+from ._reference import fit_reference, flow_and_reference_weights, refit_reference, reference_mixture
 from ._threads import limit_torch_threads, training_threads
 from ._training import TrainingConfig, _cyclic_gc_paused, train_flow
 
@@ -347,8 +347,8 @@ class _BaseMAF(BaseEstimator):
         The parts are fitted to the training rows in the coordinates after
         the flow's fixed layers, the weights by EM on the held-out rows (the
         training rows without early stopping, where the kernel density, which
-        holds those rows, takes no part) in two steps, and the parts are then
-        fitted again to all rows (see :mod:`sklearn_maf._reference`). ``seed`` starts their
+        holds those rows, takes no part) and on training rows scored as if
+        held out, and the parts are then fitted again to all rows (see :mod:`sklearn_maf._reference`). ``seed`` starts their
         k-means: the fit's own, drawn before anything that depends on the
         number of rows, so that rows of weight zero change nothing.
         """
@@ -364,9 +364,8 @@ class _BaseMAF(BaseEstimator):
             )
             return values[:, :-1], values[:, -1]
 
-        floor = self.min_reference_weight
         # the kernel density holds the training rows: only held-out rows can give it weight
-        parts, inner = fit_reference(fixed(train)[0], weight[train], kind, seed, floor, kernel=validation is not None)
+        parts, scores, score_weight = fit_reference(fixed(train)[0], weight[train], kind, seed, validation is not None)
         held = train if validation is None else validation
         Z_held, logabsdet = fixed(held)
         flow = self._map_rows(
@@ -374,11 +373,12 @@ class _BaseMAF(BaseEstimator):
             *(() if context is None else (context[held],)),
         )[:, 0]  # fmt: skip
         with torch.no_grad():
-            classical = Mixture([p for p, w in zip(parts, inner) if w > 0], inner[inner > 0])
-            classical = classical.log_prob(torch.as_tensor(Z_held)).numpy() + logabsdet
-        outer_floor = 0.0 if floor == 0 else min(1.0, floor / inner[0])  # the broad part's share: floor
-        outer = stacking_weights(np.column_stack([flow, classical]), weight[held], 1, outer_floor)
-        weights = np.r_[outer[0], outer[1] * inner]
+            classical = np.column_stack([part.log_prob(torch.as_tensor(Z_held)).numpy() for part in parts])
+        if validation is None and len(parts) == 3:
+            classical[:, 2] = -np.inf
+        weights = flow_and_reference_weights(
+            flow, classical + logabsdet[:, None], weight[held], scores, score_weight, self.min_reference_weight
+        )
         growth = weight.sum() / weight[train].sum()
         parts = refit_reference(parts, fixed(np.arange(X.shape[0]))[0], weight, seed, growth)
         self.reference_ = reference_mixture(parts, weights[1:], like=next(self.module_.buffers()))

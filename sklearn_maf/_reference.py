@@ -13,12 +13,11 @@ broad Gaussian (Ledoit-Wolf covariance) and, for ``reference="gmm"``, the
 Gaussian mixture that BIC chooses and a Gaussian kernel density whose
 bandwidth maximises the leave-one-out likelihood: the classical answers. The
 weights are fitted by EM to held-out likelihoods (stacked density
-estimation, Smyth & Wolpert, 1999), in two steps so that each rests on as
-many rows as it can: the parts' weights among themselves on up to a thousand
+estimation, Smyth & Wolpert, 1999) so that each rests on as many rows as
+it can: the flow's on the validation rows, the only rows it has not seen;
+the parts' weights among themselves on those and on up to a thousand
 training rows, each scored as if held out (leave-one-out for the kernel
-density, Akaike's correction for the Gaussians), then the flow's weight
-against the reference on the validation rows, the only rows the flow has
-not seen. The combination is chosen by held-out likelihood on every data
+density, Akaike's correction for the Gaussians). The combination is chosen by held-out likelihood on every data
 set. The broad Gaussian keeps at
 least ``min_reference_weight``, which bounds every row's score from below by
 ``log(min_reference_weight)`` plus its score under that Gaussian, at a cost of
@@ -40,7 +39,7 @@ from sklearn.cluster import KMeans
 
 from ._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture
 
-__all__ = ["fit_reference", "refit_reference", "reference_mixture", "stacking_weights"]
+__all__ = ["fit_reference", "flow_and_reference_weights", "refit_reference", "reference_mixture", "stacking_weights"]
 
 # Components the BIC search may try, and the rows it fits them on: evenly
 # spaced ones beyond this, as the ECME fit of the t base does.
@@ -190,6 +189,43 @@ def stacking_weights(log_densities, weight, floor_column, floor, max_iter=5000, 
     return w
 
 
+def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weight, floor, max_iter=5000, tol=1e-12):
+    """Weights of the flow and of each classical part, from two sets of held-out scores.
+
+    ``flow`` (n,) and ``classical`` (n, K) are log-densities of the held-out
+    rows (of weights ``weight``), which the flow has not seen; the K parts
+    are also scored on ``classical_rows`` (m, K), training rows scored as if
+    held out (of weights ``row_weight``), which say nothing about the flow.
+    EM for the composite likelihood in which the held-out rows come from
+    ``w_flow p_flow + (1 - w_flow) sum_k v_k p_k`` and the training rows from
+    ``sum_k v_k p_k``: the flow's weight rests on the held-out rows, the
+    parts' weights among themselves on both. The first part (the broad
+    Gaussian) keeps a weight of at least ``floor`` in the whole.
+    Returns ``[w_flow, (1 - w_flow) v_1, ..., (1 - w_flow) v_K]``.
+    """
+    held = np.column_stack([flow, classical])
+    held = np.where(np.isfinite(held), held, -np.inf)
+    rows = np.where(np.isfinite(classical_rows), classical_rows, -np.inf)
+    held_share, row_share = weight / weight.sum(), row_weight / row_weight.sum()
+    n_parts = classical.shape[1]
+    w = np.full(n_parts + 1, 1.0 / (n_parts + 1))
+    previous = -np.inf
+    for _ in range(max_iter):
+        log_w = np.log(w, out=np.full_like(w, -np.inf), where=w > 0)
+        log_v = log_w[1:] - np.log1p(-w[0])
+        joint, inner = held + log_w, rows + log_v
+        held_rows, train_rows = logsumexp(joint, axis=1), logsumexp(inner, axis=1)
+        responsibility = held_share @ np.exp(joint - held_rows[:, None])
+        parts = responsibility[1:] + row_share @ np.exp(inner - train_rows[:, None])
+        w = np.r_[responsibility[0], (1 - responsibility[0]) * parts / parts.sum()]
+        w = _with_floor(w, 1, floor)
+        current = held_share @ held_rows + row_share @ train_rows
+        if current - previous < tol:
+            break
+        previous = current
+    return w
+
+
 def _with_floor(w, column, floor):
     """``w`` renormalised with ``w[column] >= floor``, the others scaled to the rest."""
     w = w / w.sum()
@@ -259,18 +295,17 @@ def _queries(Z):
     return np.unique(np.linspace(0, Z.shape[0] - 1, min(_KERNEL_QUERIES, Z.shape[0])).astype(int))
 
 
-def fit_reference(Z, weight, kind, random_state, floor=0.0, kernel=True):
-    """The reference parts fitted to the rows ``Z`` and their weights within the reference.
+def fit_reference(Z, weight, kind, random_state, kernel=True):
+    """The reference parts fitted to the rows ``Z``, and their scores on some of those rows as if held out.
 
     The parts, torch densities: the broad Gaussian, then (``kind="gmm"``) the
-    mixture chosen by BIC and the kernel density. Their weights maximise the
-    likelihood of at most ``_KERNEL_QUERIES`` of the rows, each part scored as
-    if those rows were held out: the kernel density by leave-one-out, each
-    Gaussian fit by its in-sample log-density less Akaike's correction (its
-    number of parameters over the rows' total weight), so that they rest on
-    many rows rather than on the few of a validation split. The broad
-    Gaussian keeps at least ``floor``; ``kernel=False`` gives the kernel
-    density no weight.
+    mixture chosen by BIC and the kernel density. The scores, on at most
+    ``_KERNEL_QUERIES`` of the rows: the kernel density's leave-one-out
+    log-density, each Gaussian fit's in-sample log-density less Akaike's
+    correction (its number of parameters over the rows' total weight), so
+    that the parts' weights among themselves can rest on many rows rather
+    than on the few of a validation split. ``kernel=False``: the kernel
+    density scores -inf. Returns ``(parts, scores, score_weights)``.
     """
     keep = weight > 0
     Z, weight = thinned(Z[keep], weight[keep])
@@ -279,7 +314,10 @@ def fit_reference(Z, weight, kind, random_state, floor=0.0, kernel=True):
     mean, covariance = ledoit_wolf(Z, weight)
     parts = [_gaussians(np.ones(1), mean[None], covariance[None])]
     if kind != "gmm":
-        return parts, np.ones(1)
+        queries = _queries(Z)
+        with torch.no_grad():
+            scores = parts[0].log_prob(torch.as_tensor(Z[queries])).numpy() - per_gaussian / n
+        return parts, scores[:, None], weight[queries]
     mixture = gaussian_mixture_by_bic(Z, weight, random_state)
     bandwidth, queries, kernel_values = kernel_bandwidth(Z, weight)
     parts += [_gaussians(*mixture), GaussianKernelDensity(torch.as_tensor(Z), torch.as_tensor(weight), bandwidth)]
@@ -289,7 +327,7 @@ def fit_reference(Z, weight, kind, random_state, floor=0.0, kernel=True):
     n_parameters = [per_gaussian, mixture[0].size * (per_gaussian + 1) - 1]
     columns = [values - k / n for values, k in zip(gaussians, n_parameters)]
     columns.append(kernel_values if kernel else np.full(queries.size, -np.inf))
-    return parts, stacking_weights(np.column_stack(columns), weight[queries], 0, floor)
+    return parts, np.column_stack(columns), weight[queries]
 
 
 def refit_reference(parts, Z, weight, random_state, growth):

@@ -16,6 +16,7 @@ from sklearn.neighbors import KernelDensity
 from sklearn_maf._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture, to_fixed
 from sklearn_maf._reference import (
     fit_reference,
+    flow_and_reference_weights,
     gaussian_mixture,
     gaussian_mixture_by_bic,
     kernel_bandwidth,
@@ -211,16 +212,24 @@ def test_far_rows_cost_at_most_the_floor_against_the_broad_gaussian():
 
 
 def test_reference_weights_rest_on_many_rows():
-    """The parts' weights among themselves come from the training rows, scored as if held out:
-    on Gaussian clusters the mixture takes nearly all of it, the kernel density little."""
+    """The parts' weights among themselves rest on the training rows too, scored as if held out:
+    on Gaussian clusters the mixture takes nearly all of it, though 5 held-out rows would not say so."""
     rng = np.random.RandomState(0)
     Z = np.concatenate([rng.normal(loc, 1.0, size=(200, 3)) for loc in (-6, 0, 6)])
-    parts, weights = fit_reference(Z, np.ones(len(Z)), "gmm", random_state=0, floor=1e-3)
+    parts, scores, score_weight = fit_reference(Z, np.ones(len(Z)), "gmm", random_state=0)
     assert [type(part).__name__ for part in parts] == ["GaussianMixtureDensity", "GaussianMixtureDensity", "GaussianKernelDensity"]
-    assert weights[0] >= 1e-3 and weights.sum() == pytest.approx(1.0)
-    assert weights[1] > 0.8 and weights[2] < 0.2
-    _, weights = fit_reference(Z, np.ones(len(Z)), "gmm", random_state=0, floor=1e-3, kernel=False)
-    assert weights[2] == 0.0
+    assert scores.shape == (score_weight.size, 3)
+    held = np.concatenate([rng.normal(loc, 1.0, size=(2, 3)) for loc in (-6, 6)])[:5]
+    with torch.no_grad():
+        classical = np.column_stack([part.log_prob(torch.as_tensor(held)).numpy() for part in parts])
+    flow = classical[:, 1] - 5.0  # a poor flow
+    weights = flow_and_reference_weights(flow, classical, np.ones(len(held)), scores, score_weight, 1e-3)
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[1] >= 1e-3 * (1 - 1e-9)
+    assert weights[0] < 0.05 and weights[2] > 0.8 and weights[3] < 0.2
+    # the same as one EM over everything when the flow has no held-out say
+    _, scores, score_weight = fit_reference(Z, np.ones(len(Z)), "gmm", random_state=0, kernel=False)
+    assert np.all(scores[:, 2] == -np.inf)
 
 
 def test_kernel_density_kept_only_with_held_out_weight():
