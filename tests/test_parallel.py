@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from sklearn_maf import MAFDensity
 import sklearn_maf._base
+from sklearn_maf._streaming import StreamingState
 from sklearn_maf._threads import limit_torch_threads, thread_limit, training_threads
 
 GRID = {"n_layers": [1, 2], "hidden_units": [4, 8]}
@@ -189,12 +190,15 @@ def test_small_training_steps_run_on_one_thread(
     """
     seen = []
 
-    def recording_train_flow(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return train_flow(*args, **kwargs)
+    def recording(function):
+        def recorded(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return function(*args, **kwargs)
 
-    train_flow = sklearn_maf._base.train_flow
-    monkeypatch.setattr(sklearn_maf._base, "train_flow", recording_train_flow)
+        return recorded
+
+    monkeypatch.setattr(sklearn_maf._base, "train_flow", recording(sklearn_maf._base.train_flow))
+    monkeypatch.setattr(StreamingState, "train_chunk", recording(StreamingState.train_chunk))
     model = _tiny(hidden_units=hidden_units, max_iter=1)
     with threadpool_limits(limits=2):
         model.fit(X)
