@@ -266,10 +266,13 @@ class MAFDensity(DensityMixin, _BaseMAF):
           pass starts the next pass, so chunks may come in any order;
           a stream that never repeats a chunk is one long pass, at
           ``learning_rate_init``;
-        - a uniform sample (reservoir) of at most 10,000 of the rows streamed,
-          on which each call sets the fitted flow's batch-norm statistics and
-          chooses its tails (``tail_cut="auto"``), as ``fit`` does on its
-          training rows. There is no validation split and no early stopping.
+        - a uniform sample (reservoir) of at most 10,000 rows of the first
+          pass (of all the rows of a stream that never repeats), on which each
+          call sets the fitted flow's batch-norm statistics and chooses its
+          tails (``tail_cut="auto"``), as ``fit`` does on its training rows;
+          a call uses as many of them as its chunk has rows, and at least
+          2,048, so that this costs less than its training. There is no
+          validation split and no early stopping.
 
         The first call fixes the standardisation layer (and the base of
         ``base="auto"``) from its ``X``, so give it a representative chunk.

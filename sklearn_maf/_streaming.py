@@ -32,15 +32,18 @@ from ._training import (
     make_optimizer,
 )
 
-__all__ = ["RESERVOIR_ROWS", "Reservoir", "StreamingState", "chunk_key"]
+__all__ = ["FINAL_ROWS_MIN", "RESERVOIR_ROWS", "Reservoir", "StreamingState", "chunk_key"]
 
-# Rows of the uniform sample of the stream (a reservoir) on which each
-# partial_fit call sets the fitted model's batch-norm statistics and chooses
-# its tails, where fit uses all its training rows. Batch-norm means and
-# variances from 10,000 rows are within 1% of a standard deviation of the
-# exact ones; the cost is two passes of scoring over these rows per call
-# (benchmarks/RESULTS.md, "Streaming").
+# Rows of the uniform sample of the stream (a reservoir) on which partial_fit
+# sets the fitted model's batch-norm statistics and chooses its tails, where
+# fit uses all its training rows: means and variances from 10,000 rows are
+# within 1% of a standard deviation of the exact ones. Each call uses as many
+# of them as its chunk has rows (at least FINAL_ROWS_MIN): the two passes of
+# scoring this takes then cost less than the chunk's training (a forward and
+# a backward pass per row), also for small chunks (benchmarks/RESULTS.md,
+# "Streaming").
 RESERVOIR_ROWS = 10_000
+FINAL_ROWS_MIN = 2_048
 
 
 def chunk_key(X, sample_weight):
@@ -84,6 +87,13 @@ class Reservoir:
         self.X[slots[keep]] = X[rows[keep]]
         self.weight[slots[keep]] = weight[rows[keep]]
         self.n_seen += n_rows
+
+    def sample(self, n_rows):
+        """``(X, weight)`` of ``n_rows`` rows drawn from the reservoir without replacement (all if fewer)."""
+        if n_rows >= self.X.shape[0]:
+            return self.X, self.weight
+        rows = np.sort(self.random_state.choice(self.X.shape[0], n_rows, replace=False))
+        return self.X[rows], self.weight[rows]
 
 
 class StreamingState:
