@@ -21,7 +21,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from ._nn import MAF, Bounded, EllipticalT, MADEMoG, StandardNormal, StudentT, Whiten, reused_buffers
 from ._nn.flow import power_tails
-from ._streaming import FINAL_ROWS_MIN, StreamingState, chunk_key
+from ._streaming import StreamingState, chunk_key
 from ._threads import limit_torch_threads, training_threads
 from ._training import _cyclic_gc_paused, train_flow
 
@@ -353,10 +353,11 @@ class _BaseMAF(BaseEstimator):
         if stream.n_passes == 0:  # later passes repeat the rows the reservoir has sampled
             stream.reservoir.add(X + stream.random_state.uniform(size=X.shape) * discrete, sample_weight)
 
-        module = stream.averaged_module().to(torch.float64)
+        # module_ is refreshed in place from the second call on (StreamingState.fitted_module)
+        module = stream.fitted_module()
         to_double = self._tensor_factory(torch.float64, device)
-        rows, weight = stream.reservoir.sample(max(X.shape[0], FINAL_ROWS_MIN))
-        rows, weight = to_double(rows), None if np.all(weight == 1) else to_double(weight)
+        rows, weight = to_double(stream.reservoir.X), stream.reservoir.weight
+        weight = None if np.all(weight == 1) else to_double(weight)
         module.set_batch_norm_statistics(rows, weight=weight, chunk_size=self._chunk_size())
         module.eval()
         if self.tail_cut == "auto" and isinstance(module.base, StandardNormal):

@@ -269,10 +269,11 @@ class MAFDensity(DensityMixin, _BaseMAF):
         - a uniform sample (reservoir) of at most 10,000 rows of the first
           pass (of all the rows of a stream that never repeats), on which each
           call sets the fitted flow's batch-norm statistics and chooses its
-          tails (``tail_cut="auto"``), as ``fit`` does on its training rows;
-          a call uses as many of them as its chunk has rows, and at least
-          2,048, so that this costs less than its training. There is no
-          validation split and no early stopping.
+          tails (``tail_cut="auto"``), as ``fit`` does on its training rows.
+          This costs two passes of scoring over these rows per call, more
+          than training a chunk of a few thousand rows: chunks of 100,000
+          rows or more make it a small part. There is no validation split
+          and no early stopping.
 
         The first call fixes the standardisation layer (and the base of
         ``base="auto"``) from its ``X``, so give it a representative chunk.

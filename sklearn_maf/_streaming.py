@@ -32,18 +32,15 @@ from ._training import (
     make_optimizer,
 )
 
-__all__ = ["FINAL_ROWS_MIN", "RESERVOIR_ROWS", "Reservoir", "StreamingState", "chunk_key"]
+__all__ = ["RESERVOIR_ROWS", "Reservoir", "StreamingState", "chunk_key"]
 
-# Rows of the uniform sample of the stream (a reservoir) on which partial_fit
-# sets the fitted model's batch-norm statistics and chooses its tails, where
-# fit uses all its training rows: means and variances from 10,000 rows are
-# within 1% of a standard deviation of the exact ones. Each call uses as many
-# of them as its chunk has rows (at least FINAL_ROWS_MIN): the two passes of
-# scoring this takes then cost less than the chunk's training (a forward and
-# a backward pass per row), also for small chunks (benchmarks/RESULTS.md,
-# "Streaming").
+# Rows of the uniform sample of the stream (a reservoir) on which each
+# partial_fit call sets the fitted model's batch-norm statistics and chooses
+# its tails, where fit uses all its training rows: means and variances from
+# 10,000 rows are within 1% of a standard deviation of the exact ones. From
+# 2,048 rows, the statistics' noise cost the streamed model 0.02 nats per row
+# over fit's (benchmarks/RESULTS.md, "Streaming").
 RESERVOIR_ROWS = 10_000
-FINAL_ROWS_MIN = 2_048
 
 
 def chunk_key(X, sample_weight):
@@ -88,13 +85,6 @@ class Reservoir:
         self.weight[slots[keep]] = weight[rows[keep]]
         self.n_seen += n_rows
 
-    def sample(self, n_rows):
-        """``(X, weight)`` of ``n_rows`` rows drawn from the reservoir without replacement (all if fewer)."""
-        if n_rows >= self.X.shape[0]:
-            return self.X, self.weight
-        rows = np.sort(self.random_state.choice(self.X.shape[0], n_rows, replace=False))
-        return self.X[rows], self.weight[rows]
-
 
 class StreamingState:
     """The training state that ``partial_fit`` carries from call to call.
@@ -134,6 +124,7 @@ class StreamingState:
         self._pass_steps = 0
         self._best_loss = math.inf
         self._stall_passes = self._stall_steps = 0
+        self._fitted = None
 
     def train_chunk(self, X, weight, key, *, batch_size, dequantize, adaptive, tol):
         """One epoch of shuffled mini-batches over the chunk ``X``; its mean loss.
@@ -175,10 +166,19 @@ class StreamingState:
         self._pass_loss = self._pass_weight = 0.0
         self._pass_steps = 0
 
-    def averaged_module(self):
-        """A copy of the flow with the averaged weights (the live ones stay in training)."""
-        with self.average.applied():
-            return copy.deepcopy(self.module)
+    def fitted_module(self):
+        """The flow with the averaged weights, in float64 (the live ones stay in training).
+
+        One copy, made at the first call and refreshed in place at each call
+        after it: copying a whole flow (``copy.deepcopy``) cost more than
+        training a chunk of a few thousand rows.
+        """
+        if self._fitted is None:
+            self._fitted = copy.deepcopy(self.module).to(torch.float64)
+        with torch.no_grad():
+            for fitted, average in zip(self._fitted.parameters(), self.average.average):
+                fitted.copy_(average)
+        return self._fitted
 
     def __getstate__(self):
         """Pickle on the CPU, each tensor on its own, so the stream continues after loading.
@@ -191,6 +191,7 @@ class StreamingState:
         restarts after loading.
         """
         state = self.__dict__.copy()
+        state["_fitted"] = None  # the estimator's module_, pickled with it
         module = copy.deepcopy(self.module).cpu()
         for param in module.parameters():  # no longer views of the optimizer's flat buffer
             param.data = param.data.clone()
