@@ -20,7 +20,8 @@ log-likelihood, the gap to the true density, wall time and peak memory.
 Usage::
 
     python benchmarks/out_of_core.py --path /tmp/maf-rows [--n-rows 10000000] [--block-rows 250000]
-        [--passes 1] [--subsample 1000000] [--batch-size 256] [--out FILE]
+        [--passes 1] [--subsample 1000000] [--batch-size 256] [--n-layers 5] [--hidden-units 100]
+        [--phases write stream memory] [--out FILE]
 """
 
 import argparse
@@ -64,7 +65,9 @@ def _open(path):
 def _model(args):
     from sklearn_maf import MAFDensity
 
-    return MAFDensity(batch_size=args.batch_size, random_state=0)
+    return MAFDensity(
+        n_layers=args.n_layers, hidden_units=args.hidden_units, batch_size=args.batch_size, random_state=0
+    )
 
 
 def phase_write(args):
@@ -154,6 +157,8 @@ def main(argv=None):
     parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--subsample", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--n-layers", type=int, default=5)
+    parser.add_argument("--hidden-units", type=int, default=100)
     parser.add_argument("--phase", choices=["write", "stream", "memory"], help="run one phase here (internal)")
     parser.add_argument("--phases", nargs="+", default=["write", "stream", "memory"])
     parser.add_argument("--out", type=Path, help="also write the Markdown report to this file")
@@ -183,7 +188,8 @@ def main(argv=None):
         f"sklearn-maf {sklearn_maf.__version__}; load average at the end: "
         f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}",
         f"- data: {DENSITY.name}, {args.n_rows:,} rows on disk in blocks of {args.block_rows:,}; "
-        f"MAFDensity(batch_size={args.batch_size}, random_state=0), otherwise the defaults; "
+        f"MAFDensity(n_layers={args.n_layers}, hidden_units={args.hidden_units}, batch_size={args.batch_size}, "
+        "random_state=0), otherwise the defaults; "
         f"{N_TEST:,} held-out rows",
     ]
     if "write" in results:
