@@ -44,7 +44,7 @@ otherwise idle machine; the header records the load.
 Usage::
 
     python benchmarks/parallel.py [--quick] [--out FILE] [--repeat N] [--n-samples N] [--no-dask]
-    python benchmarks/parallel.py --preset issue [--repeat N] [--out FILE]
+    python benchmarks/parallel.py --preset issue [--repeat N] [--max-iter N] [--out FILE]
 """
 
 import argparse
@@ -258,9 +258,10 @@ def main(argv=None):
     parser.add_argument("--n-samples", type=int, help="rows of data (default 2000; 600 with --quick)")
     parser.add_argument("--no-dask", action="store_true", help="skip the Dask LocalCluster run")
     parser.add_argument("--preset", choices=["issue"], help="issue 21's search (see the module docstring)")
+    parser.add_argument("--max-iter", type=int, help="epochs per fit with --preset issue (default 30; 3 with --quick)")
     args = parser.parse_args(argv)
     if args.preset == "issue":
-        args.max_iter = 3 if args.quick else 30
+        args.max_iter = args.max_iter or (3 if args.quick else 30)
         args.repeat = args.repeat or (1 if args.quick else 3)
         warnings.simplefilter("ignore", ConvergenceWarning)
         X, table = _run_issue(args)
