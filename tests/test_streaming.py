@@ -179,3 +179,27 @@ def test_incremental_trains_on_a_dask_array_from_disk(tmp_path):
     blocks = np.array_split(X, 4)
     reference = _stream(_tiny(), [blocks[i] for i in order], 3)
     np.testing.assert_array_equal(model.score_samples(X), reference.score_samples(X))
+
+
+def test_incremental_on_a_cluster_gives_the_local_model():
+    """On a LocalCluster the model moves between workers with its training state.
+
+    Each block trains in a task on the worker that holds the block; the
+    estimator travels pickled, so the stream must continue exactly there.
+    """
+    da = pytest.importorskip("dask.array")
+    wrappers = pytest.importorskip("dask_ml.wrappers")
+    distributed = pytest.importorskip("distributed")
+    X = _curved(800)
+    X_dask = da.from_array(X, chunks=(200, -1))
+    local = wrappers.Incremental(_tiny(), random_state=0)
+    for _ in range(2):
+        local.partial_fit(X_dask)
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=True
+    ) as cluster, distributed.Client(cluster):
+        remote = wrappers.Incremental(_tiny(), random_state=0)
+        for _ in range(2):
+            remote.partial_fit(X_dask.persist())
+    assert remote.estimator_._partial_state.n_passes == 1
+    np.testing.assert_array_equal(remote.estimator_.score_samples(X), local.estimator_.score_samples(X))
