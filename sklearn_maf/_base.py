@@ -18,6 +18,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
@@ -37,6 +38,7 @@ from ._preprocessing import (
 )
 from ._nn.mixture import from_fixed, to_fixed
 from ._reference import fit_reference, flow_and_reference_weights, refit_reference, reference_mixture
+from ._streaming import StreamingState, chunk_key
 from ._threads import limit_torch_threads, training_threads
 from ._training import TrainingConfig, _cyclic_gc_paused, train_flow
 
@@ -165,9 +167,9 @@ class _BaseMAF(BaseEstimator):
         # A copy: BaseEstimator.__getstate__ may return the instance's own
         # __dict__, and pickling must not change the model being pickled.
         state = dict(super().__getstate__())
-        # partial_fit's training copy and optimizer state stay behind: a pickle
-        # holds the fitted flow only, and partial_fit restarts Adam after loading.
-        state.pop("_partial_state", None)
+        # partial_fit's training state travels (on the CPU; see StreamingState),
+        # so that a stream continues exactly where it stopped, also where Dask
+        # moves the estimator between workers; fit leaves none behind.
         for name in ("module_", "reference_"):
             module = state.get(name)
             if module is not None and _module_device(module).type != "cpu":
@@ -197,6 +199,9 @@ class _BaseMAF(BaseEstimator):
         self.module_ = module.to(torch.device(self.device))
         if self.__dict__.get("reference_") is not None:
             self.reference_ = self.reference_.to(torch.device(self.device))
+        stream = self.__dict__.get("_partial_state")
+        if stream is not None and _module_device(self.module_).type != "cpu":
+            stream.to(_module_device(self.module_))
 
     @limit_torch_threads()
     def _train(self, X, sample_weight, context=None, *, continuing=False):
@@ -604,7 +609,15 @@ class _UnconditionalMAF(_BaseMAF):
 
     @limit_torch_threads()
     def _partial_fit(self, X, sample_weight):
-        """One epoch over ``X``, continuing the flow and Adam state of earlier calls."""
+        """One epoch over the chunk ``X``, continuing the training state of earlier calls.
+
+        The state (:class:`~sklearn_maf._streaming.StreamingState`) holds what
+        ``fit`` keeps across epochs: Adam, the gradient limit, the averaged
+        weights, the learning-rate schedule (run at the end of each pass over
+        the stream) and a uniform sample of the rows streamed, on which the
+        fitted flow gets its batch-norm statistics and its tails. The fitted
+        model is the flow alone (``reference_`` None): no rows are held out.
+        """
         first = not hasattr(self, "module_")
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, reset=first)
         sample_weight = _check_sample_weight(
@@ -613,37 +626,68 @@ class _UnconditionalMAF(_BaseMAF):
         discrete = self._set_discrete_features(X, reset=first)
         _check_weight_total(sample_weight, slice(None), "partial_fit")
         device, dtype = self._torch_device(), _DTYPES[self.precision]
-        state = getattr(self, "_partial_state", None)
-        if state is None:
+        stream = getattr(self, "_partial_state", None)
+        if stream is None:
             rng = check_random_state(self.random_state)
             generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
+            rng = np.random.RandomState(rng.randint(np.iinfo(np.int32).max))
             if first:
-                noisy = X + check_random_state(rng).uniform(size=X.shape) * discrete
+                noisy = X + rng.uniform(size=X.shape) * discrete
                 module = self._build_module(noisy, sample_weight, generator)
             else:
                 module = copy.deepcopy(self.module_)
-            module = module.to(device=device, dtype=dtype)
-            state = (module, make_optimizer(module, self.learning_rate_init, self.alpha), generator)
-        module, optimizer, generator = state
+            module = module.to(device=device, dtype=dtype).train()
+            stream = StreamingState(
+                module, self.learning_rate_init, self.alpha, generator, rng, X.shape[1]
+            )
 
         to_tensor = self._tensor_factory(dtype, device)
         weighted = not np.all(sample_weight == 1)
         batch_size = min(self.batch_size, X.shape[0])
         with limit_torch_threads(self._training_threads(batch_size, X.shape[1])):
-            history = train_flow(
-                module,
+            loss = stream.train_chunk(
                 self._tensor_factory(torch.float64, device)(X),  # float64: see _train
                 to_tensor(sample_weight) if weighted else None,
-                config=self._training_config(batch_size, one_epoch=True),
-                generator=generator,
-                optimizer=optimizer,
+                chunk_key(X, sample_weight),
+                batch_size=batch_size,
                 dequantize=to_tensor(discrete) if discrete.any() else None,
+                adaptive=self.learning_rate == "adaptive",
+                tol=self.tol,
             )
-        self._partial_state = state
-        self.module_ = copy.deepcopy(module).to(torch.float64).eval()
-        self.tail_cut_ = self.module_.tail_cut
-        self.base_ = _base_name(self.module_)
-        self.loss_curve_ = (getattr(self, "loss_curve_", None) or []) + history.loss_curve
+        if not np.isfinite(loss):
+            if first:
+                raise ValueError(
+                    f"The training loss of partial_fit's first chunk is not finite ({loss}); "
+                    "lower learning_rate_init, or check the chunk's values."
+                )
+            # the fitted flow stays that of the calls before; the next call
+            # starts a fresh optimizer from it
+            self.__dict__.pop("_partial_state", None)
+            warnings.warn(
+                "The training loss became non-finite in this partial_fit call; the "
+                "model fitted by the calls before it was kept and the optimizer "
+                "restarts at the next call. Lower learning_rate_init, or raise alpha.",
+                ConvergenceWarning,
+            )
+            return self
+        if stream.n_passes == 0:  # later passes repeat the rows the reservoir has sampled
+            stream.reservoir.add(X + stream.random_state.uniform(size=X.shape) * discrete, sample_weight)
+
+        # module_ is refreshed in place from the second call on (StreamingState.fitted_module)
+        module = stream.fitted_module()
+        to_double = self._tensor_factory(torch.float64, device)
+        rows, weight = to_double(stream.reservoir.X), stream.reservoir.weight
+        weight = None if np.all(weight == 1) else to_double(weight)
+        module.set_batch_norm_statistics(rows, weight=weight, chunk_size=self._chunk_size())
+        module.eval()
+        if self.tail_cut == "auto" and isinstance(module.base, StandardNormal):
+            module.tail_cut = _choose_tail_cut(module, rows, weight, None, self._chunk_size())
+        self._partial_state = stream
+        self.module_ = module
+        self.tail_cut_ = module.tail_cut
+        self.base_ = _base_name(module)
+        self.reference_, self.mixture_weights_ = None, np.ones(1)
+        self.loss_curve_ = (getattr(self, "loss_curve_", None) or []) + [loss]
         self.validation_scores_ = None
         self.best_validation_score_ = None
         self.best_loss_ = min(self.loss_curve_)

@@ -98,7 +98,8 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
         uses the plain normal. "auto": after training, whichever of 2, 2.5, 3,
         4 and None (no tails) gives the validation rows (the training rows
         without early stopping) the highest log-likelihood, stored as
-        ``tail_cut_``; ``partial_fit`` keeps the plain normal. A number:
+        ``tail_cut_`` (by :meth:`partial_fit`, on its sample of the rows
+        streamed). A number:
         that cut, from the validation score on. None: the plain normal
         throughout. Ignored by the other bases.
     reference : {"gmm", "gaussian"} or None, default="gmm"
@@ -155,8 +156,8 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
         validation log-likelihood (or, without early stopping, the training
         loss) by ``tol``, so that the weights settle before training stops (as
         scikit-learn's MLP does for SGD, with its own constants). "constant":
-        ``learning_rate_init`` throughout. ``partial_fit`` always runs at
-        ``learning_rate_init``.
+        ``learning_rate_init`` throughout. :meth:`partial_fit` runs the same
+        schedule on the training loss of each pass over its stream.
     learning_rate_init : float, default=1e-3
         Adam's learning rate.
     max_iter : int, default=200
@@ -295,12 +296,38 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
 
         For data that arrive in chunks or do not fit in memory, as
         :meth:`sklearn.neural_network.MLPRegressor.partial_fit`: each call makes
-        one pass of shuffled mini-batches over ``X`` with the Adam state of the
-        previous calls. The first call fixes the standardisation layer from its
-        ``X`` (so give it a representative chunk); there is no validation split
-        or early stopping, and batch norm keeps running averages over the
-        batches seen. Calling :meth:`fit` afterwards starts over (or, with
-        ``warm_start=True``, continues the flow with a fresh optimizer).
+        one pass of shuffled mini-batches over ``X`` and carries what
+        :meth:`fit` keeps from epoch to epoch to the next call, so that
+        streaming the same rows for the same number of passes gives the model
+        of ``fit(X_all, max_iter=n_passes)`` with ``early_stopping=False``
+        (exactly, when each call gets all the rows):
+
+        - Adam's moments, the limit on the gradient norm, and the moving
+          average of the weights, which is what the fitted flow holds;
+        - the learning-rate schedule (``learning_rate="adaptive"``), run at the
+          end of each pass on the pass's mean training loss. A call whose
+          chunk (values, weights and shape) was already seen in the current
+          pass starts the next pass, so chunks may come in any order;
+          a stream that never repeats a chunk is one long pass, at
+          ``learning_rate_init``;
+        - a uniform sample (reservoir) of at most 10,000 rows of the first
+          pass (of all the rows of a stream that never repeats), on which each
+          call sets the fitted flow's batch-norm statistics and chooses its
+          tails (``tail_cut="auto"``), as ``fit`` does on its training rows.
+          This costs two passes of scoring over these rows per call, more
+          than training a chunk of a few thousand rows: chunks of 100,000
+          rows or more make it a small part. There is no validation split
+          and no early stopping.
+
+        The first call fixes the standardisation layer (and the base of
+        ``base="auto"``) from its ``X``, so give it a representative chunk.
+        The state travels with a pickle (a stream continues exactly after
+        loading, also where Dask moves the estimator between workers);
+        :meth:`fit` discards it and starts over (or, with
+        ``warm_start=True``, continues the flow with a fresh optimizer), and
+        a later ``partial_fit`` then starts a new stream from the fitted flow.
+        The user guide's "Large data" page shows streams from disk through
+        :class:`dask_ml.wrappers.Incremental`.
 
         Parameters
         ----------

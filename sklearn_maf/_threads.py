@@ -29,6 +29,12 @@ threads, and the previous count is restored on exit. It only ever lowers the
 count, so a fit outside joblib with no limit set still uses all of torch's
 threads. The estimators wrap their training, scoring and sampling in it.
 
+Fits and scorings that run at once in threads of one process (joblib's
+threading backend, a Dask worker with several threads) share the cores: each
+gets ``cpu_count() // (number running)`` threads at most, as joblib gives its
+processes, where each thread would otherwise start at the full width and
+oversubscribe the cores.
+
 Training steps of small flows get a further cap, :func:`training_threads`:
 at the default sizes a step's products are too small to share out, and a
 second thread made training slower (and, with another process busy on the
@@ -53,6 +59,12 @@ _ENV_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 _controller = None
 _controller_lock = threading.Lock()
+
+# How many threads of this process are inside limit_torch_threads (each counted
+# once however deeply it nests), and this thread's depth.
+_running = 0
+_running_lock = threading.Lock()
+_depth = threading.local()
 
 
 def _pools():
@@ -130,6 +142,10 @@ def training_threads(batch_size, hidden_units, n_features):
 def limit_torch_threads(max_threads=None):
     """Run torch with no more intra-op threads than :func:`thread_limit`.
 
+    Nor more than ``os.cpu_count()`` divided by the number of threads of
+    this process inside this context at the time (a thread counts once,
+    however deeply it nests the context).
+
     Also a decorator (``@limit_torch_threads()``). The previous count is
     restored on exit, also when the body raises. Nothing changes when the
     limit is not below ``torch.get_num_threads()``.
@@ -144,15 +160,31 @@ def limit_torch_threads(max_threads=None):
     n_threads : int
         The number of threads torch uses inside the block.
     """
-    previous = torch.get_num_threads()
-    limit = thread_limit()
-    if max_threads is not None:
-        limit = max_threads if limit is None else min(limit, max_threads)
-    if limit is None or limit >= previous:
-        yield previous
-        return
-    torch.set_num_threads(limit)
+    global _running
+    depth = getattr(_depth, "value", 0)
+    if depth == 0:
+        with _running_lock:
+            _running += 1
+    _depth.value = depth + 1
     try:
-        yield limit
+        previous = torch.get_num_threads()
+        limit = thread_limit()
+        if max_threads is not None:
+            limit = max_threads if limit is None else min(limit, max_threads)
+        # threads of this process running fits at once share the cores
+        share = max(1, (os.cpu_count() or 1) // max(1, _running))
+        if share < previous:
+            limit = share if limit is None else min(limit, share)
+        if limit is None or limit >= previous:
+            yield previous
+            return
+        torch.set_num_threads(limit)
+        try:
+            yield limit
+        finally:
+            torch.set_num_threads(previous)
     finally:
-        torch.set_num_threads(previous)
+        _depth.value = depth
+        if depth == 0:
+            with _running_lock:
+                _running -= 1

@@ -1,6 +1,7 @@
 """Model selection at scale: torch threads under joblib, n_jobs, Dask, compact pickles."""
 
 import io
+import os
 import pickle
 import threading
 
@@ -16,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from sklearn_maf import MAFDensity
 import sklearn_maf._base
+from sklearn_maf._streaming import StreamingState
 from sklearn_maf._threads import limit_torch_threads, thread_limit, training_threads
 
 GRID = {"n_layers": [1, 2], "hidden_units": [4, 8]}
@@ -189,18 +191,54 @@ def test_small_training_steps_run_on_one_thread(
     """
     seen = []
 
-    def recording_train_flow(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return train_flow(*args, **kwargs)
+    def recording(function):
+        def recorded(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return function(*args, **kwargs)
 
-    train_flow = sklearn_maf._base.train_flow
-    monkeypatch.setattr(sklearn_maf._base, "train_flow", recording_train_flow)
+        return recorded
+
+    monkeypatch.setattr(sklearn_maf._base, "train_flow", recording(sklearn_maf._base.train_flow))
+    monkeypatch.setattr(StreamingState, "train_chunk", recording(StreamingState.train_chunk))
     model = _tiny(hidden_units=hidden_units, max_iter=1)
     with threadpool_limits(limits=2):
         model.fit(X)
         model.partial_fit(X)
     assert seen == [expected, expected]
     assert torch.get_num_threads() == 2
+
+
+def test_fits_in_threads_of_one_process_share_the_cores(X, no_thread_variables, two_torch_threads):
+    """Two fits at once in threads (joblib's threading backend) get one thread each on two cores.
+
+    Each thread starts at torch's full width (OpenMP counts are per thread),
+    and nothing else limits it there: without the shared count, both fits
+    trained a model large enough for two threads on two threads each.
+    """
+    fresh = []
+    probe = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    probe.start()
+    probe.join()
+    if (os.cpu_count() or 1) < 2 or fresh[0] < 2:
+        # OMP_NUM_THREADS=1 at start-up gives every thread one torch thread for good
+        pytest.skip("new threads start at one torch thread here")
+    inside = threading.Barrier(2, timeout=60)
+
+    class _WaitingMAF(_RecordingMAF):
+        def _flow_features(self, X, *args):
+            inside.wait()  # both threads are inside _train before training starts
+            return X
+
+    models = [_WaitingMAF(**_tiny(hidden_units=512, max_iter=1).get_params()) for _ in range(2)]
+    with threadpool_limits(limits=2):
+        workers = [threading.Thread(target=model.fit, args=(X,)) for model in models]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        alone = _RecordingMAF(**_tiny(hidden_units=512, max_iter=1).get_params()).fit(X)
+    assert [model.torch_threads_ for model in models] == [1, 1]
+    assert alone.torch_threads_ == 2
 
 
 # ---------------------------------------------------------- same scores, any n_jobs
