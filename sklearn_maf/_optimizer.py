@@ -167,11 +167,12 @@ class _FusedAdam:
     def step(self):
         for group, state in zip(self.param_groups, self._state):
             params = group["params"]
+            if not params:  # a flow without weight matrices has an empty L2 group
+                continue
             grads = [p.grad for p in params]
             exp_avgs, exp_avg_sqs, steps = state["exp_avgs"], state["exp_avg_sqs"], state["steps"]
             if state["shared"] and all(grad is not None for grad in grads):
-                if params:
-                    steps[0] += 1
+                steps[0] += 1
             else:
                 if state["shared"]:  # from now on, one counter per parameter
                     steps = state["steps"] = [step.clone() for step in steps]

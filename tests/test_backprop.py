@@ -335,3 +335,54 @@ def test_layers_without_a_backward_pass_are_differentiated_by_autograd_within_th
     assert float(manual.transforms[1].log_scale.grad.abs().min()) > 0
     if base == "scaled":
         assert float(manual.base.log_scale.grad.abs()) > 0
+
+
+class _Shift(torch.nn.Module):
+    """A volume-preserving transform, ``u = x + b``: its log-det is a constant outside the graph."""
+
+    def __init__(self, n_features):
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.linspace(0.2, -0.1, n_features, dtype=DTYPE))
+
+    def forward(self, x, context=None, weight=None):
+        return x + self.shift, x.new_zeros(x.shape[0])
+
+    def inverse(self, u, context=None):
+        return u - self.shift, u.new_zeros(u.shape[0])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_layer_with_a_constant_log_det_is_differentiated_by_autograd(weighted):
+    """The autograd fallback back-propagates through a log-det that is not part of the graph.
+
+    It had passed the log-det to ``torch.autograd.backward`` unconditionally,
+    which raises for a tensor that does not require a gradient.
+    """
+    X, flows = _pair(3, batch_norm=True)
+    for flow in flows:
+        flow.transforms.insert(3, _Shift(3))  # between two MAF layers
+    reference, manual = flows
+    _compare(reference, manual, X, weighted=weighted)
+    assert float(manual.transforms[3].shift.grad.abs().min()) > 0
+
+
+def test_a_flow_without_masked_weights_trains_by_the_loop():
+    """A flow whose layers and base hold no MADE: masking the (no) weights is a no-op, not an error."""
+    X, flows = _pair(3, n_layers=1, batch_norm=False)
+    for flow in flows:
+        flow.transforms[1] = _ElementwiseAffine(3)  # in place of the only MAF layer
+    reference, manual = flows
+    assert masked_weights(manual) == ([], [])
+    plan = Backprop(manual, assume_masked=True)
+    plan.zero_masked_weights()
+    loss = plan.loss_and_grad(X)
+    plan.mask_gradients()
+    _assert_same(reference, manual, _autograd(reference, X), loss)
+    history = train_flow(
+        manual, X, generator=torch.Generator().manual_seed(0), optimizer=make_optimizer(manual, 1e-2, 0.0),
+        config=TrainingConfig(
+            batch_size=16, learning_rate=1e-2, alpha=0.0, max_iter=2, tol=0.0, n_iter_no_change=100,
+            warn_not_converged=False,
+        ),
+    )  # fmt: skip
+    assert history.n_iter == 2 and math.isfinite(history.loss_curve[-1])

@@ -160,7 +160,8 @@ class Backprop:
     @torch.no_grad()
     def zero_masked_weights(self):
         """Set the masked entries of every weight to zero (they are, unless someone set them)."""
-        torch._foreach_mul_(self._weights, self._masks)
+        if self._weights:  # a flow may have no MADE at all; _foreach refuses empty lists
+            torch._foreach_mul_(self._weights, self._masks)
 
     def mask_gradients(self):
         """Multiply each masked weight's gradient by its mask, all in one operation.
@@ -168,7 +169,8 @@ class Backprop:
         Adam then leaves the masked entries where they are, L2 penalty
         included: at zero, after :meth:`zero_masked_weights`.
         """
-        torch._foreach_mul_(self._weight_grads, self._masks)
+        if self._weight_grads:
+            torch._foreach_mul_(self._weight_grads, self._masks)
 
     @torch.inference_mode()
     def loss_and_grad(self, x, weight=None, context=None):
@@ -258,7 +260,11 @@ class _AutogradTransform:
                 torch._foreach_zero_(state)
             # the loss holds -share * log-det of each row
             grad_ld = (-batch.share).reshape(-1).expand(ld.shape).clone()
-            torch.autograd.backward([y, ld], [grad_y.clone(), grad_ld])
+            outputs, grads = [y], [grad_y.clone()]
+            if ld.requires_grad:  # a volume-preserving layer's log-det is a constant, outside the graph
+                outputs.append(ld)
+                grads.append(grad_ld)
+            torch.autograd.backward(outputs, grads)
         return x.grad if need_input_grad else None
 
 
