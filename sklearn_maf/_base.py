@@ -384,8 +384,7 @@ class _BaseMAF(BaseEstimator):
         weights = flow_and_reference_weights(
             flow, classical + logabsdet[:, None], weight[held], scores, score_weight, self.min_reference_weight
         )
-        growth = weight.sum() / weight[train].sum()
-        parts = refit_reference(parts, fixed(np.arange(X.shape[0]))[0], weight, seed, growth)
+        parts = refit_reference(parts, fixed(np.arange(X.shape[0]))[0], weight, seed)
         self.reference_ = reference_mixture(parts, weights[1:], like=next(self.module_.buffers()))
         if self.reference_ is None:
             self.mixture_weights_ = np.ones(1)

@@ -41,20 +41,25 @@ from ._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture
 
 __all__ = ["fit_reference", "flow_and_reference_weights", "refit_reference", "reference_mixture", "stacking_weights"]
 
-# Components the BIC search may try, and the rows it fits them on: evenly
+# Components the BIC search may try; the rows the parts are fitted on: evenly
 # spaced ones beyond this, as the ECME fit of the t base does.
 _MAX_COMPONENTS = 10
 _MAX_ROWS = 20_000
-# ... and the BIC search on fewer where each EM iteration costs more than
-# about this many multiply-adds per component (n D^2): a few seconds in all
-# at any D; the chosen mixture is then refitted on all rows.
+# The BIC search runs on at most this many rows, fewer where each EM
+# iteration costs more than about _SEARCH_WORK multiply-adds per component
+# (n D^2); the chosen mixture is then refitted on all rows. Together with the
+# kernel density's caps below, the reference costs a few seconds at any size.
+_SEARCH_ROWS = 5_000
 _SEARCH_WORK = 50_000_000
 # Covariance ridge, in standardised units (unit variances), as
 # sklearn.mixture.GaussianMixture's reg_covar.
 _REG_COVAR = 1e-6
-# The kernel density's bandwidth is chosen on the leave-one-out likelihood of
-# at most this many of its rows, between these multiples of Scott's factor.
-_KERNEL_QUERIES = 1_000
+# The kernel density holds at most this many rows (evenly spaced): its
+# scoring cost per row is proportional to them. Its bandwidth is chosen on
+# the leave-one-out likelihood of at most _KERNEL_QUERIES of them, between
+# these multiples of Scott's factor.
+_MAX_KERNEL_ROWS = 5_000
+_KERNEL_QUERIES = 500
 _KERNEL_RANGE = (1e-2, 3.0)
 # Least stacking weight for which the kernel density is kept: below it, its
 # scoring cost (proportional to its rows) buys at most ~0.001 nats per row.
@@ -240,8 +245,8 @@ def _with_floor(w, column, floor):
 
 
 def search_rows(n_features):
-    """How many rows the BIC search fits on: ``_MAX_ROWS``, fewer where ``D^2`` makes each row costly."""
-    return int(min(_MAX_ROWS, max(2_000, _SEARCH_WORK // n_features**2)))
+    """How many rows the BIC search fits on: ``_SEARCH_ROWS``, fewer where ``D^2`` makes each row costly."""
+    return int(min(_SEARCH_ROWS, max(2_000, _SEARCH_WORK // n_features**2)))
 
 
 def thinned(Z, weight, max_rows=_MAX_ROWS):
@@ -304,8 +309,9 @@ def fit_reference(Z, weight, kind, random_state, kernel=True):
     log-density, each Gaussian fit's in-sample log-density less Akaike's
     correction (its number of parameters over the rows' total weight), so
     that the parts' weights among themselves can rest on many rows rather
-    than on the few of a validation split. ``kernel=False``: the kernel
-    density scores -inf. Returns ``(parts, scores, score_weights)``.
+    than on the few of a validation split. The kernel density holds at most
+    ``_MAX_KERNEL_ROWS`` of the rows, evenly spaced. ``kernel=False``: the
+    kernel density scores -inf. Returns ``(parts, scores, score_weights)``.
     """
     keep = weight > 0
     Z, weight = thinned(Z[keep], weight[keep])
@@ -319,22 +325,25 @@ def fit_reference(Z, weight, kind, random_state, kernel=True):
             scores = parts[0].log_prob(torch.as_tensor(Z[queries])).numpy() - per_gaussian / n
         return parts, scores[:, None], weight[queries]
     mixture = gaussian_mixture_by_bic(Z, weight, random_state)
-    bandwidth, queries, kernel_values = kernel_bandwidth(Z, weight)
-    parts += [_gaussians(*mixture), GaussianKernelDensity(torch.as_tensor(Z), torch.as_tensor(weight), bandwidth)]
+    points, point_weight = thinned(Z, weight, _MAX_KERNEL_ROWS)
+    bandwidth, queries, kernel_values = kernel_bandwidth(points, point_weight)
+    kernel_density = GaussianKernelDensity(torch.as_tensor(points), torch.as_tensor(point_weight), bandwidth)
+    parts += [_gaussians(*mixture), kernel_density]
     with torch.no_grad():
-        rows = torch.as_tensor(Z[queries])
+        rows = torch.as_tensor(points[queries])
         gaussians = [part.log_prob(rows).numpy() for part in parts[:2]]
     n_parameters = [per_gaussian, mixture[0].size * (per_gaussian + 1) - 1]
     columns = [values - k / n for values, k in zip(gaussians, n_parameters)]
     columns.append(kernel_values if kernel else np.full(queries.size, -np.inf))
-    return parts, np.column_stack(columns), weight[queries]
+    return parts, np.column_stack(columns), point_weight[queries]
 
 
-def refit_reference(parts, Z, weight, random_state, growth):
-    """``parts`` fitted again to the rows ``Z``, ``growth`` times as many as before.
+def refit_reference(parts, Z, weight, random_state):
+    """``parts`` fitted again to the rows ``Z``.
 
     The same kinds with the same numbers of components; the kernel density's
-    bandwidth scaled by Scott's rate, ``growth ** (-1 / (D + 4))``.
+    bandwidth scaled by Scott's rate, ``growth ** (-1 / (D + 4))``, where
+    ``growth`` is the ratio of its new rows to its old ones.
     """
     keep = weight > 0
     Z, weight = thinned(Z[keep], weight[keep])
@@ -342,8 +351,11 @@ def refit_reference(parts, Z, weight, random_state, growth):
     refitted = [_gaussians(np.ones(1), mean[None], covariance[None])]
     if len(parts) > 1:
         mixture = gaussian_mixture(Z, weight, parts[1].means.shape[0], random_state)[:3]
+        points, point_weight = thinned(Z, weight, _MAX_KERNEL_ROWS)
+        growth = points.shape[0] / parts[2].points.shape[0]
         bandwidth = float(parts[2].bandwidth) * growth ** (-1.0 / (Z.shape[1] + 4))
-        refitted += [_gaussians(*mixture), GaussianKernelDensity(torch.as_tensor(Z), torch.as_tensor(weight), bandwidth)]
+        kernel = GaussianKernelDensity(torch.as_tensor(points), torch.as_tensor(point_weight), bandwidth)
+        refitted += [_gaussians(*mixture), kernel]
     return refitted
 
 

@@ -294,3 +294,19 @@ def test_conditional_density_mixes_a_reference_too():
     # the mean of the mixture: at least 80% of it is the flow's conditional mean
     assert np.corrcoef(prediction, y[:200])[0, 1] > 0.7
     assert model.sample(X[:7], random_state=0).shape == (7,)
+
+
+def test_the_kernel_density_holds_at_most_its_cap_of_rows(monkeypatch):
+    """Its scoring cost per row grows with its rows: past the cap it keeps evenly spaced ones."""
+    import sklearn_maf._reference as reference
+
+    monkeypatch.setattr(reference, "_MAX_KERNEL_ROWS", 100)
+    rng = np.random.RandomState(0)
+    Z = rng.normal(size=(450, 2))
+    parts, scores, score_weight = fit_reference(Z, np.ones(450), "gmm", random_state=0)
+    assert parts[2].points.shape == (90, 2)  # every fifth row
+    assert np.all(score_weight == 5.0)  # each counts for the rows it stands for
+    refitted = reference.refit_reference(parts, np.concatenate([Z, Z[:50]]), np.ones(500), random_state=0)
+    assert refitted[2].points.shape == (100, 2)
+    # Scott's rate for 100 rows where there were 90
+    assert float(refitted[2].bandwidth) == pytest.approx(float(parts[2].bandwidth) * (100 / 90) ** (-1 / 6))
