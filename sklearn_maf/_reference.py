@@ -276,9 +276,13 @@ def kernel_bandwidth(Z, weight):
     share = weight[queries] / weight[queries].sum()
     log_weight = np.log(weight, out=np.full_like(weight, -np.inf), where=weight > 0)
 
+    terms = torch.as_tensor(distance2)
+    log_weight_tensor = torch.as_tensor(log_weight)
+
     def leave_one_out(log_bandwidth):
         h2 = np.exp(2 * log_bandwidth)
-        total = logsumexp(log_weight - distance2 / (2 * h2), axis=1)
+        # torch's logsumexp: several times faster than scipy's on these 500 x 5,000 terms
+        total = torch.logsumexp(log_weight_tensor - terms / (2 * h2), dim=1).numpy()
         # the row's own kernel, exp(0) = 1 per unit of weight, leaves the sum
         # (nothing may be left: -inf, which the search avoids)
         with np.errstate(divide="ignore", over="ignore"):
@@ -291,7 +295,8 @@ def kernel_bandwidth(Z, weight):
 
     scott = n ** (-1.0 / (n_features + 4))
     bounds = np.log(np.array(_KERNEL_RANGE) * scott)
-    best = optimize.minimize_scalar(loss, bounds=bounds, method="bounded").x
+    # to 1% of the bandwidth: far finer than the likelihood can tell apart
+    best = optimize.minimize_scalar(loss, bounds=bounds, method="bounded", options={"xatol": 0.01}).x
     return float(np.exp(best)), queries, leave_one_out(best)
 
 
