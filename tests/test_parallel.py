@@ -229,14 +229,17 @@ def test_fits_in_threads_of_one_process_share_the_cores(X, no_thread_variables, 
             inside.wait()  # both threads are inside _train before training starts
             return X
 
-    models = [_WaitingMAF(**_tiny(hidden_units=512, max_iter=1).get_params()) for _ in range(2)]
+    # the flow alone: the reference is fitted after training, when the other fit
+    # may have ended and the one left rightly takes both cores
+    params = _tiny(hidden_units=512, max_iter=1, reference=None).get_params()
+    models = [_WaitingMAF(**params) for _ in range(2)]
     with threadpool_limits(limits=2):
         workers = [threading.Thread(target=model.fit, args=(X,)) for model in models]
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
-        alone = _RecordingMAF(**_tiny(hidden_units=512, max_iter=1).get_params()).fit(X)
+        alone = _RecordingMAF(**params).fit(X)
     assert [model.torch_threads_ for model in models] == [1, 1]
     assert alone.torch_threads_ == 2
 
