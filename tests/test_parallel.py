@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from sklearn_maf import MAFDensity
 import sklearn_maf._base
+import sklearn_maf._training
 from sklearn_maf._streaming import StreamingState
 from sklearn_maf._threads import limit_torch_threads, thread_limit, training_threads
 
@@ -208,12 +209,15 @@ def test_small_training_steps_run_on_one_thread(
     assert torch.get_num_threads() == 2
 
 
-def test_fits_in_threads_of_one_process_share_the_cores(X, no_thread_variables, two_torch_threads):
-    """Two fits at once in threads (joblib's threading backend) get one thread each on two cores.
+def test_fits_in_threads_of_one_process_share_the_cores(X, no_thread_variables, two_torch_threads, monkeypatch):
+    """Two fits at once in threads (joblib's threading backend) train on one thread each on two cores.
 
     Each thread starts at torch's full width (OpenMP counts are per thread),
     and nothing else limits it there: without the shared count, both fits
-    trained a model large enough for two threads on two threads each.
+    trained a model large enough for two threads on two threads each. The
+    share is taken when a thread enters the limit, so what is checked is the
+    training epochs, which enter it once both fits are running (the work
+    before and after them may run at the count a fit got while alone).
     """
     fresh = []
     probe = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
@@ -223,25 +227,32 @@ def test_fits_in_threads_of_one_process_share_the_cores(X, no_thread_variables, 
         # OMP_NUM_THREADS=1 at start-up gives every thread one torch thread for good
         pytest.skip("new threads start at one torch thread here")
     inside = threading.Barrier(2, timeout=60)
+    epochs = {}
+    epoch = sklearn_maf._training._epoch
 
-    class _WaitingMAF(_RecordingMAF):
+    def recording_epoch(*args, **kwargs):
+        epochs.setdefault(threading.get_ident(), []).append(torch.get_num_threads())
+        return epoch(*args, **kwargs)
+
+    monkeypatch.setattr(sklearn_maf._training, "_epoch", recording_epoch)
+
+    class _WaitingMAF(MAFDensity):
         def _flow_features(self, X, *args):
             inside.wait()  # both threads are inside _train before training starts
             return X
 
-    # the flow alone: the reference is fitted after training, when the other fit
-    # may have ended and the one left rightly takes both cores
-    params = _tiny(hidden_units=512, max_iter=1, reference=None).get_params()
-    models = [_WaitingMAF(**params) for _ in range(2)]
+    params = _tiny(hidden_units=512, max_iter=2).get_params()
     with threadpool_limits(limits=2):
-        workers = [threading.Thread(target=model.fit, args=(X,)) for model in models]
+        workers = [threading.Thread(target=_WaitingMAF(**params).fit, args=(X,)) for _ in range(2)]
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
-        alone = _RecordingMAF(**params).fit(X)
-    assert [model.torch_threads_ for model in models] == [1, 1]
-    assert alone.torch_threads_ == 2
+        concurrent = sorted(max(counts) for counts in epochs.values())
+        epochs.clear()
+        MAFDensity(**params).fit(X)
+    assert concurrent == [1, 1]
+    assert max(max(counts) for counts in epochs.values()) == 2
 
 
 # ---------------------------------------------------------- same scores, any n_jobs
