@@ -39,7 +39,7 @@ from sklearn.cluster import KMeans
 
 from ._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture
 
-__all__ = ["fit_reference", "flow_and_reference_weights", "refit_reference", "reference_mixture", "stacking_weights"]
+__all__ = ["fit_reference", "flow_and_reference_weights", "refit_reference", "reference_mixture"]
 
 # Components the BIC search may try; the rows the parts are fitted on: evenly
 # spaced ones beyond this, as the ECME fit of the t base does.
@@ -168,32 +168,6 @@ def gaussian_mixture_by_bic(Z, weight, random_state):
     return best
 
 
-def stacking_weights(log_densities, weight, floor_column, floor, max_iter=5000, tol=1e-12):
-    """Mixture weights of the columns' densities that maximise the rows' likelihood.
-
-    ``log_densities`` (n_rows, n_models) are held-out log-densities of each
-    model; EM over the weights alone (a concave problem), with the weight of
-    column ``floor_column`` kept at least ``floor``.
-    """
-    n_models = log_densities.shape[1]
-    w = np.full(n_models, 1.0 / n_models)
-    finite = np.where(np.isfinite(log_densities), log_densities, -np.inf)
-    # a row that no model gives any density says nothing about the weights
-    explained = (finite > -np.inf).any(axis=1) & (weight > 0)
-    finite, share = finite[explained], weight[explained] / weight[explained].sum()
-    previous = -np.inf
-    for _ in range(max_iter):
-        joint = finite + np.log(w, out=np.full_like(w, -np.inf), where=w > 0)
-        row = logsumexp(joint, axis=1)
-        w = share @ np.exp(joint - row[:, None])
-        w = _with_floor(w, floor_column, floor)
-        current = share @ row
-        if current - previous < tol:
-            break
-        previous = current
-    return w
-
-
 def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weight, floor, max_iter=5000, tol=1e-12):
     """Weights of the flow and of each classical part, from two sets of held-out scores.
 
@@ -211,7 +185,14 @@ def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weig
     held = np.column_stack([flow, classical])
     held = np.where(np.isfinite(held), held, -np.inf)
     rows = np.where(np.isfinite(classical_rows), classical_rows, -np.inf)
-    held_share, row_share = weight / weight.sum(), row_weight / row_weight.sum()
+    # a row of no weight, or that no density explains, says nothing about the weights
+    explained = (held > -np.inf).any(axis=1) & (weight > 0)
+    held, weight = held[explained], weight[explained]
+    explained = (rows > -np.inf).any(axis=1) & (row_weight > 0)
+    rows, row_weight = rows[explained], row_weight[explained]
+    held_share = weight / weight.sum()
+    # no training rows: plain stacking on the held-out rows
+    row_share = row_weight / row_weight.sum() if row_weight.size else row_weight
     n_parts = classical.shape[1]
     w = np.full(n_parts + 1, 1.0 / (n_parts + 1))
     previous = -np.inf
@@ -281,7 +262,7 @@ def kernel_bandwidth(Z, weight):
 
     def leave_one_out(log_bandwidth):
         h2 = np.exp(2 * log_bandwidth)
-        # torch's logsumexp: several times faster than scipy's on these 500 x 5,000 terms
+        # torch's logsumexp: scipy's was most of the reference's fit time (RESULTS.md, "Fit time")
         total = torch.logsumexp(log_weight_tensor - terms / (2 * h2), dim=1).numpy()
         # the row's own kernel, exp(0) = 1 per unit of weight, leaves the sum
         # (nothing may be left: -inf, which the search avoids)

@@ -21,7 +21,6 @@ from sklearn_maf._reference import (
     gaussian_mixture_by_bic,
     kernel_bandwidth,
     ledoit_wolf,
-    stacking_weights,
 )
 
 
@@ -158,7 +157,15 @@ def test_bic_finds_the_components_and_respects_the_rows():
     assert weights.size >= 2
 
 
-def test_stacking_weights_recover_a_mixture_and_keep_the_floor():
+def _stack(log_densities, weight, floor):
+    """The weights of two densities (the second floored) fitted on held-out rows alone."""
+    return flow_and_reference_weights(
+        log_densities[:, 0], log_densities[:, 1:], weight, np.empty((0, 1)), np.empty(0), floor
+    )
+
+
+def test_held_out_weights_recover_a_mixture_and_keep_the_floor():
+    """Without training rows the EM is plain stacking on the held-out rows."""
     rng = np.random.RandomState(0)
     n = 20_000
     first = rng.uniform(size=n) < 0.3
@@ -166,17 +173,17 @@ def test_stacking_weights_recover_a_mixture_and_keep_the_floor():
     log_densities = np.column_stack(
         [multivariate_normal(-1, 1).logpdf(x), multivariate_normal(2, 0.25).logpdf(x)]
     )
-    weights = stacking_weights(log_densities, np.ones(n), floor_column=1, floor=0.0)
+    weights = _stack(log_densities, np.ones(n), 0.0)
     np.testing.assert_allclose(weights, [0.3, 0.7], atol=0.01)
-    weights = stacking_weights(log_densities[first], np.ones(first.sum()), floor_column=1, floor=0.05)
+    weights = _stack(log_densities[first], np.ones(first.sum()), 0.05)
     assert weights[1] == pytest.approx(0.05)
     assert weights.sum() == pytest.approx(1.0)
     # row weights count as repetitions
     w = rng.randint(0, 3, size=n).astype(float)
     repeated = np.repeat(log_densities, w.astype(int), axis=0)
     np.testing.assert_allclose(
-        stacking_weights(log_densities, w, 1, 1e-4),
-        stacking_weights(repeated, np.ones(len(repeated)), 1, 1e-4),
+        _stack(log_densities, w, 1e-4),
+        _stack(repeated, np.ones(len(repeated)), 1e-4),
         rtol=1e-9,
     )
 
