@@ -181,9 +181,10 @@ def peers(n_features):
 
 
 def ours(**params):
-    # the peers' model: a plain N(0, I) base, without the power-law tails that
-    # tail_cut="auto" fits after training (one scoring pass of the training
-    # rows, which a 5-epoch timing would otherwise spread over its epochs)
+    # the peers' model: the flow alone on a plain N(0, I) base, without the
+    # power-law tails that tail_cut="auto" fits after training (one scoring
+    # pass of the training rows, which a 5-epoch timing would otherwise spread
+    # over its epochs) and without the classical reference mixed into it
     defaults = dict(
         n_layers=N_LAYERS,
         hidden_units=HIDDEN,
@@ -193,6 +194,7 @@ def ours(**params):
         batch_size=BATCH,
         tail_cut=None,
         base="gaussian",  # the peers' base (the default, "auto", would fit a t first to decide)
+        reference=None,
         random_state=0,
     )
     return MAFDensity(**{**defaults, **params})

@@ -379,8 +379,6 @@ class _BaseMAF(BaseEstimator):
         )[:, 0]  # fmt: skip
         with torch.no_grad():
             classical = np.column_stack([part.log_prob(torch.as_tensor(Z_held)).numpy() for part in parts])
-        if validation is None and len(parts) == 3:
-            classical[:, 2] = -np.inf
         weights = flow_and_reference_weights(
             flow, classical + logabsdet[:, None], weight[held], scores, score_weight, self.min_reference_weight
         )
@@ -389,10 +387,13 @@ class _BaseMAF(BaseEstimator):
         if self.reference_ is None:
             self.mixture_weights_ = np.ones(1)
             return
-        # the weights of the parts kept, scaled to the reference's share
+        # the weights of the parts kept, scaled to the reference's share; a
+        # kernel density left out (no held-out rows) has weight 0
         kept = np.array([any(part is mine for mine in self.reference_.parts) for part in parts], dtype=float)
         reference_weights = weights[1:] * kept
         self.mixture_weights_ = np.r_[weights[0], (1 - weights[0]) * reference_weights / reference_weights.sum()]
+        if kind == "gmm" and len(parts) == 2:
+            self.mixture_weights_ = np.r_[self.mixture_weights_, 0.0]
 
     def _model_log_prob(self, x, context=None):
         """Log-density of rows ``x`` (tensors) under the fitted model: the flow and its reference."""

@@ -34,7 +34,6 @@ everywhere in the estimators.
 import numpy as np
 import torch
 from scipy import optimize
-from scipy.special import logsumexp
 from sklearn.cluster import KMeans
 
 from ._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture
@@ -64,6 +63,14 @@ _KERNEL_RANGE = (1e-2, 3.0)
 # Least stacking weight for which the kernel density is kept: below it, its
 # scoring cost (proportional to its rows) buys at most ~0.001 nats per row.
 _MIN_KERNEL_WEIGHT = 1e-3
+
+
+def _logsumexp_rows(a):
+    """``log(sum(exp(a), axis=1))``: scipy's ``logsumexp`` without its checks, which the EM loops call hundreds of times."""
+    top = a.max(axis=1)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.exp(a - top[:, None]).sum(axis=1)) + top
 
 
 def ledoit_wolf(Z, weight):
@@ -112,16 +119,22 @@ def _weighted_gaussians(Z, weight, responsibilities):
     return totals / totals.sum(), means, covariances
 
 
-def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e-3):
-    """Weighted EM for a full-covariance Gaussian mixture, started from k-means.
+def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e-3, start=None):
+    """Weighted EM for a full-covariance Gaussian mixture, started from k-means or from ``start``.
 
     As :class:`sklearn.mixture.GaussianMixture` (``init_params="kmeans"``,
     ``reg_covar``, the same convergence test on the mean log-likelihood),
-    which takes no sample weights. Returns ``(weights, means, covariances,
-    log_likelihood)``, the last the weighted total over the rows.
+    which takes no sample weights. ``start``, a fitted
+    :class:`GaussianMixtureDensity` of ``n_components``, starts EM from its
+    responsibilities instead (a fit on some of the rows continued on all).
+    Returns ``(weights, means, covariances, log_likelihood)``, the last the
+    weighted total over the rows.
     """
     if n_components == 1:
         responsibilities = np.ones((Z.shape[0], 1))
+    elif start is not None:
+        with torch.no_grad():
+            responsibilities = torch.softmax(start.component_log_prob(torch.as_tensor(Z)), dim=1).numpy()
     else:
         labels = KMeans(n_components, n_init=1, random_state=random_state).fit(
             Z, sample_weight=weight
@@ -131,7 +144,7 @@ def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e
     for _ in range(max_iter):
         weights, means, covariances = _weighted_gaussians(Z, weight, responsibilities)
         log_prob = _component_log_prob(Z, means, covariances) + np.log(weights)
-        row_log_prob = logsumexp(log_prob, axis=1)
+        row_log_prob = _logsumexp_rows(log_prob)
         current = weight @ row_log_prob / weight.sum()
         responsibilities = np.exp(log_prob - row_log_prob[:, None])
         if n_components == 1 or abs(current - previous) < tol:
@@ -200,7 +213,7 @@ def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weig
         log_w = np.log(w, out=np.full_like(w, -np.inf), where=w > 0)
         log_v = log_w[1:] - np.log1p(-w[0])
         joint, inner = held + log_w, rows + log_v
-        held_rows, train_rows = logsumexp(joint, axis=1), logsumexp(inner, axis=1)
+        held_rows, train_rows = _logsumexp_rows(joint), _logsumexp_rows(inner)
         responsibility = held_share @ np.exp(joint - held_rows[:, None])
         parts = responsibility[1:] + row_share @ np.exp(inner - train_rows[:, None])
         w = np.r_[responsibility[0], (1 - responsibility[0]) * parts / parts.sum()]
@@ -290,14 +303,16 @@ def fit_reference(Z, weight, kind, random_state, kernel=True):
     """The reference parts fitted to the rows ``Z``, and their scores on some of those rows as if held out.
 
     The parts, torch densities: the broad Gaussian, then (``kind="gmm"``) the
-    mixture chosen by BIC and the kernel density. The scores, on at most
-    ``_KERNEL_QUERIES`` of the rows: the kernel density's leave-one-out
-    log-density, each Gaussian fit's in-sample log-density less Akaike's
-    correction (its number of parameters over the rows' total weight), so
-    that the parts' weights among themselves can rest on many rows rather
-    than on the few of a validation split. The kernel density holds at most
-    ``_MAX_KERNEL_ROWS`` of the rows, evenly spaced. ``kernel=False``: the
-    kernel density scores -inf. Returns ``(parts, scores, score_weights)``.
+    mixture chosen by BIC and (``kernel=True``) the kernel density. The
+    scores, on at most ``_KERNEL_QUERIES`` of the rows: the kernel density's
+    leave-one-out log-density, each Gaussian fit's in-sample log-density less
+    Akaike's correction (its number of parameters over the rows' total
+    weight), so that the parts' weights among themselves can rest on many
+    rows rather than on the few of a validation split. The kernel density
+    holds at most ``_MAX_KERNEL_ROWS`` of the rows, evenly spaced.
+    ``kernel=False`` (where no held-out rows could weigh it) leaves it out,
+    with its bandwidth search. Returns ``(parts, scores, score_weights)``,
+    one score column per part.
     """
     keep = weight > 0
     Z, weight = thinned(Z[keep], weight[keep])
@@ -305,29 +320,28 @@ def fit_reference(Z, weight, kind, random_state, kernel=True):
     per_gaussian = n_features + n_features * (n_features + 1) / 2
     mean, covariance = ledoit_wolf(Z, weight)
     parts = [_gaussians(np.ones(1), mean[None], covariance[None])]
-    if kind != "gmm":
-        queries = _queries(Z)
-        with torch.no_grad():
-            scores = parts[0].log_prob(torch.as_tensor(Z[queries])).numpy() - per_gaussian / n
-        return parts, scores[:, None], weight[queries]
-    mixture = gaussian_mixture_by_bic(Z, weight, random_state)
+    n_parameters = [per_gaussian]
     points, point_weight = thinned(Z, weight, _MAX_KERNEL_ROWS)
-    bandwidth, queries, kernel_values = kernel_bandwidth(points, point_weight)
-    kernel_density = GaussianKernelDensity(torch.as_tensor(points), torch.as_tensor(point_weight), bandwidth)
-    parts += [_gaussians(*mixture), kernel_density]
+    queries = _queries(points)
+    if kind == "gmm":
+        mixture = gaussian_mixture_by_bic(Z, weight, random_state)
+        parts.append(_gaussians(*mixture))
+        n_parameters.append(mixture[0].size * (per_gaussian + 1) - 1)
     with torch.no_grad():
         rows = torch.as_tensor(points[queries])
-        gaussians = [part.log_prob(rows).numpy() for part in parts[:2]]
-    n_parameters = [per_gaussian, mixture[0].size * (per_gaussian + 1) - 1]
-    columns = [values - k / n for values, k in zip(gaussians, n_parameters)]
-    columns.append(kernel_values if kernel else np.full(queries.size, -np.inf))
+        columns = [part.log_prob(rows).numpy() - k / n for part, k in zip(parts, n_parameters)]
+    if kind == "gmm" and kernel:
+        bandwidth, queries, kernel_values = kernel_bandwidth(points, point_weight)
+        parts.append(GaussianKernelDensity(torch.as_tensor(points), torch.as_tensor(point_weight), bandwidth))
+        columns.append(kernel_values)
     return parts, np.column_stack(columns), point_weight[queries]
 
 
 def refit_reference(parts, Z, weight, random_state):
     """``parts`` fitted again to the rows ``Z``.
 
-    The same kinds with the same numbers of components; the kernel density's
+    The same kinds with the same numbers of components, the mixture's EM
+    started from its fit on fewer rows; the kernel density's
     bandwidth scaled by Scott's rate, ``growth ** (-1 / (D + 4))``, where
     ``growth`` is the ratio of its new rows to its old ones.
     """
@@ -336,12 +350,13 @@ def refit_reference(parts, Z, weight, random_state):
     mean, covariance = ledoit_wolf(Z, weight)
     refitted = [_gaussians(np.ones(1), mean[None], covariance[None])]
     if len(parts) > 1:
-        mixture = gaussian_mixture(Z, weight, parts[1].means.shape[0], random_state)[:3]
+        mixture = gaussian_mixture(Z, weight, parts[1].means.shape[0], random_state, start=parts[1])[:3]
+        refitted.append(_gaussians(*mixture))
+    if len(parts) > 2:
         points, point_weight = thinned(Z, weight, _MAX_KERNEL_ROWS)
         growth = points.shape[0] / parts[2].points.shape[0]
         bandwidth = float(parts[2].bandwidth) * growth ** (-1.0 / (Z.shape[1] + 4))
-        kernel = GaussianKernelDensity(torch.as_tensor(points), torch.as_tensor(point_weight), bandwidth)
-        refitted += [_gaussians(*mixture), kernel]
+        refitted.append(GaussianKernelDensity(torch.as_tensor(points), torch.as_tensor(point_weight), bandwidth))
     return refitted
 
 
