@@ -106,12 +106,13 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
         A classical density mixed with the flow, ``p = w_flow * p_flow + (1 -
         w_flow) * p_reference``, in the coordinates after the fixed layers
         (``bounds``, the standardisation), so on the same support. "gmm": a
-        broad Gaussian (Ledoit-Wolf covariance), the full-covariance Gaussian
-        mixture that BIC chooses among 1 to 10 components, and a Gaussian
-        kernel density with the bandwidth of highest leave-one-out
-        likelihood (kept only where the validation rows give it a weight of
-        at least 0.001: it scores a row in a time that grows with its rows);
-        "gaussian": the broad Gaussian alone. The weights of the flow and of each part are
+        broad Gaussian (Ledoit-Wolf covariance, with a 1% share of the plain
+        maximum-likelihood Gaussian), the full-covariance Gaussian mixture
+        that BIC chooses among 1 to 10 components, and a Gaussian kernel
+        density with the bandwidth of highest leave-one-out likelihood (kept
+        only where the validation rows give it a weight of at least 0.001: it
+        scores a row in a time that grows with its rows); "gaussian": the
+        broad Gaussian alone. The weights of the flow and of each part are
         fitted by EM on the validation rows (the training rows without early
         stopping), then the parts are refitted on all rows (stacked density
         estimation, Smyth & Wolpert, 1999). So where the data are small or
@@ -122,9 +123,10 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
     min_reference_weight : float in [0, 1), default=1e-4
         The least weight of the broad Gaussian. Every row then scores at least
         ``log(min_reference_weight)`` (-9.2 nats at the default) plus its
-        log-density under that Gaussian, whatever the flow does far from the
-        training rows, at a cost of at most ``-log(1 - min_reference_weight)``
-        nats per row. Ignored when ``reference`` is None.
+        log-density under that Gaussian, and -13.8 nats at the default plus
+        its log-density under the maximum-likelihood Gaussian, whatever the
+        flow does far from the training rows, at a cost of at most ``-log(1 -
+        min_reference_weight)`` nats per row. Ignored when ``reference`` is None.
     bounds : array-like of shape (n_features, 2), default=None
         Support ``(low, high)`` of each modelled feature, with ``-np.inf`` /
         ``np.inf`` for an open side. A bounded feature goes through a fixed

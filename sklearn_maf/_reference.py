@@ -9,19 +9,22 @@ no density where a plain Gaussian puts plenty. The estimators therefore model
 where ``p_reference`` is a mixture of classical densities in the coordinates
 after the flow's fixed layers (bounds, standardisation, whitening), with their
 log-determinant, so it lives on the same support as the flow. Its parts: a
-broad Gaussian (Ledoit-Wolf covariance) and, for ``reference="gmm"``, the
-Gaussian mixture that BIC chooses and a Gaussian kernel density whose
-bandwidth maximises the leave-one-out likelihood: the classical answers. The
-weights are fitted by EM to held-out likelihoods (stacked density
-estimation, Smyth & Wolpert, 1999) so that each rests on as many rows as
-it can: the flow's on the validation rows, the only rows it has not seen;
-the parts' weights among themselves on those and on up to a thousand
-training rows, each scored as if held out (leave-one-out for the kernel
-density, Akaike's correction for the Gaussians). The combination is chosen by held-out likelihood on every data
-set. The broad Gaussian keeps at
-least ``min_reference_weight``, which bounds every row's score from below by
-``log(min_reference_weight)`` plus its score under that Gaussian, at a cost of
-at most ``-log(1 - min_reference_weight)`` nats per row. A kernel density
+broad part (the Ledoit-Wolf Gaussian, with a small share of the plain
+maximum-likelihood Gaussian) and, for ``reference="gmm"``, the Gaussian
+mixture that BIC chooses and a Gaussian kernel density whose bandwidth
+maximises the leave-one-out likelihood: the classical answers. The weights
+are fitted by EM to held-out likelihoods (stacked density estimation, Smyth
+& Wolpert, 1999) so that each rests on as many rows as it can: the flow's on
+the validation rows, the only rows it has not seen; the parts' weights among
+themselves on those and on up to ``_KERNEL_QUERIES`` training rows, each
+scored as if held out (leave-one-out for the kernel density, Akaike's
+correction for the Gaussians). The combination is chosen by held-out
+likelihood on every data set. The broad part keeps at least
+``min_reference_weight``, which bounds every row's score from below by
+``log(min_reference_weight)`` plus its score under the Ledoit-Wolf Gaussian,
+and by ``log(min_reference_weight * _ML_SHARE)`` plus its score under the
+maximum-likelihood one, at a cost of at most ``-log(1 -
+min_reference_weight)`` nats per row. A kernel density
 scores a row in a time that grows with its points, so it is kept only where
 the held-out rows give it a weight of at least ``_MIN_KERNEL_WEIGHT``.
 
@@ -60,6 +63,12 @@ _REG_COVAR = 1e-6
 _MAX_KERNEL_ROWS = 5_000
 _KERNEL_QUERIES = 500
 _KERNEL_RANGE = (1e-2, 3.0)
+# Share of the maximum-likelihood Gaussian in the broad part (the rest is
+# the Ledoit-Wolf Gaussian): with min_reference_weight, it bounds every
+# row's score from below by log(min_reference_weight * _ML_SHARE) plus its
+# score under the plain Gaussian fit too, where shrinkage costs most (few
+# rows per feature), at a cost of at most -log(1 - _ML_SHARE) nats per row.
+_ML_SHARE = 0.01
 # Least stacking weight for which the kernel density is kept: below it, its
 # scoring cost (proportional to its rows) buys at most ~0.001 nats per row.
 _MIN_KERNEL_WEIGHT = 1e-3
@@ -91,6 +100,20 @@ def ledoit_wolf(Z, weight):
     shrinkage = 0.0 if delta == 0 else min(beta, delta) / delta
     covariance = (1 - shrinkage) * S + shrinkage * mu * np.eye(S.shape[0])
     return mean, covariance + _REG_COVAR * np.eye(S.shape[0])
+
+
+def broad_gaussian(Z, weight):
+    """The broad part: the Ledoit-Wolf Gaussian of the rows, and with weight ``_ML_SHARE`` their maximum-likelihood Gaussian.
+
+    Both have the rows' mean; the second the sample covariance plus
+    ``_REG_COVAR``. Its share makes the part's density at any row at least
+    ``_ML_SHARE`` times the plain Gaussian fit's, and at least ``1 -
+    _ML_SHARE`` times the shrunk one's.
+    """
+    mean, shrunk = ledoit_wolf(Z, weight)
+    centred = Z - mean
+    sample = (weight[:, None] * centred).T @ centred / weight.sum() + _REG_COVAR * np.eye(Z.shape[1])
+    return _gaussians(np.array([1 - _ML_SHARE, _ML_SHARE]), np.stack([mean, mean]), np.stack([shrunk, sample]))
 
 
 def _gaussians(weights, means, covariances):
@@ -318,8 +341,7 @@ def fit_reference(Z, weight, kind, random_state, kernel=True):
     Z, weight = thinned(Z[keep], weight[keep])
     n, n_features = weight.sum(), Z.shape[1]
     per_gaussian = n_features + n_features * (n_features + 1) / 2
-    mean, covariance = ledoit_wolf(Z, weight)
-    parts = [_gaussians(np.ones(1), mean[None], covariance[None])]
+    parts = [broad_gaussian(Z, weight)]
     n_parameters = [per_gaussian]
     points, point_weight = thinned(Z, weight, _MAX_KERNEL_ROWS)
     queries = _queries(points)
@@ -347,8 +369,7 @@ def refit_reference(parts, Z, weight, random_state):
     """
     keep = weight > 0
     Z, weight = thinned(Z[keep], weight[keep])
-    mean, covariance = ledoit_wolf(Z, weight)
-    refitted = [_gaussians(np.ones(1), mean[None], covariance[None])]
+    refitted = [broad_gaussian(Z, weight)]
     if len(parts) > 1:
         mixture = gaussian_mixture(Z, weight, parts[1].means.shape[0], random_state, start=parts[1])[:3]
         refitted.append(_gaussians(*mixture))
