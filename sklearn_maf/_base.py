@@ -234,7 +234,9 @@ class _BaseMAF(BaseEstimator):
         if continuing:
             module = copy.deepcopy(self.module_)
         else:
-            module = self._build_module(X_noisy[train], sample_weight[train], generator, n_context)
+            module = self._build_module(
+                X_noisy[train], sample_weight[train], generator, n_context, X_noisy, sample_weight
+            )
         dtype = _DTYPES[self.precision]
         module = module.to(device=device, dtype=dtype)
 
@@ -489,13 +491,21 @@ class _BaseMAF(BaseEstimator):
 
     # ----------------------------------------------------------------- helpers
 
-    def _build_module(self, X, sample_weight, generator, n_context=0):
-        """A new flow whose fixed first layers are fitted to the training rows ``X``."""
+    def _build_module(self, X, sample_weight, generator, n_context=0, X_all=None, weight_all=None):
+        """A new flow whose fixed first layers are fitted to the training rows ``X``.
+
+        ``X_all`` and ``weight_all``, all the rows of a split, standardise a
+        feature that only the validation rows vary (see ``_weighted_loc_scale``).
+        """
         bounds = _parse_bounds(self.bounds, X.shape[1])
-        Y = X
-        if bounds is not None:
-            Y = Bounded(*map(torch.as_tensor, bounds))(torch.as_tensor(X))[0].numpy()
-        loc, scale = _weighted_loc_scale(Y, sample_weight)
+
+        def bounded(rows):
+            if bounds is None or rows is None:
+                return rows
+            return Bounded(*map(torch.as_tensor, bounds))(torch.as_tensor(rows))[0].numpy()
+
+        Y = bounded(X)
+        loc, scale = _weighted_loc_scale(Y, sample_weight, bounded(X_all), weight_all)
         base, df, whiten = self.base, None, None
         if base in ("auto", "elliptical-t", "fitted-t"):
             Z = (Y - loc) / scale

@@ -11,10 +11,22 @@ import torch
 _DEQUANTIZATION_POINTS = 32
 
 
-def _weighted_loc_scale(X, weight):
-    """Weighted per-feature mean and standard deviation; constant features raise."""
+def _weighted_loc_scale(X, weight, X_all=None, weight_all=None):
+    """Weighted per-feature mean and standard deviation; constant features raise.
+
+    ``X_all`` (all the rows, of weights ``weight_all``, where ``X`` are the
+    training rows of a split): a feature that is constant on ``X`` but not on
+    ``X_all`` (its few other values all fell among the validation rows) takes
+    its mean and spread from ``X_all``, so that the split alone cannot make a
+    fit fail; only features constant on every row raise.
+    """
     loc, scale = _weighted_moments(X, weight)
     constant = _constant_features(loc, scale)
+    if constant.size and X_all is not None:
+        loc_all, scale_all = _weighted_moments(X_all[:, constant], weight_all)
+        varies = np.isin(constant, constant[_constant_features(loc_all, scale_all)], invert=True)
+        loc[constant[varies]], scale[constant[varies]] = loc_all[varies], scale_all[varies]
+        constant = constant[~varies]
     if constant.size:
         raise ValueError(
             f"Feature(s) {constant.tolist()} are constant on the training rows: a "

@@ -102,3 +102,24 @@ def test_a_float32_flow_standardises_in_float64_and_trains_its_learned_layers_in
     # float32 standardisation would have rounded to multiples of about 0.5 spread
     standardised = (X - X.mean(0)) / X.std(0)
     assert float((u.detach().double() - standardised).abs().max()) < 0.1
+
+
+def test_a_feature_that_only_validation_rows_vary_is_standardised_on_all_rows():
+    """One row of 200 differs in the third feature; where early stopping's split puts it among
+    the validation rows, the training rows alone have that feature constant. The fit used to raise
+    ("constant on the training rows", as on mnist's inliers in the density suite); it now takes that
+    feature's spread from all rows. A feature constant on every row still raises."""
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(200, 3))
+    X[:, 2] = 0.5
+    X[7, 2] = 20.0
+    params = dict(n_layers=2, hidden_units=16, max_iter=10, precision="float64", random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = MAFDensity(**params).fit(X)  # random_state=0 puts row 7 among the validation rows
+    scores = model.score_samples(np.vstack([X, [[0.0, 0.0, 0.5], [0.0, 0.0, 20.0]]]))
+    assert np.all(np.isfinite(scores))
+    assert scores[-2] > scores[-1]
+    X[7, 2] = 0.5
+    with pytest.raises(ValueError, match=r"Feature\(s\) \[2\] are constant"):
+        MAFDensity(**params).fit(X)
