@@ -188,7 +188,7 @@ def gaussian_mixture_by_bic(Z, weight, random_state):
     """
     n, n_features = weight.sum(), Z.shape[1]
     per_component = n_features + n_features * (n_features + 1) / 2 + 1
-    Z, weight = thinned(Z, weight, search_rows(n_features))
+    Z, weight, _ = thinned(Z, weight, search_rows(n_features))
     best, best_bic, worse = None, np.inf, 0
     for n_components in range(1, _MAX_COMPONENTS + 1):
         if n_components > 1 and n_components * (n_features + 1) > n:
@@ -267,19 +267,29 @@ def search_rows(n_features):
 
 
 def thinned(Z, weight, max_rows=_MAX_ROWS):
-    """At most ``max_rows`` evenly spaced rows of ``Z`` (and their weights, scaled to the same total)."""
+    """At most ``max_rows`` evenly spaced rows of ``Z``, their weights scaled to the same total, and that scale.
+
+    Each row kept then stands for ``scale`` rows' worth of weight: the
+    leave-one-out likelihood of a kernel density on such rows leaves out
+    that much (see :func:`kernel_bandwidth`).
+    """
     step = -(-Z.shape[0] // max_rows)
     if step == 1:
-        return Z, weight
-    return Z[::step], weight[::step] * (weight.sum() / weight[::step].sum())
+        return Z, weight, 1.0
+    scale = weight.sum() / weight[::step].sum()
+    return Z[::step], weight[::step] * scale, scale
 
 
-def kernel_bandwidth(Z, weight):
+def kernel_bandwidth(Z, weight, unit=1.0):
     """The bandwidth of a Gaussian kernel density on the rows ``Z`` that maximises the leave-one-out likelihood.
 
     Scored on at most ``_KERNEL_QUERIES`` evenly spaced rows against all rows;
-    leaving a row out removes one unit of its weight (all of it below 1), so a
-    weight of 2 is the row twice here too. Searched (bounded, on the log
+    leaving a row out removes ``unit`` of its weight (all of it below that),
+    so a weight of 2 is the row twice here too. ``unit`` is the weight of one
+    row: 1, or where the rows were thinned the weight each kept row stands
+    for (:func:`thinned`'s scale), since the rows it stands for are
+    elsewhere, not at its place; leaving out less would leave part of the
+    row's own kernel in its score and favour ever narrower kernels. Searched (bounded, on the log
     scale) between ``_KERNEL_RANGE`` times Scott's factor. Returns the
     bandwidth, the query rows and their leave-one-out log-densities at it.
     """
@@ -289,7 +299,7 @@ def kernel_bandwidth(Z, weight):
         np.sum(Z[queries] ** 2, axis=1)[:, None] + np.sum(Z**2, axis=1) - 2 * Z[queries] @ Z.T, 0
     )  # fmt: skip
     distance2[np.arange(queries.size), queries] = 0.0
-    left_out = np.minimum(weight[queries], 1.0)
+    left_out = np.minimum(weight[queries], unit)
     share = weight[queries] / weight[queries].sum()
     log_weight = np.log(weight, out=np.full_like(weight, -np.inf), where=weight > 0)
 
@@ -338,12 +348,12 @@ def fit_reference(Z, weight, kind, random_state, kernel=True):
     one score column per part.
     """
     keep = weight > 0
-    Z, weight = thinned(Z[keep], weight[keep])
+    Z, weight, scale = thinned(Z[keep], weight[keep])
     n, n_features = weight.sum(), Z.shape[1]
     per_gaussian = n_features + n_features * (n_features + 1) / 2
     parts = [broad_gaussian(Z, weight)]
     n_parameters = [per_gaussian]
-    points, point_weight = thinned(Z, weight, _MAX_KERNEL_ROWS)
+    points, point_weight, point_scale = thinned(Z, weight, _MAX_KERNEL_ROWS)
     queries = _queries(points)
     if kind == "gmm":
         mixture = gaussian_mixture_by_bic(Z, weight, random_state)
@@ -353,7 +363,7 @@ def fit_reference(Z, weight, kind, random_state, kernel=True):
         rows = torch.as_tensor(points[queries])
         columns = [part.log_prob(rows).numpy() - k / n for part, k in zip(parts, n_parameters)]
     if kind == "gmm" and kernel:
-        bandwidth, queries, kernel_values = kernel_bandwidth(points, point_weight)
+        bandwidth, queries, kernel_values = kernel_bandwidth(points, point_weight, scale * point_scale)
         parts.append(GaussianKernelDensity(torch.as_tensor(points), torch.as_tensor(point_weight), bandwidth))
         columns.append(kernel_values)
     return parts, np.column_stack(columns), point_weight[queries]
@@ -368,13 +378,13 @@ def refit_reference(parts, Z, weight, random_state):
     ``growth`` is the ratio of its new rows to its old ones.
     """
     keep = weight > 0
-    Z, weight = thinned(Z[keep], weight[keep])
+    Z, weight, _ = thinned(Z[keep], weight[keep])
     refitted = [broad_gaussian(Z, weight)]
     if len(parts) > 1:
         mixture = gaussian_mixture(Z, weight, parts[1].means.shape[0], random_state, start=parts[1])[:3]
         refitted.append(_gaussians(*mixture))
     if len(parts) > 2:
-        points, point_weight = thinned(Z, weight, _MAX_KERNEL_ROWS)
+        points, point_weight, _ = thinned(Z, weight, _MAX_KERNEL_ROWS)
         growth = points.shape[0] / parts[2].points.shape[0]
         bandwidth = float(parts[2].bandwidth) * growth ** (-1.0 / (Z.shape[1] + 4))
         refitted.append(GaussianKernelDensity(torch.as_tensor(points), torch.as_tensor(point_weight), bandwidth))
