@@ -301,19 +301,23 @@ def kernel_bandwidth(Z, weight, unit=1.0):
     distance2[np.arange(queries.size), queries] = 0.0
     left_out = np.minimum(weight[queries], unit)
     share = weight[queries] / weight[queries].sum()
+    # each query's weights with its own left out: the rest of its own weight
+    # (none, mostly) at distance 0, the others' as they are. Summing without
+    # it, rather than subtracting it from the full sum, keeps the others'
+    # kernels where they are e^-100 times its own (many features, narrow
+    # kernels), which the subtraction rounded to nothing.
     log_weight = np.log(weight, out=np.full_like(weight, -np.inf), where=weight > 0)
+    own = weight[queries] - left_out
+    log_weights = np.tile(log_weight, (queries.size, 1))
+    log_weights[np.arange(queries.size), queries] = np.log(own, out=np.full_like(own, -np.inf), where=own > 0)
 
     terms = torch.as_tensor(distance2)
-    log_weight_tensor = torch.as_tensor(log_weight)
+    log_weights = torch.as_tensor(log_weights)
 
     def leave_one_out(log_bandwidth):
         h2 = np.exp(2 * log_bandwidth)
         # torch's logsumexp: scipy's was most of the reference's fit time (RESULTS.md, "Fit time")
-        total = torch.logsumexp(log_weight_tensor - terms / (2 * h2), dim=1).numpy()
-        # the row's own kernel, exp(0) = 1 per unit of weight, leaves the sum
-        # (nothing may be left: -inf, which the search avoids)
-        with np.errstate(divide="ignore", over="ignore"):
-            rest = total + np.log1p(-np.minimum(left_out * np.exp(-total), 1.0))
+        rest = torch.logsumexp(log_weights - terms / (2 * h2), dim=1).numpy()
         return rest - np.log(n - left_out) - 0.5 * n_features * np.log(2 * np.pi * h2)
 
     def loss(log_bandwidth):
