@@ -124,7 +124,9 @@ class GaussianKernelDensity(nn.Module):
             )
         if not bandwidth > 0 or not bool((weights >= 0).all()) or not weights.sum() > 0:
             raise ValueError("The bandwidth must be positive and the weights non-negative with a positive sum.")
-        self.register_buffer("points", points)
+        # a copy of its own: evenly spaced rows are a view whose storage, all
+        # the rows, would otherwise go into every pickle of the model
+        self.register_buffer("points", points.clone(memory_format=torch.contiguous_format))
         self.register_buffer("log_weights", torch.log(weights / weights.sum()))
         self.register_buffer("bandwidth", torch.as_tensor(float(bandwidth), dtype=points.dtype))
 
