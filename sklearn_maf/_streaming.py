@@ -29,9 +29,9 @@ __all__ = ["RESERVOIR_ROWS", "Reservoir", "StreamingState", "chunk_key"]
 # Rows of the uniform sample of the stream (a reservoir) on which each
 # partial_fit call sets the fitted model's batch-norm statistics and chooses
 # its tails, where fit uses all its training rows: means and variances from
-# 10,000 rows are within 1% of a standard deviation of the exact ones. From
-# 2,048 rows, the statistics' noise cost the streamed model 0.02 nats per row
-# over fit's (benchmarks/RESULTS.md, "Streaming").
+# 10,000 rows are within 1% of a standard deviation of the exact ones; far
+# fewer rows cost the streamed model measurably against fit's
+# (benchmarks/RESULTS.md, "Streaming: partial_fit against fit").
 RESERVOIR_ROWS = 10_000
 
 

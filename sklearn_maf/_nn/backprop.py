@@ -177,8 +177,8 @@ class Backprop:
         """As :func:`loss_and_grad` of the module.
 
         In inference mode, which skips autograd's dispatch entirely (no_grad
-        still passes every operation through it): about 0.2 ms less per step,
-        of 1.2 ms of per-operation overhead, at five MAF layers. Everything
+        still passes every operation through it): a sixth of the per-operation
+        overhead of a step at five MAF layers. Everything
         it writes into (gradients, batch-norm running averages) was made
         outside, so stays a normal tensor; what it makes (the loss) is an
         inference tensor, for reading only.

@@ -38,9 +38,9 @@ def _tanh_backward(grad, output):
 # The derivative of each activation given its output, for the hand-written backward pass.
 _ACTIVATION_BACKWARDS = {"relu": _threshold_backward, "tanh": _tanh_backward}
 # Scoring computes a first ReLU layer of at most this many inputs (features,
-# context and the bias's row of ones) in C: measured in float64 on 2,621 rows
-# and 100 units, 130 against 250 us (product and ReLU) with 9 inputs, 280
-# against 390 with 17, and no faster from 33 on.
+# context and the bias's row of ones) in C: the fused product and ReLU beat
+# torch's with few inputs and stop paying from about 33 (benchmarks/RESULTS.md,
+# "Do the C passes pay for themselves?").
 _C_FIRST_LAYER_MAX_INPUTS = 24
 
 
@@ -304,8 +304,8 @@ class MADE(nn.Module):
         bias gradient. The gradient of a masked weight is left unmasked: the
         caller masks them all at once. The first layer's weight gradient is
         computed as ``(x.T @ grad).T`` and the gradient of its input as
-        ``(W.T @ grad.T).T``: with a few features these are 2-4x faster than
-        ``grad.T @ x`` and ``grad @ W``, and no slower with many.
+        ``(W.T @ grad.T).T``: with a few features these take faster BLAS paths
+        than ``grad.T @ x`` and ``grad @ W``, and are no slower with many.
         """
         hidden, weights = cache
         weight_grads, bias_grads = state.weight_grads, state.bias_grads
