@@ -181,26 +181,24 @@ def gaussian_mixture_by_bic(Z, weight, random_state):
 
     A mixture of K components is tried only where the rows' total weight is
     at least ``K (D + 1)``: fewer rows per component than dimensions plus one
-    leave a covariance with no information in some direction. The search
-    stops once two more components in a row have not lowered the BIC, and it
-    runs on at most :func:`search_rows` rows (evenly spaced): EM costs
-    ``K n D^2`` per iteration.
+    leave a covariance with no information in some direction. Every such K
+    is tried, as the classical estimator does: EM's local optima make the
+    BIC rise and fall again with K, and a search that stopped at the first
+    rises kept 7 components on ALOI's 20,000 rows where 10 were best. It
+    runs on at most :func:`search_rows` rows (evenly spaced): EM costs ``K n
+    D^2`` per iteration.
     """
     n, n_features = weight.sum(), Z.shape[1]
     per_component = n_features + n_features * (n_features + 1) / 2 + 1
     Z, weight, _ = thinned(Z, weight, search_rows(n_features))
-    best, best_bic, worse = None, np.inf, 0
+    best, best_bic = None, np.inf
     for n_components in range(1, _MAX_COMPONENTS + 1):
         if n_components > 1 and n_components * (n_features + 1) > n:
             break
         *fitted, log_likelihood = gaussian_mixture(Z, weight, n_components, random_state)
         bic = -2 * log_likelihood + (n_components * per_component - 1) * np.log(n)
         if bic < best_bic:
-            best, best_bic, worse = fitted, bic, 0
-        else:
-            worse += 1
-            if worse == 2:
-                break
+            best, best_bic = fitted, bic
     return best
 
 
