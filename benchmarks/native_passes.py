@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 import torch
 
-from sklearn_maf import MAFDensity, _training
+from sklearn_maf import MAFDensity, _optimizer, _training
 from sklearn_maf._nn import backprop, made, transforms
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -45,7 +45,7 @@ def configure(elementwise=True, adam=True, affine_score=True, linear_relu=True):
     """Switch the C passes on or off (all on: the library as installed)."""
     backprop.Backprop.__init__.__defaults__ = _DEFAULTS if elementwise else (False, False, None)
     _training.make_optimizer = _MAKE_OPTIMIZER if adam else (
-        lambda module, lr, alpha: _training._adam(_training._parameter_groups(module, alpha), lr)
+        lambda module, lr, alpha: _optimizer._adam(_optimizer._parameter_groups(module, alpha), lr)
     )  # fmt: skip
     transforms._scores_in_c = _SCORES_IN_C if affine_score else (lambda *args: False)
     made.MADE._first_layer_in_c = _FIRST_LAYER_IN_C if linear_relu else (lambda *args: False)
