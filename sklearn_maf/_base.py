@@ -46,7 +46,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # Elements (rows x width) per chunk when scoring, transforming or sampling: the memory
 # stays bounded on any number of rows, a chunk's activations stay in the CPU caches, and
-# the fixed cost per chunk does not show (benchmarks/RESULTS.md, "Speed").
+# the fixed cost per chunk does not show (benchmarks/results/speed.md, "Chunk size").
 _CHUNK_ELEMENTS = 1 << 18
 # On a GPU each chunk is a batch of kernel launches with a fixed cost: large chunks
 # (benchmarks/RESULTS.md, "On a GPU").

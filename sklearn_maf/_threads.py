@@ -113,7 +113,7 @@ def thread_limit():
 
 # Multiply-adds of a training step's largest matrix product per intra-op thread: a smaller
 # share costs more in synchronisation than it saves (far more where another process keeps
-# a core busy), and one thread runs the default sizes (benchmarks/RESULTS.md, "Speed").
+# a core busy), and one thread runs the default sizes (benchmarks/results/speed.md).
 MIN_MULTIPLY_ADDS_PER_THREAD = 2_000_000
 
 
