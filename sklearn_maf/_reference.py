@@ -191,9 +191,10 @@ def gaussian_mixture_by_bic(Z, weight, random_state):
     n, n_features = weight.sum(), Z.shape[1]
     per_component = n_features + n_features * (n_features + 1) / 2 + 1
     Z, weight, _ = thinned(Z, weight, search_rows(n_features))
+    distinct = np.count_nonzero(weight > 0)  # k-means needs a row per component
     best, best_bic = None, np.inf
     for n_components in range(1, _MAX_COMPONENTS + 1):
-        if n_components > 1 and n_components * (n_features + 1) > n:
+        if n_components > 1 and (n_components * (n_features + 1) > n or n_components > distinct):
             break
         *fitted, log_likelihood = gaussian_mixture(Z, weight, n_components, random_state)
         bic = -2 * log_likelihood + (n_components * per_component - 1) * np.log(n)

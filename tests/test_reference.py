@@ -155,6 +155,9 @@ def test_bic_finds_the_components_and_respects_the_rows():
     assert weights.size == 1
     weights, _, _ = gaussian_mixture_by_bic(Z, np.full(11, 2.0), random_state=0)
     assert weights.size >= 2
+    # heavy weights on few rows: never more components than rows (k-means needs one each)
+    weights, _, _ = gaussian_mixture_by_bic(Z[:4], np.full(4, 100.0), random_state=0)
+    assert weights.size <= 4
 
 
 def test_bic_tries_every_number_of_components_the_rows_allow():
