@@ -1,29 +1,14 @@
 """The helpers of benchmarks/density_suite.py: every density in the data's units, honest splits."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import stats
 from scipy.special import logsumexp
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def suite():
-    if not (BENCHMARKS / "density_suite.py").exists():
-        pytest.skip("benchmarks/ is not part of this checkout")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("density_suite", BENCHMARKS / "density_suite.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+def suite(load_benchmark):
+    return load_benchmark("density_suite")
 
 
 def _scaled_rows(n=300, seed=0):

@@ -5,10 +5,7 @@ this runs each of its configurations on a tiny fit and checks that every one
 gives the same model (the passes are the same arithmetic in C or in torch).
 """
 
-import importlib.util
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,20 +13,10 @@ from sklearn.exceptions import ConvergenceWarning
 
 from sklearn_maf import MAFDensity
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def native_passes():
-    if not (BENCHMARKS / "native_passes.py").exists():
-        pytest.skip("benchmarks/ is not part of this checkout")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("native_passes", BENCHMARKS / "native_passes.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def native_passes(load_benchmark):
+    module = load_benchmark("native_passes")
     yield module
     module.configure()
 
