@@ -37,7 +37,13 @@ from ._preprocessing import (
     _weighted_loc_scale,
 )
 from ._nn.mixture import from_fixed, to_fixed
-from ._reference import fit_reference, flow_and_reference_weights, refit_reference, reference_mixture
+from ._reference import (
+    fit_reference,
+    flow_and_reference_weights,
+    merged_mixtures,
+    refit_reference,
+    reference_mixture,
+)
 from ._streaming import StreamingState, chunk_key
 from ._threads import limit_torch_threads, training_threads
 from ._training import TrainingConfig, _cyclic_gc_paused, train_flow
@@ -385,6 +391,8 @@ class _BaseMAF(BaseEstimator):
             flow, classical + logabsdet[:, None], weight[held], scores, score_weight, self.min_reference_weight
         )
         parts = refit_reference(parts, fixed(np.arange(X.shape[0]))[0], weight, seed)
+        parts, part_weights = merged_mixtures(parts, weights[1:])
+        weights = np.r_[weights[0], part_weights]
         self.reference_ = reference_mixture(parts, weights[1:], like=next(self.module_.buffers()))
         if self.reference_ is None:
             self.mixture_weights_ = np.ones(1)

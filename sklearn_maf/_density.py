@@ -107,8 +107,9 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
         w_flow) * p_reference``, in the coordinates after the fixed layers
         (``bounds``, the standardisation), so on the same support. "gmm": a
         broad Gaussian (Ledoit-Wolf covariance, with a 1% share of the plain
-        maximum-likelihood Gaussian), the full-covariance Gaussian mixture
-        that BIC chooses among 1 to 10 components, and a Gaussian kernel
+        maximum-likelihood Gaussian), the full-covariance Gaussian mixtures
+        that BIC ranks best among 1 to 10 components (the best three, each
+        weighted by the held-out rows, held as one mixture), and a Gaussian kernel
         density with the bandwidth of highest leave-one-out likelihood (kept
         only where the validation rows give it a weight of at least 0.001: it
         scores a row in a time that grows with its rows); "gaussian": the

@@ -10,15 +10,17 @@ where ``p_reference`` is a mixture of classical densities in the coordinates
 after the flow's fixed layers (bounds, standardisation, whitening), with their
 log-determinant, so it lives on the same support as the flow. Its parts: a
 broad part (the Ledoit-Wolf Gaussian, with a small share of the plain
-maximum-likelihood Gaussian) and, for ``reference="gmm"``, the Gaussian
-mixture that BIC chooses and a Gaussian kernel density whose bandwidth
-maximises the leave-one-out likelihood: the classical answers. The weights
+maximum-likelihood Gaussian) and, for ``reference="gmm"``, the
+``_STACKED_MIXTURES`` Gaussian mixtures that BIC ranks best and a Gaussian
+kernel density whose bandwidth maximises the leave-one-out likelihood: the
+classical answers. The weights
 are fitted by EM to held-out likelihoods (stacked density estimation, Smyth
 & Wolpert, 1999) so that each rests on as many rows as it can: the flow's on
 the validation rows, the only rows it has not seen; the parts' weights among
 themselves on those and on up to ``_KERNEL_QUERIES`` training rows, each
-scored as if held out (leave-one-out for the kernel density, Akaike's
-correction for the Gaussians). The combination is chosen by held-out
+scored as if held out (leave-one-out: exactly for the kernel density, by one
+M-step's downdate for the Gaussians). The fitted
+model holds the stacked mixtures as one mixture part. The combination is chosen by held-out
 likelihood on every data set. The broad part keeps at least
 ``min_reference_weight``, which bounds every row's score from below by
 ``log(min_reference_weight)`` plus its score under the Ledoit-Wolf Gaussian,
@@ -34,6 +36,8 @@ row weights count as repetitions (a weight of 2 is the row twice), as
 everywhere in the estimators.
 """
 
+import math
+
 import numpy as np
 import torch
 from scipy import optimize
@@ -41,7 +45,7 @@ from sklearn.cluster import KMeans
 
 from ._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture
 
-__all__ = ["fit_reference", "flow_and_reference_weights", "refit_reference", "reference_mixture"]
+__all__ = ["fit_reference", "flow_and_reference_weights", "merged_mixtures", "refit_reference", "reference_mixture"]
 
 # Components the BIC search may try; the rows the parts are fitted on: evenly
 # spaced ones beyond this, as the ECME fit of the t base does.
@@ -72,6 +76,13 @@ _ML_SHARE = 0.01
 # Least stacking weight for which the kernel density is kept: below it, its
 # scoring cost (proportional to its rows) buys at most ~0.001 nats per row.
 _MIN_KERNEL_WEIGHT = 1e-3
+# The BIC search's best mixtures that are stacked as parts of their own.
+# The BIC search's best mixtures that are stacked, each a part of its own:
+# the BIC of neighbouring numbers of components differs by less than its
+# noise on a few hundred rows (Cardiotocography: 2 components on 450 rows,
+# 4 on 500), and the held-out weights take what each adds. More cost a refit
+# each and let the weights chase noise (RESULTS.md, "Broad density suite").
+_STACKED_MIXTURES = 3
 
 
 def _logsumexp_rows(a):
@@ -176,8 +187,8 @@ def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e
     return weights, means, covariances, current * weight.sum()
 
 
-def gaussian_mixture_by_bic(Z, weight, random_state):
-    """The full-covariance Gaussian mixture of 1 to 10 components with the lowest BIC.
+def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1):
+    """The ``n_best`` full-covariance Gaussian mixtures of 1 to 10 components with the lowest BIC, best first.
 
     A mixture of K components is tried only where the rows' total weight is
     at least ``K (D + 1)``: fewer rows per component than dimensions plus one
@@ -186,21 +197,21 @@ def gaussian_mixture_by_bic(Z, weight, random_state):
     BIC rise and fall again with K, and a search that stopped at the first
     rises kept 7 components on ALOI's 20,000 rows where 10 were best. It
     runs on at most :func:`search_rows` rows (evenly spaced): EM costs ``K n
-    D^2`` per iteration.
+    D^2`` per iteration. Each mixture is ``(weights, means, covariances)``.
     """
     n, n_features = weight.sum(), Z.shape[1]
     per_component = n_features + n_features * (n_features + 1) / 2 + 1
     Z, weight, _ = thinned(Z, weight, search_rows(n_features))
     distinct = np.count_nonzero(weight > 0)  # k-means needs a row per component
-    best, best_bic = None, np.inf
+    fitted = []
     for n_components in range(1, _MAX_COMPONENTS + 1):
         if n_components > 1 and (n_components * (n_features + 1) > n or n_components > distinct):
             break
-        *fitted, log_likelihood = gaussian_mixture(Z, weight, n_components, random_state)
+        *mixture, log_likelihood = gaussian_mixture(Z, weight, n_components, random_state)
         bic = -2 * log_likelihood + (n_components * per_component - 1) * np.log(n)
-        if bic < best_bic:
-            best, best_bic = fitted, bic
-    return best
+        fitted.append((bic, n_components, mixture))
+    fitted.sort(key=lambda item: item[:2])
+    return [mixture for *_, mixture in fitted[:n_best]]
 
 
 def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weight, floor, max_iter=5000, tol=1e-12):
@@ -339,12 +350,15 @@ def fit_reference(Z, weight, kind, random_state, kernel=True):
     """The reference parts fitted to the rows ``Z``, and their scores on some of those rows as if held out.
 
     The parts, torch densities: the broad Gaussian, then (``kind="gmm"``) the
-    mixture chosen by BIC and (``kernel=True``) the kernel density. The
-    scores, on at most ``_KERNEL_QUERIES`` of the rows: the kernel density's
-    leave-one-out log-density, each Gaussian fit's in-sample log-density less
-    Akaike's correction (its number of parameters over the rows' total
-    weight), so that the parts' weights among themselves can rest on many
-    rows rather than on the few of a validation split. The kernel density
+    ``_STACKED_MIXTURES`` mixtures that BIC ranks best, best first, and
+    (``kernel=True``) the kernel density. The scores, on at most
+    ``_KERNEL_QUERIES`` of the rows: the kernel density's leave-one-out
+    log-density, each Gaussian part's leave-one-out log-density
+    (:func:`_leave_one_out`), so that the parts' weights among
+    themselves can rest on many rows rather than on the few of a validation
+    split: in-sample scores less Akaike's correction favoured the mixtures of
+    most components, and scored a component on a single row as a spike. The
+    kernel density
     holds at most ``_MAX_KERNEL_ROWS`` of the rows, evenly spaced.
     ``kernel=False`` (where no held-out rows could weigh it) leaves it out,
     with its bandwidth search. Returns ``(parts, scores, score_weights)``,
@@ -352,24 +366,65 @@ def fit_reference(Z, weight, kind, random_state, kernel=True):
     """
     keep = weight > 0
     Z, weight, scale = thinned(Z[keep], weight[keep])
-    n, n_features = weight.sum(), Z.shape[1]
-    per_gaussian = n_features + n_features * (n_features + 1) / 2
     parts = [broad_gaussian(Z, weight)]
-    n_parameters = [per_gaussian]
+    if kind == "gmm":
+        parts += [_gaussians(*mixture) for mixture in gaussian_mixtures_by_bic(Z, weight, random_state, _STACKED_MIXTURES)]
     points, point_weight, point_scale = thinned(Z, weight, _MAX_KERNEL_ROWS)
     queries = _queries(points)
-    if kind == "gmm":
-        mixture = gaussian_mixture_by_bic(Z, weight, random_state)
-        parts.append(_gaussians(*mixture))
-        n_parameters.append(mixture[0].size * (per_gaussian + 1) - 1)
-    with torch.no_grad():
-        rows = torch.as_tensor(points[queries])
-        columns = [part.log_prob(rows).numpy() - k / n for part, k in zip(parts, n_parameters)]
+    rows = torch.as_tensor(points[queries])
+    # a kept row stands for scale * point_scale rows: all of them are left out (as for the kernel density)
+    left_out = np.minimum(point_weight[queries], scale * point_scale)
+    columns = [_leave_one_out(part, rows, left_out, weight.sum(), index == 0) for index, part in enumerate(parts)]
     if kind == "gmm" and kernel:
-        bandwidth, queries, kernel_values = kernel_bandwidth(points, point_weight, scale * point_scale)
+        bandwidth, _, kernel_values = kernel_bandwidth(points, point_weight, scale * point_scale)
         parts.append(GaussianKernelDensity(torch.as_tensor(points), torch.as_tensor(point_weight), bandwidth))
         columns.append(kernel_values)
     return parts, np.column_stack(columns), point_weight[queries]
+
+
+def _leave_one_out(part, rows, left_out, total, broad):
+    """Log-density of each of ``rows`` under the Gaussian part with ``left_out`` of its weight removed from the fit.
+
+    One M-step's leave-one-out, exact for the component parameters given the
+    responsibilities: the row's share of each component's weight, mean and
+    covariance is taken out (a rank-one downdate, evaluated through the
+    Sherman-Morrison and matrix-determinant lemmas, so at the cost of
+    scoring). ``total`` is the weight the part was fitted to. An EM
+    mixture's components share the rows by their responsibilities; the broad
+    part's (``broad=True``) each saw every row, with fixed shares. A
+    component left with no weight drops out; the covariance ridge is kept
+    as it was (its change is ``_REG_COVAR`` times the weight ratio's
+    excess over one). Removing a unit of weight from a row of weight 3 is
+    removing one of three copies, as everywhere in the estimators.
+    """
+    n_features = part.n_features
+    left_out = torch.as_tensor(left_out, dtype=rows.dtype)
+    with torch.no_grad():
+        log_prob = part.component_log_prob(rows, weighted=False)  # (n, K)
+        log_det = torch.log(torch.diagonal(part.cholesky, dim1=-2, dim2=-1)).sum(dim=1)
+        constant = -0.5 * n_features * math.log(2 * math.pi)
+        radius2 = -2 * (log_prob - constant + log_det)  # squared Mahalanobis radii
+        weights = part.log_weights.exp()
+        if broad:
+            mass = torch.full_like(log_prob, float(total))
+            removed = left_out[:, None].expand_as(log_prob)
+            log_share = torch.log(weights).expand_as(log_prob)
+        else:
+            mass = (weights * total).expand_as(log_prob)
+            removed = left_out[:, None] * torch.softmax(log_prob + part.log_weights, dim=1)
+        remaining = mass - removed
+        alive = remaining > 1e-12 * mass
+        remaining = torch.where(alive, remaining, torch.ones_like(remaining))
+        if not broad:
+            log_share = torch.log(remaining) - torch.log(total - left_out)[:, None]
+        ratio = mass / remaining  # the covariance's scale after the downdate
+        leverage = torch.clamp(removed * radius2 / remaining, max=1 - 1e-12)
+        log_held = (
+            constant - log_det - 0.5 * n_features * torch.log(ratio) - 0.5 * torch.log1p(-leverage)
+            - 0.5 * ratio * radius2 / (1 - leverage)
+        )  # fmt: skip
+        log_held = torch.where(alive, log_held + log_share, torch.full_like(log_held, -math.inf))
+        return torch.logsumexp(log_held, dim=1).numpy()
 
 
 def refit_reference(parts, Z, weight, random_state):
@@ -383,15 +438,42 @@ def refit_reference(parts, Z, weight, random_state):
     keep = weight > 0
     Z, weight, _ = thinned(Z[keep], weight[keep])
     refitted = [broad_gaussian(Z, weight)]
-    if len(parts) > 1:
-        mixture = gaussian_mixture(Z, weight, parts[1].means.shape[0], random_state, start=parts[1])[:3]
-        refitted.append(_gaussians(*mixture))
-    if len(parts) > 2:
-        points, point_weight, _ = thinned(Z, weight, _MAX_KERNEL_ROWS)
-        growth = points.shape[0] / parts[2].points.shape[0]
-        bandwidth = float(parts[2].bandwidth) * growth ** (-1.0 / (Z.shape[1] + 4))
-        refitted.append(GaussianKernelDensity(torch.as_tensor(points), torch.as_tensor(point_weight), bandwidth))
+    for part in parts[1:]:
+        if isinstance(part, GaussianKernelDensity):
+            points, point_weight, _ = thinned(Z, weight, _MAX_KERNEL_ROWS)
+            growth = points.shape[0] / part.points.shape[0]
+            bandwidth = float(part.bandwidth) * growth ** (-1.0 / (Z.shape[1] + 4))
+            refitted.append(GaussianKernelDensity(torch.as_tensor(points), torch.as_tensor(point_weight), bandwidth))
+        else:
+            mixture = gaussian_mixture(Z, weight, part.means.shape[0], random_state, start=part)[:3]
+            refitted.append(_gaussians(*mixture))
     return refitted
+
+
+def merged_mixtures(parts, weights):
+    """``parts`` and ``weights`` with the stacked Gaussian mixtures (all but the first, broad, one) as one part.
+
+    A weighted mixture of mixtures is a mixture: its components are theirs,
+    with their weights times the mixture's. Mixtures of zero weight are left
+    out; the merged part comes where the first of them was.
+    """
+    stacked = [i for i, part in enumerate(parts) if i > 0 and isinstance(part, GaussianMixtureDensity)]
+    if len(stacked) < 2:
+        return list(parts), np.asarray(weights, dtype=float)
+    kept = [i for i in stacked if weights[i] > 0] or stacked[:1]
+    total = float(sum(weights[i] for i in stacked))
+    component_weights = torch.cat(
+        [parts[i].log_weights.exp() * (weights[i] / total if total > 0 else 1 / len(kept)) for i in kept]
+    )
+    merged = GaussianMixtureDensity(
+        component_weights,
+        torch.cat([parts[i].means for i in kept]),
+        torch.cat([parts[i].cholesky for i in kept]),
+    )
+    first = stacked[0]
+    out_parts = [merged if i == first else part for i, part in enumerate(parts) if i == first or i not in stacked]
+    out_weights = [total if i == first else w for i, w in enumerate(weights) if i == first or i not in stacked]
+    return out_parts, np.asarray(out_weights, dtype=float)
 
 
 def reference_mixture(parts, weights, like):

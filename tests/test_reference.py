@@ -15,12 +15,14 @@ from sklearn.neighbors import KernelDensity
 
 from sklearn_maf._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture, to_fixed
 from sklearn_maf._reference import (
+    broad_gaussian,
     fit_reference,
     flow_and_reference_weights,
     gaussian_mixture,
-    gaussian_mixture_by_bic,
+    gaussian_mixtures_by_bic,
     kernel_bandwidth,
     ledoit_wolf,
+    merged_mixtures,
 )
 
 
@@ -146,17 +148,17 @@ def test_gaussian_mixture_reaches_sklearns_likelihood():
 def test_bic_finds_the_components_and_respects_the_rows():
     rng = np.random.RandomState(0)
     Z = np.concatenate([rng.normal(loc, 0.5, size=(400, 2)) for loc in (-4, 0, 4)])
-    weights, _, _ = gaussian_mixture_by_bic(Z, np.ones(len(Z)), random_state=0)
+    weights, _, _ = gaussian_mixtures_by_bic(Z, np.ones(len(Z)), random_state=0)[0]
     assert weights.size == 3
     # two components in 5 dimensions need 12 rows: with 11 only one is tried,
     # even where two well-separated clusters would win on BIC
     Z = np.concatenate([rng.normal(-50, 1, size=(6, 5)), rng.normal(50, 1, size=(5, 5))])
-    weights, _, _ = gaussian_mixture_by_bic(Z, np.ones(11), random_state=0)
+    weights, _, _ = gaussian_mixtures_by_bic(Z, np.ones(11), random_state=0)[0]
     assert weights.size == 1
-    weights, _, _ = gaussian_mixture_by_bic(Z, np.full(11, 2.0), random_state=0)
+    weights, _, _ = gaussian_mixtures_by_bic(Z, np.full(11, 2.0), random_state=0)[0]
     assert weights.size >= 2
     # heavy weights on few rows: never more components than rows (k-means needs one each)
-    weights, _, _ = gaussian_mixture_by_bic(Z[:4], np.full(4, 100.0), random_state=0)
+    weights, _, _ = gaussian_mixtures_by_bic(Z[:4], np.full(4, 100.0), random_state=0)[0]
     assert weights.size <= 4
 
 
@@ -174,8 +176,81 @@ def test_bic_tries_every_number_of_components_the_rows_allow():
         *_, log_likelihood = gaussian_mixture(Z, np.ones(len(Z)), k, random_state=0)
         bic.append(-2 * log_likelihood + (k * 6 - 1) * np.log(len(Z)))
     assert np.argmin(bic) == 8 and bic[6] > bic[5] and bic[7] > bic[6]  # the data are as described
-    weights, _, _ = gaussian_mixture_by_bic(Z, np.ones(len(Z)), random_state=0)
+    weights, _, _ = gaussian_mixtures_by_bic(Z, np.ones(len(Z)), random_state=0)[0]
     assert weights.size == 9
+    # the best few, best first, each with the BIC its own fit had
+    ranked = gaussian_mixtures_by_bic(Z, np.ones(len(Z)), random_state=0, n_best=3)
+    sizes = [w.size for w, _, _ in ranked]
+    assert sizes[0] == 9 and len(set(sizes)) == 3
+    assert [bic[k - 1] for k in sizes] == sorted(bic)[:3]
+
+
+def test_merged_mixtures_is_the_weighted_sum_of_the_stacked_mixtures():
+    """The stacked mixtures become one mixture part, so the model keeps its three parts."""
+    rng = np.random.RandomState(0)
+    broad, first, second = (GaussianMixtureDensity(*_torch_mixture(rng, k)) for k in (1, 2, 3))
+    kernel = GaussianKernelDensity(torch.as_tensor(rng.normal(size=(10, 3))), torch.ones(10), 0.5)
+    parts, weights = [broad, first, second, kernel], np.array([0.1, 0.3, 0.5, 0.1])
+    merged, merged_weights = merged_mixtures(parts, weights)
+    assert merged[0] is broad and merged[2] is kernel and merged[1].means.shape[0] == 5
+    np.testing.assert_allclose(merged_weights, [0.1, 0.8, 0.1])
+    z = torch.as_tensor(rng.normal(size=(20, 3)))
+    with torch.no_grad():
+        expected = np.logaddexp(np.log(0.3) + first.log_prob(z).numpy(), np.log(0.5) + second.log_prob(z).numpy())
+        np.testing.assert_allclose(merged[1].log_prob(z).numpy(), expected - np.log(0.8), rtol=1e-12)
+    # a mixture of no weight is left out
+    merged, merged_weights = merged_mixtures(parts, np.array([0.1, 0.0, 0.8, 0.1]))
+    assert merged[1].means.shape[0] == 3 and merged_weights[1] == 0.8
+
+
+def _torch_mixture(rng, n_components):
+    weights, means, covariances = _random_mixture(rng, n_components)
+    return torch.as_tensor(weights), torch.as_tensor(means), torch.linalg.cholesky(torch.as_tensor(covariances))
+
+
+def test_gaussian_parts_are_scored_leaving_each_row_out():
+    """Each scored row counts under the part fitted without it (one M-step: exact for one
+    Gaussian). In-sample scores less Akaike's correction favoured the mixtures of most
+    components, and a component on a few rows scored them as spikes."""
+    import sklearn_maf._reference as reference
+
+    rng = np.random.RandomState(0)
+    Z = rng.normal(size=(60, 3)) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 1.0]])
+    single = GaussianMixtureDensity(*_torch_mixture_from(gaussian_mixture(Z, np.ones(60), 1, random_state=0)))
+    held = reference._leave_one_out(single, torch.as_tensor(Z), np.ones(60), 60.0, broad=False)
+    for i in range(0, 60, 7):
+        rest = np.ones(60)
+        rest[i] = 0.0
+        refitted = GaussianMixtureDensity(*_torch_mixture_from(gaussian_mixture(Z, rest, 1, random_state=0)))
+        with torch.no_grad():
+            assert held[i] == pytest.approx(refitted.log_prob(torch.as_tensor(Z[i : i + 1])).item(), abs=1e-6)
+    # the broad part: each of its Gaussians saw every row
+    held = reference._leave_one_out(broad_gaussian(Z, np.ones(60)), torch.as_tensor(Z), np.ones(60), 60.0, broad=True)
+    rest = np.r_[0.0, np.ones(59)]
+    with torch.no_grad():
+        refitted = broad_gaussian(Z, rest).log_prob(torch.as_tensor(Z[:1])).item()
+    assert held[0] == pytest.approx(refitted, abs=0.2)  # Ledoit-Wolf's shrinkage moves a little too
+    # a component on one far row: a spike in sample, an ordinary row held out
+    Z = np.concatenate([rng.normal(size=(99, 2)), [[30.0, 30.0]]])
+    spike = GaussianMixtureDensity(*_torch_mixture_from(gaussian_mixture(Z, np.ones(100), 2, random_state=0)))
+    assert spike.log_weights.exp().min() == pytest.approx(0.01)
+    held = reference._leave_one_out(spike, torch.as_tensor(Z), np.ones(100), 100.0, broad=False)
+    with torch.no_grad():
+        in_sample = spike.log_prob(torch.as_tensor(Z)).numpy()
+    assert in_sample[-1] > 0 and held[-1] < -1000  # scored by the other component alone
+    assert 0 < np.mean(in_sample[:99] - held[:99]) < 0.1  # ordinary rows: about 6 parameters over 99 rows
+    # a unit of weight 3 is one of three copies: the component keeps two, its weight
+    # goes from 3/102 to 2/101 and its covariance (the ridge alone) scales by 3/2
+    spike = GaussianMixtureDensity(*_torch_mixture_from(gaussian_mixture(Z, np.r_[np.ones(99), 3.0], 2, random_state=0)))
+    held = reference._leave_one_out(spike, torch.as_tensor(Z[-1:]), np.ones(1), 102.0, broad=False)
+    with torch.no_grad():
+        in_sample = spike.log_prob(torch.as_tensor(Z[-1:])).item()
+    assert held[0] == pytest.approx(in_sample + np.log((2 / 101) / (3 / 102)) - np.log(1.5), abs=1e-6)
+
+
+def _torch_mixture_from(fitted):
+    weights, means, covariances, _ = fitted
+    return torch.as_tensor(weights), torch.as_tensor(means), torch.linalg.cholesky(torch.as_tensor(covariances))
 
 
 def _stack(log_densities, weight, floor):
@@ -261,11 +336,14 @@ def test_rows_cost_at_most_the_floor_against_the_maximum_likelihood_gaussian_too
 def test_reference_weights_rest_on_many_rows():
     """The parts' weights among themselves rest on the training rows too, scored as if held out:
     on Gaussian clusters the mixture takes nearly all of it, though 5 held-out rows would not say so."""
+    import sklearn_maf._reference as reference
+
     rng = np.random.RandomState(0)
     Z = np.concatenate([rng.normal(loc, 1.0, size=(200, 3)) for loc in (-6, 0, 6)])
     parts, scores, score_weight = fit_reference(Z, np.ones(len(Z)), "gmm", random_state=0)
-    assert [type(part).__name__ for part in parts] == ["GaussianMixtureDensity", "GaussianMixtureDensity", "GaussianKernelDensity"]
-    assert scores.shape == (score_weight.size, 3)
+    stacked = 1 + reference._STACKED_MIXTURES
+    assert [type(part).__name__ for part in parts] == ["GaussianMixtureDensity"] * stacked + ["GaussianKernelDensity"]
+    assert scores.shape == (score_weight.size, stacked + 1)
     held = np.concatenate([rng.normal(loc, 1.0, size=(2, 3)) for loc in (-6, 6)])[:5]
     with torch.no_grad():
         classical = np.column_stack([part.log_prob(torch.as_tensor(held)).numpy() for part in parts])
@@ -273,11 +351,11 @@ def test_reference_weights_rest_on_many_rows():
     weights = flow_and_reference_weights(flow, classical, np.ones(len(held)), scores, score_weight, 1e-3)
     assert weights.sum() == pytest.approx(1.0)
     assert weights[1] >= 1e-3 * (1 - 1e-9)
-    assert weights[0] < 0.05 and weights[2] > 0.8 and weights[3] < 0.2
+    assert weights[0] < 0.05 and weights[2:-1].sum() > 0.8 and weights[-1] < 0.2
     # the same as one EM over everything when the flow has no held-out say
     parts, scores, score_weight = fit_reference(Z, np.ones(len(Z)), "gmm", random_state=0, kernel=False)
-    assert [type(part).__name__ for part in parts] == ["GaussianMixtureDensity", "GaussianMixtureDensity"]
-    assert scores.shape == (score_weight.size, 2)
+    assert [type(part).__name__ for part in parts] == ["GaussianMixtureDensity"] * stacked
+    assert scores.shape == (score_weight.size, stacked)
 
 
 def test_kernel_density_kept_only_with_held_out_weight():
@@ -352,12 +430,12 @@ def test_the_kernel_density_holds_at_most_its_cap_of_rows(monkeypatch):
     rng = np.random.RandomState(0)
     Z = rng.normal(size=(450, 2))
     parts, scores, score_weight = fit_reference(Z, np.ones(450), "gmm", random_state=0)
-    assert parts[2].points.shape == (90, 2)  # every fifth row
+    assert parts[-1].points.shape == (90, 2)  # every fifth row
     assert np.all(score_weight == 5.0)  # each counts for the rows it stands for
     refitted = reference.refit_reference(parts, np.concatenate([Z, Z[:50]]), np.ones(500), random_state=0)
-    assert refitted[2].points.shape == (100, 2)
+    assert refitted[-1].points.shape == (100, 2)
     # Scott's rate for 100 rows where there were 90
-    assert float(refitted[2].bandwidth) == pytest.approx(float(parts[2].bandwidth) * (100 / 90) ** (-1 / 6))
+    assert float(refitted[-1].bandwidth) == pytest.approx(float(parts[-1].bandwidth) * (100 / 90) ** (-1 / 6))
 
 
 def test_thinned_rows_leave_out_all_the_weight_they_stand_for(monkeypatch):
@@ -374,8 +452,8 @@ def test_thinned_rows_leave_out_all_the_weight_they_stand_for(monkeypatch):
     assert kernel_bandwidth(points, np.full(300, 5.0), unit=1.0)[0] < 0.5 * alone
     monkeypatch.setattr(reference, "_MAX_KERNEL_ROWS", 100)
     parts, _, _ = fit_reference(rng.normal(size=(500, 2)), np.ones(500), "gmm", random_state=0)
-    assert parts[2].points.shape == (100, 2)
-    assert float(parts[2].bandwidth) == pytest.approx(kernel_bandwidth(parts[2].points.numpy(), np.ones(100))[0], rel=0.02)
+    assert parts[-1].points.shape == (100, 2)
+    assert float(parts[-1].bandwidth) == pytest.approx(kernel_bandwidth(parts[-1].points.numpy(), np.ones(100))[0], rel=0.02)
 
 
 def test_leave_one_out_keeps_kernels_far_below_the_rows_own():
