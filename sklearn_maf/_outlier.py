@@ -14,7 +14,7 @@ from ._preprocessing import _constant_features, _weighted_moments
 
 # MAFDensity's parameters that the detector does not take: its own preprocessing
 # (dequantize, preprocessing="quantile") handles discrete and bounded features.
-_NOT_PARAMETERS = {"bounds", "discrete_features", "reference", "min_reference_weight"}
+_NOT_PARAMETERS = {"bounds", "discrete_features"}
 
 # What preprocessing="auto" chooses among. Standardising is not a third
 # candidate: the flow's first layer standardises every feature already, so
@@ -34,9 +34,9 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
     """Outlier and novelty detection with a Masked Autoregressive Flow.
 
     The detector learns the density of the training rows with a MAF
-    (Papamakarios, Pavlakou & Murray, 2017), as
-    :class:`~sklearn_maf.MAFDensity` does, and calls a row an outlier when its
-    log-density is low. It follows :class:`~sklearn.ensemble.IsolationForest`
+    (Papamakarios, Pavlakou & Murray, 2017) stacked with classical densities
+    (``reference``), as :class:`~sklearn_maf.MAFDensity` does, and calls a row
+    an outlier when its log-density is low. It follows :class:`~sklearn.ensemble.IsolationForest`
     and :class:`~sklearn.neighbors.LocalOutlierFactor` with ``novelty=True``:
     :meth:`score_samples` is higher for more typical rows,
     :meth:`decision_function` is ``score_samples - offset_`` (negative for
@@ -76,8 +76,9 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
        log-density in the units of ``X``.
 
     The default, ``preprocessing="auto"``, decides between the two for each
-    data set, at fit time: it fits a flow behind each and compares the
-    log-likelihoods that their densities of ``X`` give the held-out rows. It
+    data set, at fit time: it fits the model (the flow and its reference)
+    behind each and compares the log-likelihoods that their densities of
+    ``X`` give the held-out rows. It
     keeps the quantile map only where its mean is higher by more than two
     standard errors of the paired per-row differences, and raw coordinates
     otherwise: the map is itself fitted to the training rows (a knot per
@@ -85,7 +86,7 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
     nothing fitted, and a difference within the noise of the held-out rows
     does not justify the extra model. A detector that ranks rows by a density is as good as that density, and
     held-out likelihood is the measure of a density that needs no labels. The
-    quantile candidate's density of ``X`` is its flow's density of the
+    quantile candidate's density of ``X`` is its model's density of the
     transformed row times the Jacobian of the map (the slopes of the
     empirical distribution functions over the normal density at the mapped
     values): without that factor the two likelihoods would be densities of
@@ -202,6 +203,24 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         ``tail_cut_``; ``partial_fit`` keeps the plain normal. A number:
         that cut, from the validation score on. None: the plain normal
         throughout. Ignored by the other bases.
+    reference : {"gmm", "gaussian"} or None, default="gmm"
+        A classical density mixed with the flow, as in
+        :class:`~sklearn_maf.MAFDensity`: ``p = w_flow * p_flow + (1 - w_flow)
+        * p_reference``, in the flow's coordinates (after the preprocessing).
+        "gmm": a broad Gaussian, the three full-covariance Gaussian mixtures
+        that BIC ranks best among 1 to 10 components and a Gaussian kernel
+        density, each weighted, with the flow, by EM on held-out likelihood
+        (stacked density estimation); "gaussian": the broad Gaussian alone;
+        None: the flow alone. The scores, and with ``preprocessing="auto"``
+        the choice of preprocessing, are those of the mixture: a detector
+        that ranks rows by a density is as good as that density, and on small
+        data the classical parts are the better density where the flow is
+        not (``benchmarks/RESULTS.md``, "ADBench outlier detection"). The
+        broad Gaussian ranks rows far from the training rows by their
+        distance, where a flow alone can extrapolate arbitrarily.
+    min_reference_weight : float in [0, 1), default=1e-4
+        The least weight of the broad Gaussian (see
+        :class:`~sklearn_maf.MAFDensity`). Ignored when ``reference`` is None.
     alpha : float, default=1e-6
         L2 penalty on the MADE weight matrices, applied as Adam weight decay.
     batch_size : int, default=256
@@ -259,6 +278,13 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
     module_ : sklearn_maf._nn.MAF
         The fitted flow, over the features that are not constant, in float64
         and eval mode.
+    mixture_weights_ : ndarray of shape (1,), (2,) or (4,)
+        The weights of the flow, the broad Gaussian and (``reference="gmm"``)
+        the Gaussian mixtures and the kernel density (0 where it was left
+        out); ``[1.0]`` for the flow alone.
+    reference_ : sklearn_maf._nn.mixture.Mixture or None
+        The reference parts kept, with their weights relative to each other,
+        in the flow's coordinates; None for the flow alone.
     n_features_in_ : int
         Number of features seen during :term:`fit`, constant ones included.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
@@ -358,6 +384,8 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         base="auto",
         n_components=10,
         tail_cut="auto",
+        reference="gmm",
+        min_reference_weight=1e-4,
         alpha=1e-6,
         batch_size=256,
         learning_rate="adaptive",
@@ -386,6 +414,8 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
             base=base,
             n_components=n_components,
             tail_cut=tail_cut,
+            reference=reference,
+            min_reference_weight=min_reference_weight,
             alpha=alpha,
             batch_size=batch_size,
             learning_rate=learning_rate,
@@ -494,13 +524,13 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         the same variable.
         """
         X = self._dequantized[rows]
-        log_density = self._log_mass(lambda x: self.module_.log_prob(x), self._marginals.transform(X))
+        log_density = self._log_mass(self._model_log_prob, self._marginals.transform(X))
         log_density = log_density + self._marginals.log_jacobian(X)
         weight = np.ones(rows.size) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)[rows]
         return log_density, weight
 
     def score_samples(self, X):
-        """Log-density of each row under the fitted flow; higher is more typical.
+        """Log-density of each row under the fitted model (flow and reference); higher is more typical.
 
         Parameters
         ----------
@@ -571,10 +601,6 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         return X
 
     # ----------------------------------------------------------------- helpers
-
-    def _reference_kind(self):
-        # the flow alone: a row the flow finds absurdly unlikely is an outlier
-        return None
 
     def _flow_features(self, X, sample_weight, train, rng, continuing):
         """Drop constant features, dequantize and transform the others (the hook of ``_fit``)."""
