@@ -33,7 +33,9 @@ Models, fitted on the same training rows:
   of components chosen by BIC over 1..10 (at most the number of training
   rows; a k whose fit fails is skipped);
 - **KDE**: ``KernelDensity(kernel="gaussian", rtol=1e-6)`` on standardised
-  features; the bandwidth by 3-fold ``GridSearchCV`` over Scott's rule times
+  features, with a leaf size beyond its rows so that every kernel is summed
+  (``KDE_LEAF_ROWS``: the default tree overstates log-densities in many
+  dimensions); the bandwidth by 3-fold ``GridSearchCV`` over Scott's rule times
   2^-6 .. 2^1 (15 values, half-octave steps) on at most 5,000 training rows,
   then rescaled from the search's fold size to the full training size by
   Scott's n^(-1/(d+4)) and refitted on every training row.
@@ -55,11 +57,9 @@ A difference beyond +2 s.e. is a win for MAF, below -2 s.e. a loss,
 otherwise a tie.
 
 Cost (the caps above: 20,000 training rows, 5,000 test rows, 5,000 rows for
-the KDE search): the full run is 288 (set, size, seed) runs. Seed 0 at both
-sizes took 5,700 s of fit time summed over its 96 runs on the shared 2-core
-machine at a load of 11-14, where fits take 3-5 times as long as on a quiet
-one; so the full run with ``--jobs 2`` should take about 30-60 minutes on 2
-quiet cores (not yet measured). The slowest runs are InternetAds (1,308
+the KDE search): the full run is 288 (set, size, seed) runs; with
+``--jobs 2`` it took 28 minutes on 2 quiet cores (1,693 s at 9758c18). The
+slowest runs are InternetAds (1,308
 features; GMM's BIC sweep) and the 20,000-row sets' KDE searches. ``--quick`` (a few small real sets and
 one generated set, seed 0, the small size) takes a few minutes on 2 cores.
 
