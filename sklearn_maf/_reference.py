@@ -465,10 +465,15 @@ def merged_mixtures(parts, weights):
     component_weights = torch.cat(
         [parts[i].log_weights.exp() * (weights[i] / total if total > 0 else 1 / len(kept)) for i in kept]
     )
+    # a stacking weight near the least double times a component's share underflows to 0
+    positive = component_weights > 0
+    if not bool(positive.any()):
+        kept, component_weights = stacked[:1], parts[stacked[0]].log_weights.exp()
+        positive = component_weights > 0
     merged = GaussianMixtureDensity(
-        component_weights,
-        torch.cat([parts[i].means for i in kept]),
-        torch.cat([parts[i].cholesky for i in kept]),
+        component_weights[positive],
+        torch.cat([parts[i].means for i in kept])[positive],
+        torch.cat([parts[i].cholesky for i in kept])[positive],
     )
     first = stacked[0]
     out_parts = [merged if i == first else part for i, part in enumerate(parts) if i == first or i not in stacked]

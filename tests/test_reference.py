@@ -201,6 +201,11 @@ def test_merged_mixtures_is_the_weighted_sum_of_the_stacked_mixtures():
     # a mixture of no weight is left out
     merged, merged_weights = merged_mixtures(parts, np.array([0.1, 0.0, 0.8, 0.1]))
     assert merged[1].means.shape[0] == 3 and merged_weights[1] == 0.8
+    # and one whose components' weights underflow (EM can drive a part's weight to the least double)
+    merged, merged_weights = merged_mixtures(parts, np.array([0.1, 5e-324, 0.8, 0.1]))
+    assert merged_weights[1] == pytest.approx(0.8)
+    with torch.no_grad():
+        np.testing.assert_allclose(merged[1].log_prob(z).numpy(), second.log_prob(z).numpy(), rtol=1e-12)
 
 
 def _torch_mixture(rng, n_components):
