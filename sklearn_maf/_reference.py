@@ -76,7 +76,6 @@ _ML_SHARE = 0.01
 # Least stacking weight for which the kernel density is kept: below it, its
 # scoring cost (proportional to its rows) buys at most ~0.001 nats per row.
 _MIN_KERNEL_WEIGHT = 1e-3
-# The BIC search's best mixtures that are stacked as parts of their own.
 # The BIC search's best mixtures that are stacked, each a part of its own:
 # the BIC of neighbouring numbers of components differs by less than its
 # noise on a few hundred rows (Cardiotocography: 2 components on 450 rows,
@@ -400,10 +399,9 @@ def _leave_one_out(part, rows, left_out, total, broad):
     n_features = part.n_features
     left_out = torch.as_tensor(left_out, dtype=rows.dtype)
     with torch.no_grad():
-        log_prob = part.component_log_prob(rows, weighted=False)  # (n, K)
-        log_det = torch.log(torch.diagonal(part.cholesky, dim1=-2, dim2=-1)).sum(dim=1)
-        constant = -0.5 * n_features * math.log(2 * math.pi)
-        radius2 = -2 * (log_prob - constant + log_det)  # squared Mahalanobis radii
+        radius2 = part.squared_radii(rows)  # (n, K)
+        log_norm = part.log_normalisers(rows.dtype)
+        log_prob = log_norm - 0.5 * radius2
         weights = part.log_weights.exp()
         if broad:
             mass = torch.full_like(log_prob, float(total))
@@ -420,7 +418,7 @@ def _leave_one_out(part, rows, left_out, total, broad):
         ratio = mass / remaining  # the covariance's scale after the downdate
         leverage = torch.clamp(removed * radius2 / remaining, max=1 - 1e-12)
         log_held = (
-            constant - log_det - 0.5 * n_features * torch.log(ratio) - 0.5 * torch.log1p(-leverage)
+            log_norm - 0.5 * n_features * torch.log(ratio) - 0.5 * torch.log1p(-leverage)
             - 0.5 * ratio * radius2 / (1 - leverage)
         )  # fmt: skip
         log_held = torch.where(alive, log_held + log_share, torch.full_like(log_held, -math.inf))
@@ -460,16 +458,15 @@ def merged_mixtures(parts, weights):
     stacked = [i for i, part in enumerate(parts) if i > 0 and isinstance(part, GaussianMixtureDensity)]
     if len(stacked) < 2:
         return list(parts), np.asarray(weights, dtype=float)
-    kept = [i for i in stacked if weights[i] > 0] or stacked[:1]
     total = float(sum(weights[i] for i in stacked))
-    component_weights = torch.cat(
-        [parts[i].log_weights.exp() * (weights[i] / total if total > 0 else 1 / len(kept)) for i in kept]
-    )
+    kept = [i for i in stacked if weights[i] > 0]
+    shares = [parts[i].log_weights.exp() * (weights[i] / total) for i in kept]
     # a stacking weight near the least double times a component's share underflows to 0
-    positive = component_weights > 0
-    if not bool(positive.any()):
-        kept, component_weights = stacked[:1], parts[stacked[0]].log_weights.exp()
-        positive = component_weights > 0
+    positive = torch.cat(shares) > 0 if kept else torch.zeros(0, dtype=torch.bool)
+    if not bool(positive.any()):  # no weight left: the best mixture stands for them, at weight `total`
+        kept, shares = stacked[:1], [parts[stacked[0]].log_weights.exp()]
+        positive = shares[0] > 0
+    component_weights = torch.cat(shares)
     merged = GaussianMixtureDensity(
         component_weights[positive],
         torch.cat([parts[i].means for i in kept])[positive],

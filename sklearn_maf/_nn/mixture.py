@@ -69,17 +69,22 @@ class GaussianMixtureDensity(nn.Module):
     def n_features(self):
         return self.means.shape[1]
 
+    def squared_radii(self, z):
+        """Squared Mahalanobis radius of each row of ``z`` from each component, shape (n, K)."""
+        centred = z[None, :, :] - self.means.to(z.dtype)[:, None, :]  # (K, n, D)
+        # one triangular solve per component
+        white = torch.linalg.solve_triangular(self.cholesky.to(z.dtype), centred.transpose(1, 2), upper=False)
+        return white.square().sum(dim=1).T
+
+    def log_normalisers(self, dtype):
+        """Log of each component's normalising constant, ``-D/2 log(2 pi) - log|L_k|``, shape (K,)."""
+        log_det = torch.log(torch.diagonal(self.cholesky.to(dtype), dim1=-2, dim2=-1)).sum(dim=1)
+        return -0.5 * self.n_features * math.log(2 * math.pi) - log_det
+
     def component_log_prob(self, z, weighted=True):
         """Log-density of each row of ``z`` under each component (times its weight), shape (n, K)."""
-        chol = self.cholesky.to(z.dtype)
-        centred = z[None, :, :] - self.means.to(z.dtype)[:, None, :]  # (K, n, D)
-        # one triangular solve per component: the squared Mahalanobis radii
-        white = torch.linalg.solve_triangular(chol, centred.transpose(1, 2), upper=False)
-        radius2 = white.square().sum(dim=1)  # (K, n)
-        log_det = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(dim=1)
-        log_norm = -0.5 * self.n_features * math.log(2 * math.pi) - log_det
-        log_prob = log_norm[:, None] - 0.5 * radius2
-        return (log_prob + self.log_weights.to(z.dtype)[:, None] if weighted else log_prob).T
+        log_prob = self.log_normalisers(z.dtype) - 0.5 * self.squared_radii(z)
+        return log_prob + self.log_weights.to(z.dtype) if weighted else log_prob
 
     def log_prob(self, z):
         """Log-density of each row of ``z``, shape (n,)."""
