@@ -14,6 +14,7 @@ from sklearn_maf import MAFConditionalDensity, MAFDensity
 from sklearn.neighbors import KernelDensity
 
 from sklearn_maf._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture, to_fixed
+from sklearn_maf import _reference
 from sklearn_maf._reference import (
     broad_gaussian,
     fit_reference,
@@ -162,15 +163,24 @@ def test_bic_finds_the_components_and_respects_the_rows():
     assert weights.size <= 4
 
 
-def test_bic_tries_every_number_of_components_the_rows_allow():
-    """EM's local optima make the BIC rise and fall again: on these 8 clusters it rises from 6 to
-    8 components and is lowest at 9. A search that stopped after two rises kept 6 (ALOI kept 7
-    where sklearn's GaussianMixture, trying all 10, found 10 better by 5 nats a row)."""
+def _clusters():
+    """Rows of round clusters in 2-D (8, two of them 0.6 apart with spreads 0.4 and 0.74), and their number."""
     rng = np.random.RandomState(23)
+    n_clusters = rng.randint(5, 10)
     Z = np.concatenate([
         rng.normal(rng.uniform(-6, 6, 2), rng.uniform(0.3, 1.0), size=(rng.randint(30, 120), 2))
-        for _ in range(rng.randint(5, 10))
+        for _ in range(n_clusters)
     ])  # fmt: skip
+    return Z, n_clusters
+
+
+def test_bic_tries_every_number_of_components_the_rows_allow(monkeypatch):
+    """EM's local optima make the BIC rise and fall again: from a single k-means start, on these
+    clusters, it rises from 6 to 8 components and is lowest at 9. A search that stopped after two
+    rises kept 6 (ALOI kept 7 where sklearn's GaussianMixture, trying all 10, found 10 better by 5
+    nats a row)."""
+    monkeypatch.setattr(_reference, "em_starts", lambda n_rows, n_features: 1)
+    Z, _ = _clusters()
     bic = []
     for k in range(1, 11):
         *_, log_likelihood = gaussian_mixture(Z, np.ones(len(Z)), k, random_state=0)
@@ -183,6 +193,30 @@ def test_bic_tries_every_number_of_components_the_rows_allow():
     sizes = [w.size for w, _, _ in ranked]
     assert sizes[0] == 9 and len(set(sizes)) == 3
     assert [bic[k - 1] for k in sizes] == sorted(bic)[:3]
+
+
+def test_bic_search_continues_the_best_of_several_starts(monkeypatch):
+    """From one k-means start EM ends 72 nats below the best optimum at 7 components on these
+    clusters, and BIC then picks 9; the short runs from ten starts find it, and BIC picks 7 or 8
+    (two of the 8 clusters overlap)."""
+    Z, n_clusters = _clusters()
+    weight = np.ones(len(Z))
+    assert n_clusters == 8 and _reference.em_starts(len(Z), 2) == 10
+    single = gaussian_mixture(Z, weight, 7, random_state=0)[3]
+    best = _reference._best_start(Z, weight, 7, 0, 10)[3]
+    full = max(gaussian_mixture(Z, weight, 7, random_state=seed)[3] for seed in range(10))
+    assert best > single + 50 and best >= full - 1.0  # the short runs pick as well as full ones
+    assert gaussian_mixtures_by_bic(Z, weight, random_state=0)[0][0].size in (n_clusters - 1, n_clusters)
+    # the starts depend on the rows of positive weight only, and never exceed the cap
+    assert _reference.em_starts(40, 2) == _reference._MAX_STARTS
+    assert _reference.em_starts(5_000, 27) == 1
+    # (a budget of 2 starts on these rows, 1 if the rows of no weight counted)
+    monkeypatch.setattr(_reference, "_START_WORK", 2 * len(Z) * 2**2)
+    padded = np.concatenate([Z, np.zeros((100, 2))])
+    np.testing.assert_allclose(
+        gaussian_mixtures_by_bic(padded, np.r_[weight, np.zeros(100)], random_state=0)[0][1],
+        gaussian_mixtures_by_bic(Z, weight, random_state=0)[0][1],
+    )
 
 
 def test_merged_mixtures_is_the_weighted_sum_of_the_stacked_mixtures():
