@@ -59,17 +59,17 @@ _SEARCH_ROWS = 5_000
 _SEARCH_WORK = 50_000_000
 # EM from a single k-means start ends in one of its local optima: which one
 # is luck, and on a few hundred rows it moves the held-out likelihood by more
-# than a nat per row. For each number of components the search runs EM
-# _SHORT_EM iterations from each of up to _MAX_STARTS k-means starts
-# (k-means' classical n_init) and continues the one of highest training
-# likelihood to convergence (:func:`_best_start`). It takes as many starts
-# as fit in _START_WORK multiply-adds per component and EM iteration (n D^2;
-# one start on 2,000 rows of 16 features costs that much): all of them on
-# small data, one where the search is already the costly part of the fit.
+# than a nat per row. For each number of components the search runs EM from
+# up to _MAX_STARTS k-means starts (k-means' classical n_init), side by side
+# in one batch, and keeps the run of highest training likelihood: as many
+# starts as make no more rows than the search takes on large data
+# (search_rows), so it never costs more than one start there does: ten
+# starts on a few hundred rows, one from a few thousand. (Biernacki, Celeux &
+# Govaert's short runs, a few iterations from each start and the best
+# continued, were measured: they misjudged the starts where components settle
+# on a repeated value late; RESULTS.md, "Broad density suite".)
 _MAX_STARTS = 10
-_SHORT_EM = 5
 _SEED_RANGE = 2**31 - 1
-_START_WORK = 500_000
 # Covariance ridge, in standardised units (unit variances), as
 # sklearn.mixture.GaussianMixture's reg_covar.
 _REG_COVAR = 1e-6
@@ -98,11 +98,11 @@ _STACKED_MIXTURES = 3
 
 
 def _logsumexp_rows(a):
-    """``log(sum(exp(a), axis=1))``: scipy's ``logsumexp`` without its checks, which the EM loops call hundreds of times."""
-    top = a.max(axis=1)
+    """``log(sum(exp(a), axis=-1))``: scipy's ``logsumexp`` without its checks, which the EM loops call hundreds of times."""
+    top = a.max(axis=-1)
     top = np.where(np.isfinite(top), top, 0.0)
     with np.errstate(divide="ignore"):
-        return np.log(np.exp(a - top[:, None]).sum(axis=1)) + top
+        return np.log(np.exp(a - top[..., None]).sum(axis=-1)) + top
 
 
 def ledoit_wolf(Z, weight):
@@ -165,38 +165,57 @@ def _weighted_gaussians(Z, weight, responsibilities):
     return totals / totals.sum(), means, covariances
 
 
-def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e-3, start=None):
+def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e-3, start=None, n_starts=1):
     """Weighted EM for a full-covariance Gaussian mixture, started from k-means or from ``start``.
 
     As :class:`sklearn.mixture.GaussianMixture` (``init_params="kmeans"``,
-    ``reg_covar``, the same convergence test on the mean log-likelihood),
-    which takes no sample weights. ``start``, a fitted
-    :class:`GaussianMixtureDensity` of ``n_components``, starts EM from its
-    responsibilities instead (a fit on some of the rows continued on all).
-    Returns ``(weights, means, covariances, log_likelihood)``, the last the
-    weighted total over the rows.
+    ``reg_covar``, the same convergence test on the mean log-likelihood,
+    ``n_init``), which takes no sample weights. ``n_starts`` runs start from
+    k-means with seeds ``random_state``, ``random_state + 1``, ..., side by
+    side as one mixture of ``n_starts * n_components`` components whose
+    weights are normalised start by start (one E- and M-step for the runs not
+    yet converged), and the run of highest likelihood is returned. ``start``,
+    a fitted :class:`GaussianMixtureDensity` of ``n_components``, starts EM
+    from its responsibilities instead (a fit on some of the rows continued
+    on all). Returns ``(weights, means, covariances, log_likelihood)``, the
+    last the weighted total over the rows.
     """
+    n, n_features = Z.shape
     if n_components == 1:
-        responsibilities = np.ones((Z.shape[0], 1))
+        responsibilities = np.ones((n, 1, 1))
     elif start is not None:
         with torch.no_grad():
-            responsibilities = torch.softmax(start.component_log_prob(torch.as_tensor(Z)), dim=1).numpy()
+            responsibilities = torch.softmax(start.component_log_prob(torch.as_tensor(Z)), dim=1).numpy()[:, None, :]
     else:
-        labels = KMeans(n_components, n_init=1, random_state=random_state).fit(
-            Z, sample_weight=weight
-        ).labels_
-        responsibilities = np.eye(n_components)[labels]
-    previous = -np.inf
-    for _ in range(max_iter):
-        weights, means, covariances = _weighted_gaussians(Z, weight, responsibilities)
-        log_prob = _component_log_prob(Z, means, covariances) + np.log(weights)
-        row_log_prob = _logsumexp_rows(log_prob)
+        labels = [
+            KMeans(n_components, n_init=1, random_state=(random_state + s) % _SEED_RANGE).fit(
+                Z, sample_weight=weight
+            ).labels_
+            for s in range(n_starts)
+        ]  # fmt: skip
+        responsibilities = np.eye(n_components)[np.stack(labels, axis=1)]  # (n, starts, K)
+    runs = np.arange(responsibilities.shape[1])  # those still running
+    previous = np.full(runs.size, -np.inf)
+    fits = [None] * runs.size
+    for iteration in range(max_iter):
+        weights, means, covariances = _weighted_gaussians(Z, weight, responsibilities.reshape(n, -1))
+        weights = weights.reshape(runs.size, n_components)
+        weights /= weights.sum(axis=1, keepdims=True)
+        log_prob = _component_log_prob(Z, means, covariances).reshape(n, runs.size, n_components) + np.log(weights)
+        row_log_prob = _logsumexp_rows(log_prob)  # (n, runs)
         current = weight @ row_log_prob / weight.sum()
-        responsibilities = np.exp(log_prob - row_log_prob[:, None])
-        if n_components == 1 or abs(current - previous) < tol:
+        done = np.abs(current - previous) < tol if n_components > 1 and iteration < max_iter - 1 else True
+        done = np.broadcast_to(done, runs.shape)
+        means = means.reshape(runs.size, n_components, n_features)
+        covariances = covariances.reshape(runs.size, n_components, n_features, n_features)
+        for r in np.flatnonzero(done):
+            fits[runs[r]] = (weights[r], means[r], covariances[r], current[r] * weight.sum())
+        keep = ~done
+        if not keep.any():
             break
-        previous = current
-    return weights, means, covariances, current * weight.sum()
+        runs, previous = runs[keep], current[keep]
+        responsibilities = np.exp(log_prob[:, keep] - row_log_prob[:, keep, None])
+    return max(fits, key=lambda fit: fit[3])
 
 
 def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1):
@@ -209,8 +228,8 @@ def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1):
     BIC rise and fall again with K, and a search that stopped at the first
     rises kept 7 components on ALOI's 20,000 rows where 10 were best. It
     runs on at most :func:`search_rows` rows (evenly spaced): EM costs ``K n
-    D^2`` per iteration, from the best of :func:`em_starts` k-means starts
-    (:func:`_best_start`). Each mixture is ``(weights, means, covariances)``.
+    D^2`` per iteration, the best of :func:`em_starts` runs from k-means
+    starts. Each mixture is ``(weights, means, covariances)``.
     """
     n, n_features = weight.sum(), Z.shape[1]
     per_component = n_features + n_features * (n_features + 1) / 2 + 1
@@ -221,30 +240,11 @@ def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1):
     for n_components in range(1, _MAX_COMPONENTS + 1):
         if n_components > 1 and (n_components * (n_features + 1) > n or n_components > distinct):
             break
-        *mixture, log_likelihood = _best_start(Z, weight, n_components, random_state, starts)
+        *mixture, log_likelihood = gaussian_mixture(Z, weight, n_components, random_state, n_starts=starts)
         bic = -2 * log_likelihood + (n_components * per_component - 1) * np.log(n)
         fitted.append((bic, n_components, mixture))
     fitted.sort(key=lambda item: item[:2])
     return [mixture for *_, mixture in fitted[:n_best]]
-
-
-def _best_start(Z, weight, n_components, random_state, starts):
-    """EM from the best of ``starts`` k-means starts: each run ``_SHORT_EM`` iterations, the best continued to convergence.
-
-    Biernacki, Celeux & Govaert's (2003) "short runs" strategy: a few
-    iterations show which start climbs highest at a fraction of the cost of
-    running each to convergence. Returns as :func:`gaussian_mixture`.
-    """
-    if n_components == 1 or starts == 1:
-        return gaussian_mixture(Z, weight, n_components, random_state)
-    short = max(
-        (
-            gaussian_mixture(Z, weight, n_components, (random_state + start) % _SEED_RANGE, max_iter=_SHORT_EM)
-            for start in range(starts)
-        ),
-        key=lambda fit: fit[3],
-    )
-    return gaussian_mixture(Z, weight, n_components, random_state, start=_gaussians(*short[:3]))
 
 
 def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weight, floor, max_iter=5000, tol=1e-12):
@@ -305,8 +305,8 @@ def _with_floor(w, column, floor):
 
 
 def em_starts(n_rows, n_features):
-    """How many k-means starts the BIC search tries per number of components (see ``_START_WORK``)."""
-    return int(np.clip(_START_WORK // (n_rows * n_features**2), 1, _MAX_STARTS))
+    """How many k-means starts the BIC search runs on ``n_rows`` rows: as many as make :func:`search_rows` rows, at most ``_MAX_STARTS``."""
+    return int(np.clip(search_rows(n_features) // max(n_rows, 1), 1, _MAX_STARTS))
 
 
 def search_rows(n_features):

@@ -195,23 +195,31 @@ def test_bic_tries_every_number_of_components_the_rows_allow(monkeypatch):
     assert [bic[k - 1] for k in sizes] == sorted(bic)[:3]
 
 
-def test_bic_search_continues_the_best_of_several_starts(monkeypatch):
+def test_bic_search_keeps_the_best_of_several_starts(monkeypatch):
     """From one k-means start EM ends 72 nats below the best optimum at 7 components on these
-    clusters, and BIC then picks 9; the short runs from ten starts find it, and BIC picks 7 or 8
-    (two of the 8 clusters overlap)."""
+    clusters, and BIC then picks 9; from ten starts side by side it finds the best of ten separate
+    runs, and the search (seven starts on these rows) picks 7 or 8 (two of the 8 clusters overlap)."""
     Z, n_clusters = _clusters()
     weight = np.ones(len(Z))
-    assert n_clusters == 8 and _reference.em_starts(len(Z), 2) == 10
+    assert n_clusters == 8 and _reference.em_starts(len(Z), 2) == 7
     single = gaussian_mixture(Z, weight, 7, random_state=0)[3]
-    best = _reference._best_start(Z, weight, 7, 0, 10)[3]
-    full = max(gaussian_mixture(Z, weight, 7, random_state=seed)[3] for seed in range(10))
-    assert best > single + 50 and best >= full - 1.0  # the short runs pick as well as full ones
+    separate = [gaussian_mixture(Z, weight, 7, random_state=seed) for seed in range(10)]
+    weights, means, covariances, best = gaussian_mixture(Z, weight, 7, random_state=0, n_starts=10)
+    assert best > single + 50
+    # the batch is the separate runs, each until its own convergence or beyond (EM only climbs)
+    assert best >= max(run[3] for run in separate) - 1e-6 * abs(best)
+    np.testing.assert_allclose(weights.sum(), 1.0)
+    total = logsumexp(
+        [np.log(w) + multivariate_normal(m, c).logpdf(Z) for w, m, c in zip(weights, means, covariances)], axis=0
+    ).sum()
+    np.testing.assert_allclose(total, best, rtol=1e-3)  # the returned fit is the one scored
     assert gaussian_mixtures_by_bic(Z, weight, random_state=0)[0][0].size in (n_clusters - 1, n_clusters)
     # the starts depend on the rows of positive weight only, and never exceed the cap
     assert _reference.em_starts(40, 2) == _reference._MAX_STARTS
-    assert _reference.em_starts(5_000, 27) == 1
+    assert _reference.em_starts(2_500, 2) == 2 and _reference.em_starts(3_000, 2) == 1
+    assert _reference.em_starts(400, 1_000) == 5  # 2,000 search rows in 1,000 dimensions
     # (a budget of 2 starts on these rows, 1 if the rows of no weight counted)
-    monkeypatch.setattr(_reference, "_START_WORK", 2 * len(Z) * 2**2)
+    monkeypatch.setattr(_reference, "search_rows", lambda n_features: 2 * len(Z))
     padded = np.concatenate([Z, np.zeros((100, 2))])
     np.testing.assert_allclose(
         gaussian_mixtures_by_bic(padded, np.r_[weight, np.zeros(100)], random_state=0)[0][1],
