@@ -38,6 +38,7 @@ from ._preprocessing import (
 )
 from ._nn.mixture import from_fixed, to_fixed
 from ._reference import (
+    _MAX_STARTS,
     fit_reference,
     flow_and_reference_weights,
     merged_mixtures,
@@ -350,6 +351,9 @@ class _BaseMAF(BaseEstimator):
             return None
         return training_threads(batch_size, self.hidden_units, n_inputs)
 
+    # k-means starts of the reference mixtures' EM, at most (_reference.em_starts)
+    _reference_starts = _MAX_STARTS
+
     def _reference_kind(self):
         """The ``reference`` this estimator mixes with its flow (None: the flow alone)."""
         return self.reference
@@ -378,7 +382,9 @@ class _BaseMAF(BaseEstimator):
             return values[:, :-1], values[:, -1]
 
         # the kernel density holds the training rows: only held-out rows can give it weight
-        parts, scores, score_weight = fit_reference(fixed(train)[0], weight[train], kind, seed, validation is not None)
+        parts, scores, score_weight = fit_reference(
+            fixed(train)[0], weight[train], kind, seed, validation is not None, self._reference_starts
+        )
         held = train if validation is None else validation
         Z_held, logabsdet = fixed(held)
         flow = self._map_rows(

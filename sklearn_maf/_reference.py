@@ -218,7 +218,7 @@ def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e
     return max(fits, key=lambda fit: fit[3])
 
 
-def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1):
+def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1, max_starts=_MAX_STARTS):
     """The ``n_best`` full-covariance Gaussian mixtures of 1 to 10 components with the lowest BIC, best first.
 
     A mixture of K components is tried only where the rows' total weight is
@@ -228,14 +228,15 @@ def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1):
     BIC rise and fall again with K, and a search that stopped at the first
     rises kept 7 components on ALOI's 20,000 rows where 10 were best. It
     runs on at most :func:`search_rows` rows (evenly spaced): EM costs ``K n
-    D^2`` per iteration, the best of :func:`em_starts` runs from k-means
-    starts. Each mixture is ``(weights, means, covariances)``.
+    D^2`` per iteration, the best of :func:`em_starts` runs (at most
+    ``max_starts``) from k-means starts. Each mixture is ``(weights, means,
+    covariances)``.
     """
     n, n_features = weight.sum(), Z.shape[1]
     per_component = n_features + n_features * (n_features + 1) / 2 + 1
     Z, weight, _ = thinned(Z, weight, search_rows(n_features))
     distinct = np.count_nonzero(weight > 0)  # k-means needs a row per component
-    starts = em_starts(distinct, n_features)
+    starts = em_starts(distinct, n_features, max_starts)
     fitted = []
     for n_components in range(1, _MAX_COMPONENTS + 1):
         if n_components > 1 and (n_components * (n_features + 1) > n or n_components > distinct):
@@ -304,9 +305,9 @@ def _with_floor(w, column, floor):
     return out
 
 
-def em_starts(n_rows, n_features):
-    """How many k-means starts the BIC search runs on ``n_rows`` rows: as many as make :func:`search_rows` rows, at most ``_MAX_STARTS``."""
-    return int(np.clip(search_rows(n_features) // max(n_rows, 1), 1, _MAX_STARTS))
+def em_starts(n_rows, n_features, max_starts=_MAX_STARTS):
+    """How many k-means starts the BIC search runs on ``n_rows`` rows: as many as make :func:`search_rows` rows, at most ``max_starts``."""
+    return int(np.clip(search_rows(n_features) // max(n_rows, 1), 1, max_starts))
 
 
 def search_rows(n_features):
@@ -384,7 +385,7 @@ def _queries(Z):
     return np.unique(np.linspace(0, Z.shape[0] - 1, min(_KERNEL_QUERIES, Z.shape[0])).astype(int))
 
 
-def fit_reference(Z, weight, kind, random_state, kernel=True):
+def fit_reference(Z, weight, kind, random_state, kernel=True, max_starts=_MAX_STARTS):
     """The reference parts fitted to the rows ``Z``, and their scores on some of those rows as if held out.
 
     The parts, torch densities: the broad Gaussian, then (``kind="gmm"``) the
@@ -399,14 +400,16 @@ def fit_reference(Z, weight, kind, random_state, kernel=True):
     kernel density
     holds at most ``_MAX_KERNEL_ROWS`` of the rows, evenly spaced.
     ``kernel=False`` (where no held-out rows could weigh it) leaves it out,
-    with its bandwidth search. Returns ``(parts, scores, score_weights)``,
+    with its bandwidth search; ``max_starts`` bounds the k-means starts of
+    the mixtures' EM (:func:`em_starts`). Returns ``(parts, scores, score_weights)``,
     one score column per part.
     """
     keep = weight > 0
     Z, weight, scale = thinned(Z[keep], weight[keep])
     parts = [broad_gaussian(Z, weight)]
     if kind == "gmm":
-        parts += [_gaussians(*mixture) for mixture in gaussian_mixtures_by_bic(Z, weight, random_state, _STACKED_MIXTURES)]
+        mixtures = gaussian_mixtures_by_bic(Z, weight, random_state, _STACKED_MIXTURES, max_starts)
+        parts += [_gaussians(*mixture) for mixture in mixtures]
     points, point_weight, point_scale = thinned(Z, weight, _MAX_KERNEL_ROWS)
     queries = _queries(points)
     rows = torch.as_tensor(points[queries])

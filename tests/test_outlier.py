@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 from sklearn.base import clone
 
+from sklearn_maf import _reference
 from sklearn_maf import MAFDensity, MAFOutlierDetector
 from sklearn_maf._outlier import _clearly_better, _dequantize, _Marginals, _weighted_threshold
 
@@ -122,14 +123,25 @@ def test_round_trips_give_identical_results(round_trip, rng):
     np.testing.assert_array_equal(copy.predict(X), detector.predict(X))
 
 
-def test_same_scores_as_mafdensity_without_preprocessing(rng):
-    """The detector shares the model of MAFDensity, not a copy of it."""
+def test_same_scores_as_mafdensity_without_preprocessing(rng, monkeypatch):
+    """The detector shares the model of MAFDensity, not a copy of it: the one difference is that
+    its reference mixtures run EM from one k-means start, where MAFDensity's take up to ten."""
     X = _blobs(300, rng)
+    starts = []
+    search = _reference.gaussian_mixtures_by_bic
+    monkeypatch.setattr(
+        _reference, "gaussian_mixtures_by_bic", lambda *args: starts.append(args[-1]) or search(*args)
+    )
     for reference in ("gmm", None):
         detector = _small(preprocessing=None, dequantize=False, reference=reference).fit(X)
-        density = MAFDensity(n_layers=2, hidden_units=16, max_iter=20, random_state=0, reference=reference).fit(X)
+        density = MAFDensity(n_layers=2, hidden_units=16, max_iter=20, random_state=0, reference=reference)
+        density._reference_starts = 1
+        density.fit(X)
         np.testing.assert_array_equal(detector.score_samples(X), density.score_samples(X))
         np.testing.assert_array_equal(detector.mixture_weights_, density.mixture_weights_)
+    assert starts == [1, 1]
+    MAFDensity(n_layers=2, hidden_units=16, max_iter=2, random_state=0).fit(X)
+    assert starts[-1] == _reference._MAX_STARTS
 
 
 def test_constant_features_are_dropped_and_ignored(rng):

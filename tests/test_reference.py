@@ -179,7 +179,7 @@ def test_bic_tries_every_number_of_components_the_rows_allow(monkeypatch):
     clusters, it rises from 6 to 8 components and is lowest at 9. A search that stopped after two
     rises kept 6 (ALOI kept 7 where sklearn's GaussianMixture, trying all 10, found 10 better by 5
     nats a row)."""
-    monkeypatch.setattr(_reference, "em_starts", lambda n_rows, n_features: 1)
+    monkeypatch.setattr(_reference, "em_starts", lambda n_rows, n_features, max_starts: 1)
     Z, _ = _clusters()
     bic = []
     for k in range(1, 11):
