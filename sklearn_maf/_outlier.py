@@ -212,8 +212,9 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         start, where :class:`~sklearn_maf.MAFDensity` keeps the best of up
         to ten) and a Gaussian kernel density, each weighted, with the flow,
         by EM on held-out likelihood (stacked density estimation);
-        "gaussian": the broad Gaussian alone; None: the flow alone. The scores, and with ``preprocessing="auto"``
-        the choice of preprocessing, are those of the mixture: a detector
+        "gaussian": the broad Gaussian alone; None: the flow alone. The
+        scores, and with ``preprocessing="auto"`` the choice of
+        preprocessing, are those of the mixture: a detector
         that ranks rows by a density is as good as that density, and on small
         data the classical parts are the better density where the flow is
         not (``benchmarks/RESULTS.md``, "ADBench outlier detection"). The
@@ -369,7 +370,7 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
 
     # One k-means start for the reference mixtures' EM, where MAFDensity takes
     # up to ten: the starts raise the held-out likelihood, not the ranking of
-    # rows (ADBench: the same ROC AUC at 1.5x the time; benchmarks/RESULTS.md).
+    # rows (benchmarks/RESULTS.md, "ADBench outlier detection").
     _reference_starts = 1
 
     def __init__(

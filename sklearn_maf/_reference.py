@@ -197,21 +197,19 @@ def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e
     runs = np.arange(responsibilities.shape[1])  # those still running
     previous = np.full(runs.size, -np.inf)
     fits = [None] * runs.size
-    for iteration in range(max_iter):
+    for _ in range(max_iter):
         weights, means, covariances = _weighted_gaussians(Z, weight, responsibilities.reshape(n, -1))
         weights = weights.reshape(runs.size, n_components)
         weights /= weights.sum(axis=1, keepdims=True)
         log_prob = _component_log_prob(Z, means, covariances).reshape(n, runs.size, n_components) + np.log(weights)
         row_log_prob = _logsumexp_rows(log_prob)  # (n, runs)
         current = weight @ row_log_prob / weight.sum()
-        done = np.abs(current - previous) < tol if n_components > 1 and iteration < max_iter - 1 else True
-        done = np.broadcast_to(done, runs.shape)
         means = means.reshape(runs.size, n_components, n_features)
         covariances = covariances.reshape(runs.size, n_components, n_features, n_features)
-        for r in np.flatnonzero(done):
-            fits[runs[r]] = (weights[r], means[r], covariances[r], current[r] * weight.sum())
-        keep = ~done
-        if not keep.any():
+        for r, run in enumerate(runs):  # each run's latest fit, its last when it stops
+            fits[run] = (weights[r], means[r], covariances[r], current[r] * weight.sum())
+        keep = ~(np.abs(current - previous) < tol)
+        if n_components == 1 or not keep.any():
             break
         runs, previous = runs[keep], current[keep]
         responsibilities = np.exp(log_prob[:, keep] - row_log_prob[:, keep, None])

@@ -8,8 +8,7 @@ import pytest
 from scipy import stats
 from sklearn.base import clone
 
-from sklearn_maf import _reference
-from sklearn_maf import MAFDensity, MAFOutlierDetector
+from sklearn_maf import MAFDensity, MAFOutlierDetector, _reference
 from sklearn_maf._outlier import _clearly_better, _dequantize, _Marginals, _weighted_threshold
 
 

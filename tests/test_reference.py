@@ -10,11 +10,10 @@ from sklearn.datasets import load_iris, load_wine
 from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import train_test_split
 
-from sklearn_maf import MAFConditionalDensity, MAFDensity
+from sklearn_maf import MAFConditionalDensity, MAFDensity, _reference
 from sklearn.neighbors import KernelDensity
 
 from sklearn_maf._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture, to_fixed
-from sklearn_maf import _reference
 from sklearn_maf._reference import (
     broad_gaussian,
     fit_reference,
