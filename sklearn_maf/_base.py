@@ -368,11 +368,16 @@ class _BaseMAF(BaseEstimator):
         held out, and the parts are then fitted again to all rows (see :mod:`sklearn_maf._reference`). ``seed`` starts their
         k-means: the fit's own, drawn before anything that depends on the
         number of rows, so that rows of weight zero change nothing.
+
+        Returns the reference as it was before that refit (None where the
+        flow stands alone), with the same weights: the model that has not
+        seen the held-out rows. Refitted, the parts hold those rows too (the
+        kernel density has a kernel on each), and score them as training rows.
         """
         kind = self._reference_kind()
         if kind is None:
             self.reference_, self.mixture_weights_ = None, np.ones(1)
-            return
+            return None
         n_features = X.shape[1]
 
         def fixed(rows):
@@ -396,13 +401,15 @@ class _BaseMAF(BaseEstimator):
         weights = flow_and_reference_weights(
             flow, classical + logabsdet[:, None], weight[held], scores, score_weight, self.min_reference_weight
         )
+        like = next(self.module_.buffers())
+        unrefitted = reference_mixture(*merged_mixtures(parts, weights[1:]), like=like)
         parts = refit_reference(parts, fixed(np.arange(X.shape[0]))[0], weight, seed)
         parts, part_weights = merged_mixtures(parts, weights[1:])
         weights = np.r_[weights[0], part_weights]
-        self.reference_ = reference_mixture(parts, weights[1:], like=next(self.module_.buffers()))
+        self.reference_ = reference_mixture(parts, weights[1:], like=like)
         if self.reference_ is None:
             self.mixture_weights_ = np.ones(1)
-            return
+            return None
         # the weights of the parts kept, scaled to the reference's share; a
         # kernel density left out (no held-out rows) has weight 0
         kept = np.array([any(part is mine for mine in self.reference_.parts) for part in parts], dtype=float)
@@ -410,6 +417,7 @@ class _BaseMAF(BaseEstimator):
         self.mixture_weights_ = np.r_[weights[0], (1 - weights[0]) * reference_weights / reference_weights.sum()]
         if kind == "gmm" and len(parts) == 2:
             self.mixture_weights_ = np.r_[self.mixture_weights_, 0.0]
+        return unrefitted
 
     def _model_log_prob(self, x, context=None):
         """Log-density of rows ``x`` (tensors) under the fitted model: the flow and its reference."""

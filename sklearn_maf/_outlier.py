@@ -5,7 +5,7 @@ from numbers import Real
 import numpy as np
 from scipy.special import ndtr, ndtri
 from sklearn.base import OutlierMixin, _fit_context, clone
-from sklearn.utils import check_random_state
+from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight
 
@@ -103,11 +103,12 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         it is a whole number of rows and the scores are distinct. With
         "auto", ``offset_`` is the score below which 1% of held-out rows
         fall: the rows of the validation split when ``early_stopping=True``,
-        which the flow was not trained on, so that about 1% of new rows from
-        the training distribution are flagged (a threshold taken on the
-        training rows themselves would flag more, since a flexible model
-        scores its own training rows higher); the training rows when
-        ``early_stopping=False``.
+        scored by the model as it was before it saw them (the flow is not
+        trained on them; the reference is scored as fitted before its refit
+        to every row), so that about 1% of new rows from the training
+        distribution are flagged (a threshold taken on rows the model has
+        seen would flag more, since a flexible model scores its own training
+        rows higher); the training rows when ``early_stopping=False``.
     preprocessing : {"auto", "quantile"} or None, default="auto"
         "quantile": map each feature to a standard normal through its
         empirical distribution before the flow (see above). None: model the
@@ -116,8 +117,8 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         quantile map where its held-out log-likelihood as a density of
         ``X``, log-Jacobian included, is higher than the raw flow's by more
         than two standard errors, raw coordinates otherwise (see above): on the
-        validation rows, which the flows were not trained on (the training
-        rows when ``early_stopping=False``). Both candidates use the same
+        validation rows, scored by the models from before they saw them (the
+        training rows when ``early_stopping=False``). Both candidates use the same
         split and the same dequantization noise, from one seed drawn from
         ``random_state``; fitting takes about twice as long as with a fixed
         choice.
@@ -479,18 +480,26 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         """
         train, validation = self._fit(X, sample_weight)
         held_out_rows = train if validation is None else validation
-        held_out = self._held_out_log_likelihood(held_out_rows, sample_weight)
-        del self._dequantized
-        scores = self.score_samples(X)
-        weight = _check_sample_weight(sample_weight, scores, dtype=np.float64)
+        weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
+        # the held-out rows scored by the model that has not seen them: with
+        # the reference as it was before its refit to every row
+        fitted, self.reference_ = self.reference_, self.__dict__.pop("_unrefitted")
+        try:
+            held_out = self._held_out_log_likelihood(held_out_rows, weight)
+            held_out_scores = self.score_samples(_safe_indexing(X, held_out_rows))
+        finally:
+            self.reference_ = fitted
+            del self._dequantized
         if self.contamination == "auto":
-            rows = held_out_rows
-            fraction = _AUTO_FRACTION
+            scores, rows, fraction = held_out_scores, held_out_rows, _AUTO_FRACTION
         else:
-            rows = np.arange(scores.shape[0])
-            fraction = self.contamination
-        self.offset_ = _weighted_threshold(scores[rows], weight[rows], fraction)
+            scores, rows, fraction = self.score_samples(X), slice(None), self.contamination
+        self.offset_ = _weighted_threshold(scores, weight[rows], fraction)
         return held_out
+
+    def _fit_reference(self, X, weight, train, validation, context, seed):
+        # the reference before its refit, for the held-out rows (see _fit_flow)
+        self._unrefitted = super()._fit_reference(X, weight, train, validation, context, seed)
 
     def _fit_auto(self, X, sample_weight):
         """``preprocessing="auto"``: fit a flow behind each candidate and keep one.
@@ -528,13 +537,12 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
 
         The log-Jacobian of the marginal transform is included, so that flows
         fitted behind different preprocessings are compared as densities of
-        the same variable.
+        the same variable. ``sample_weight`` has a weight for every row of ``X``.
         """
         X = self._dequantized[rows]
         log_density = self._log_mass(self._model_log_prob, self._marginals.transform(X))
         log_density = log_density + self._marginals.log_jacobian(X)
-        weight = np.ones(rows.size) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)[rows]
-        return log_density, weight
+        return log_density, sample_weight[rows]
 
     def score_samples(self, X):
         """Log-density of each row under the fitted model (flow and reference); higher is more typical.
