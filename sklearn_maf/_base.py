@@ -60,6 +60,13 @@ _CHUNK_ELEMENTS = 1 << 18
 _DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
+def _row_groups(rows):
+    """An id per row, the same for rows equal in every column (-0.0 and 0.0 equal)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float64) + 0.0  # -0.0 + 0.0 is 0.0
+    _, groups = np.unique(rows, axis=0, return_inverse=True)
+    return groups.ravel()
+
+
 class _BaseMAF(BaseEstimator):
     """Parameters, training and the scoring machinery of a Masked Autoregressive Flow."""
 
@@ -227,7 +234,7 @@ class _BaseMAF(BaseEstimator):
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))
         generator = torch.Generator().manual_seed(seed)
-        train, validation = self._split(X.shape[0], rng)
+        train, validation = self._split(X.shape[0], rng, groups=self._duplicate_groups(X, context, continuing))
         _check_weight_total(sample_weight, train, "training")
         if validation is not None:
             _check_weight_total(sample_weight, validation, "validation")
@@ -564,8 +571,32 @@ class _BaseMAF(BaseEstimator):
             module.base.set_df(df)
         return module
 
-    def _split(self, n_samples, rng):
-        """Indices of the training rows and of the validation rows (or None)."""
+    def _duplicate_groups(self, X, context, continuing):
+        """Which rows are copies of one another (an id per row), or None where repeats are expected.
+
+        A row of continuous values repeated exactly is, under a continuous
+        density, one record entered several times (or resampled): held out
+        while a copy trains, it would score as a training row does, and early
+        stopping, the tails and the reference's weights would reward
+        memorising it. Rows of integer values declared discrete
+        (``discrete_features``) repeat by nature, and are not grouped.
+        """
+        discrete = self.discrete_features_ if continuing else _discrete_mask(self.discrete_features, X)
+        if discrete.all():
+            return None
+        rows = X if context is None else np.column_stack([X, context])
+        return _row_groups(rows)
+
+    def _split(self, n_samples, rng, groups=None):
+        """Indices of the training rows and of the validation rows (or None).
+
+        Rows of one group (``groups``: an id per row, from
+        :meth:`_duplicate_groups`) go to the same side: groups are taken in
+        the order in which a random permutation of the rows meets them, as
+        long as the validation rows stay within ``validation_fraction`` (a
+        group larger than that stays in training), so that with no repeated
+        rows the split is the permutation's.
+        """
         if not self.early_stopping:
             return np.arange(n_samples), None
         n_validation = int(np.ceil(self.validation_fraction * n_samples))
@@ -576,7 +607,24 @@ class _BaseMAF(BaseEstimator):
                 "rows must remain. Pass more rows or set early_stopping=False."
             )
         permutation = rng.permutation(n_samples)
-        return np.sort(permutation[n_validation:]), np.sort(permutation[:n_validation])
+        if groups is None or groups.max() + 1 == n_samples:
+            return np.sort(permutation[n_validation:]), np.sort(permutation[:n_validation])
+        met = groups[permutation]
+        _, first = np.unique(met, return_index=True)  # where the permutation first meets each group
+        order = met[np.sort(first)]
+        sizes = np.bincount(groups)[order]
+        fits = sizes <= n_validation
+        taken = order[fits][np.cumsum(sizes[fits]) <= n_validation]
+        if taken.size == 0:  # every group is larger: the smallest one
+            taken = order[[np.argmin(sizes)]]
+        held = np.isin(groups, taken)
+        if np.count_nonzero(~held) < 2:
+            raise ValueError(
+                "Early stopping needs validation rows that are not copies of training rows, "
+                "and the rows hold too few distinct values for that; pass more distinct rows "
+                "or set early_stopping=False."
+            )
+        return np.flatnonzero(~held), np.flatnonzero(held)
 
     def _torch_device(self):
         try:

@@ -176,7 +176,9 @@ class MAFConditionalDensity(_BaseMAF):
         the best weights. The weights scored and kept are a moving average of
         the training steps' weights (:ref:`maf`, "Training").
     validation_fraction : float, default=0.1
-        Fraction of rows held out for early stopping.
+        Fraction of rows held out for early stopping. Copies of a row (equal
+        in every feature and every context feature) are held out or trained
+        on together, unless every feature is declared in ``discrete_features``.
     precision : {"float32", "float64"}, default="float32"
         Precision of training; scoring, prediction and sampling run in float64.
     device : str, default="cpu"

@@ -179,7 +179,11 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
         weights scored and kept are a moving average of the training steps'
         weights (:ref:`maf`, "Training").
     validation_fraction : float, default=0.1
-        Fraction of the rows held out for early stopping.
+        Fraction of the rows held out for early stopping. Copies of a row
+        (equal in every feature) are held out or trained on together, so that
+        the held-out rows are rows the model has not seen; rows of features
+        declared in ``discrete_features`` alone repeat by nature and are split
+        one by one.
     precision : {"float32", "float64"}, default="float32"
         Floating-point precision of training (float32 matrix products are more
         than twice as fast on a CPU). Scoring, transforming and sampling always

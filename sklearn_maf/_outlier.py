@@ -9,7 +9,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight
 
-from ._base import _BaseMAF, _UnconditionalMAF
+from ._base import _BaseMAF, _row_groups, _UnconditionalMAF
 from ._preprocessing import _constant_features, _weighted_moments
 
 # MAFDensity's parameters that the detector does not take: its own preprocessing
@@ -254,7 +254,11 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         weights (:ref:`maf`, "Training"). The held-out rows also set
         ``offset_`` when ``contamination="auto"``.
     validation_fraction : float, default=0.1
-        Fraction of the rows held out for early stopping.
+        Fraction of the rows held out for early stopping. With
+        ``dequantize=False``, copies of a row are held out or trained on
+        together (see :class:`~sklearn_maf.MAFDensity`); with dequantization,
+        repeated values are point masses of discrete features, whose rows
+        repeat by nature, and rows are split one by one.
     precision : {"float32", "float64"}, default="float32"
         Floating-point precision of training; scoring always runs in float64.
     device : str, default="cpu"
@@ -496,6 +500,13 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
             scores, rows, fraction = self.score_samples(X), slice(None), self.contamination
         self.offset_ = _weighted_threshold(scores, weight[rows], fraction)
         return held_out
+
+    def _duplicate_groups(self, X, context, continuing):
+        # dequantize=True treats every repeated value as a point mass of a
+        # discrete feature, whose rows repeat by nature: not grouped
+        if self.dequantize:
+            return None
+        return _row_groups(X)
 
     def _fit_reference(self, X, weight, train, validation, context, seed):
         # the reference before its refit, for the held-out rows (see _fit_flow)

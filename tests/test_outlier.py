@@ -168,7 +168,7 @@ def test_constant_on_the_training_split_only(rng):
     X[0, 2] = 1.0
 
     class FirstRowHeldOut(MAFOutlierDetector):
-        def _split(self, n_samples, rng):
+        def _split(self, n_samples, rng, groups=None):
             return np.arange(1, n_samples), np.array([0])
 
     detector = FirstRowHeldOut(n_layers=2, hidden_units=8, max_iter=3, random_state=0).fit(X)
@@ -255,7 +255,7 @@ def test_auto_threshold_comes_from_the_validation_rows(rng):
     held_out = np.arange(0, 400, 4)
 
     class KnownSplit(MAFOutlierDetector):
-        def _split(self, n_samples, rng):
+        def _split(self, n_samples, rng, groups=None):
             return np.setdiff1d(np.arange(n_samples), held_out), held_out
 
     # the flow alone: the final model has not seen the held-out rows
