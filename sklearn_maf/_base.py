@@ -68,8 +68,7 @@ def _row_groups(rows):
     """
     rows = np.ascontiguousarray(rows, dtype=np.float64) + 0.0  # -0.0 + 0.0 is 0.0
     as_bytes = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
-    _, groups = np.unique(as_bytes, return_inverse=True)
-    return groups.ravel()
+    return np.unique(as_bytes, return_inverse=True)[1]
 
 
 class _BaseMAF(BaseEstimator):

@@ -490,7 +490,11 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         fitted, self.reference_ = self.reference_, self.__dict__.pop("_unrefitted")
         try:
             held_out = self._held_out_log_likelihood(held_out_rows, weight)
-            held_out_scores = self._log_mass(self._model_log_prob, self._validate_fitted_input(X)[held_out_rows])
+            held_out_scores = (
+                self._log_mass(self._model_log_prob, self._validate_fitted_input(X)[held_out_rows])
+                if self.contamination == "auto"
+                else None  # the threshold comes from the fitted model's scores of every row
+            )
         finally:
             self.reference_ = fitted
             del self._dequantized

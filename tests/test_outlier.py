@@ -366,6 +366,11 @@ def test_explicit_preprocessing_is_kept(rng):
         assert detector.preprocessing_ == choice and list(detector.preprocessing_scores_) == [choice]
 
 
+def _mixed_gaussian(n, mixing, rng):
+    """Rows of a correlated Gaussian: standard normals through ``mixing``, plus unit noise."""
+    return rng.standard_normal((n, mixing.shape[0])) @ mixing + rng.standard_normal((n, mixing.shape[1]))
+
+
 def test_auto_threshold_flags_about_one_percent_of_new_rows(rng):
     """With a reference, the held-out rows that set ``offset_`` are scored as new rows.
 
@@ -375,10 +380,10 @@ def test_auto_threshold_flags_about_one_percent_of_new_rows(rng):
     new rows from the training distribution.
     """
     mixing = rng.normal(size=(20, 20)) / 4
-    fresh = rng.standard_normal((20000, 20)) @ mixing + rng.standard_normal((20000, 20))
+    fresh = _mixed_gaussian(20000, mixing, rng)
     flagged = []
     for seed in range(4):
-        X = rng.standard_normal((300, 20)) @ mixing + rng.standard_normal((300, 20))
+        X = _mixed_gaussian(300, mixing, rng)
         detector = _small(random_state=seed).fit(X)
         assert detector.reference_ is not None
         flagged.append(np.mean(detector.predict(fresh) == -1))
@@ -396,10 +401,10 @@ def test_held_out_scores_are_those_of_rows_the_model_has_not_seen(rng):
     errors above new rows from the same distribution, in every seed.
     """
     mixing = rng.normal(size=(20, 20)) / 4
-    fresh = rng.standard_normal((4000, 20)) @ mixing + rng.standard_normal((4000, 20))
+    fresh = _mixed_gaussian(4000, mixing, rng)
     gaps = []
     for seed in range(12):
-        X = rng.standard_normal((150, 20)) @ mixing + rng.standard_normal((150, 20))
+        X = _mixed_gaussian(150, mixing, rng)
         detector = _small(preprocessing=None, random_state=seed, precision="float64").fit(X)
         assert detector.reference_ is not None
         scores = detector.score_samples(fresh)
