@@ -381,7 +381,8 @@ def test_rows_cost_at_most_the_floor_against_the_maximum_likelihood_gaussian_too
 
 def test_reference_weights_rest_on_many_rows():
     """The parts' weights among themselves rest on the training rows too, scored as if held out:
-    on Gaussian clusters the mixture takes nearly all of it, though 5 held-out rows would not say so."""
+    on Gaussian clusters the mixture takes nearly all of it, though 4 held-out rows would not say so.
+    The flow's weight rests on those 4 rows alone: all against it, its posterior mean is about 1 / 6."""
     import sklearn_maf._reference as reference
 
     rng = np.random.RandomState(0)
@@ -397,7 +398,8 @@ def test_reference_weights_rest_on_many_rows():
     weights = flow_and_reference_weights(flow, classical, np.ones(len(held)), scores, score_weight, 1e-3)
     assert weights.sum() == pytest.approx(1.0)
     assert weights[1] >= 1e-3 * (1 - 1e-9)
-    assert weights[0] < 0.05 and weights[2:-1].sum() > 0.8 and weights[-1] < 0.2
+    assert weights[0] == pytest.approx(1 / 6, abs=0.01)  # Laplace's rule of succession, (0 + 1) / (4 + 2)
+    assert weights[2:-1].sum() / (1 - weights[0]) > 0.8 and weights[-1] / (1 - weights[0]) < 0.2
     # the same as one EM over everything when the flow has no held-out say
     parts, scores, score_weight = fit_reference(Z, np.ones(len(Z)), "gmm", random_state=0, kernel=False)
     assert [type(part).__name__ for part in parts] == ["GaussianMixtureDensity"] * stacked
