@@ -118,7 +118,9 @@ class MAFConditionalDensity(_BaseMAF):
         Gaussian alone. The
         weights are fitted by EM on the validation rows (the training rows
         without early stopping), then the parts are refitted on all rows
-        (stacked density estimation, Smyth & Wolpert, 1999). The reference
+        (stacked density estimation, Smyth & Wolpert, 1999); on ``n``
+        validation rows the parts together keep at least ``1 / (2 n + 2)``
+        of the weight. The reference
         ignores ``X``: it is a floor under the flow, and where ``X`` tells
         much about ``y`` the flow keeps nearly all the weight. None: the flow
         alone.

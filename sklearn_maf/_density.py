@@ -117,7 +117,9 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
         broad Gaussian alone. The weights of the flow and of each part are
         fitted by EM on the validation rows (the training rows without early
         stopping), then the parts are refitted on all rows (stacked density
-        estimation, Smyth & Wolpert, 1999). So where the data are small or
+        estimation, Smyth & Wolpert, 1999); on ``n`` validation rows the
+        parts together keep at least ``1 / (2 n + 2)`` of the weight, which a
+        handful of rows would otherwise take from them by chance. So where the data are small or
         plainly Gaussian-mixture-like, the model keeps the classical answer,
         and where the flow is better it keeps the flow: the choice is made by
         held-out likelihood on each data set. None: the flow alone.
