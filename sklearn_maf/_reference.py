@@ -26,7 +26,10 @@ likelihood on every data set. The broad part keeps at least
 ``log(min_reference_weight)`` plus its score under the Ledoit-Wolf Gaussian,
 and by ``log(min_reference_weight * _ML_SHARE)`` plus its score under the
 maximum-likelihood one, at a cost of at most ``-log(1 -
-min_reference_weight)`` nats per row. A kernel density
+min_reference_weight)`` nats per row. The parts together keep at least
+``1 / (2 n + 2)`` on ``n`` held-out rows, which a handful of rows would
+otherwise take from them by chance (:func:`flow_and_reference_weights`).
+A kernel density
 scores a row in a time that grows with its points, so it is kept only where
 the held-out rows give it a weight of at least ``_MIN_KERNEL_WEIGHT``.
 
@@ -267,7 +270,7 @@ def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weig
     reference nothing (but the floor) whenever every held-out row is better
     explained with the flow alone, which on a few rows is chance: 2 of a
     15-row data set. That share is the estimate of a probability that
-    ``n`` trials never showed which is minimax under log loss
+    ``n`` trials never showed that is asymptotically minimax under log loss
     (Krichevsky & Trofimov, 1981); it costs at most ``-log(1 - 1 / (2 n + 2))``
     nats per row. The flow's share has no such bound: its held-out score is
     the best of its epochs on those rows, and it is the density that a few
