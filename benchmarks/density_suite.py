@@ -17,10 +17,11 @@ Data (every set is used as tabular density data; nothing is downloaded):
 
 Splits: for a real set of n inlier rows, seed s shuffles the rows, takes
 ``min(round(0.2 n), 5,000)`` test rows, and the training rows are the first
-``min(rest, 500)`` ("small") or ``min(rest, 20,000)`` ("large") of the rest,
+``min(rest, 500)`` ("small") or ``min(rest, 20,000)`` ("large") of the rest
+(and, with ``--sizes tiny``, the first 30: "tiny"),
 so the small training set is part of the large one and both are scored on the
 same test rows. A set with at most 500 rows left for training has one size
-("small"). Generated sets draw 500 or 20,000 training rows and 5,000 test
+("small"). Generated sets draw (30,) 500 or 20,000 training rows and 5,000 test
 rows per seed. Seed s is the split's seed, the dequantisation noise's and
 every model's ``random_state``; the default seeds are 0, 1, 2.
 
@@ -66,7 +67,7 @@ one generated set, seed 0, the small size) takes a few minutes on 2 cores.
 Usage (from the repository root; ``PYTHONPATH=.`` measures this checkout)::
 
     PYTHONPATH=. python benchmarks/density_suite.py [--quick] [--sets a,b] [--seeds 0,1,2]
-        [--sizes small,large] [--maf-params JSON] [--out FILE.csv|FILE.json]
+        [--sizes tiny,small,large] [--maf-params JSON] [--out FILE.csv|FILE.json]
         [--resume] [--report] [--jobs N] [--threads N]
 
 ``--sets`` takes set names (``45_wine``, ``sk-wine``, ``banana-2d``) or the
@@ -116,7 +117,8 @@ from sklearn_maf import MAFDensity  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 ADBENCH_CANDIDATES = [REPO.parent / "shared" / "data" / "adbench", REPO / "shared" / "data" / "adbench"]
 
-SMALL, LARGE = 500, 20_000  # training rows of the two sizes
+TINY, SMALL, LARGE = 30, 500, 20_000  # training rows of the sizes
+SIZES = {"tiny": TINY, "small": SMALL, "large": LARGE}
 TEST_FRACTION, TEST_CAP = 0.2, 5_000
 GMM_COMPONENTS = range(1, 11)
 KDE_SEARCH_ROWS = 5_000
@@ -214,11 +216,17 @@ def n_test_rows(n):
 def sizes_of(dataset, n_rows, sizes):
     """The sizes (name, training rows) that this set has, of those asked for."""
     if dataset.density is not None:
-        return [(s, SMALL if s == "small" else LARGE) for s in sizes]
+        return [(s, SIZES[s]) for s in sizes]
     rest = n_rows - n_test_rows(n_rows)
-    if rest <= SMALL:
-        return [("small", rest)] if "small" in sizes else []
-    return [(s, SMALL if s == "small" else min(rest, LARGE)) for s in sizes]
+    out = []
+    for s in sizes:
+        if s == "tiny" and rest > TINY:
+            out.append((s, TINY))
+        elif s == "small":
+            out.append((s, min(rest, SMALL)))
+        elif s == "large" and rest > SMALL:
+            out.append((s, min(rest, LARGE)))
+    return out
 
 
 def split(dataset, seed, n_train):
@@ -577,7 +585,7 @@ def summary_by_group(records):
         "| group | size | runs | vs GMM W/T/L | vs KDE W/T/L | MAF rows below the floor |",
         "|---|---|---:|:-:|:-:|---:|",
     ]
-    keys = sorted({(r["group"], r["size"]) for r in records}, key=lambda k: (k[0], k[1] != "small"))
+    keys = sorted({(r["group"], r["size"]) for r in records}, key=lambda k: (k[0], list(SIZES).index(k[1])))
     for group, size in keys:
         rows = [r for r in records if (r["group"], r["size"]) == (group, size)]
         cells = []
@@ -655,7 +663,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few small sets, seed 0, the small size")
     parser.add_argument("--sets", help="comma-separated set names or groups (adbench, sklearn, generated)")
     parser.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; --quick: 0)")
-    parser.add_argument("--sizes", help="comma-separated of small,large (default both; --quick: small)")
+    parser.add_argument("--sizes", help="comma-separated of tiny,small,large (default small,large; --quick: small)")
     parser.add_argument("--maf-params", type=json.loads, default={}, help="JSON keyword arguments of MAFDensity")
     parser.add_argument("--out", type=Path, help="write every row to this .csv or .json file")
     parser.add_argument("--resume", action="store_true", help="skip the runs already in --out")
@@ -666,8 +674,8 @@ def main(argv=None):
 
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     sizes = (args.sizes or ("small" if args.quick else "small,large")).split(",")
-    if set(sizes) - {"small", "large"}:
-        parser.error(f"--sizes takes small and/or large, got {args.sizes!r}")
+    if set(sizes) - set(SIZES):
+        parser.error(f"--sizes takes tiny, small and/or large, got {args.sizes!r}")
     sets = select_sets(args.sets, args.quick)
 
     if args.report and not args.out:
@@ -718,7 +726,7 @@ def main(argv=None):
         print("nothing to report")
         return
     order = {d.name: i for i, d in enumerate(all_sets())}
-    records.sort(key=lambda r: (order.get(r["set"], len(order)), r["size"] != "small", int(r["seed"])))
+    records.sort(key=lambda r: (order.get(r["set"], len(order)), list(SIZES).index(r["size"]), int(r["seed"])))
     if args.out and not args.report:
         write_records(args.out, records)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
