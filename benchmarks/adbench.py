@@ -183,7 +183,7 @@ def pyod(name, seed):
     if name == "HBOS":
         return _PyOD(HBOS(), scale=False)
     if name == "LODA":
-        return _PyOD(LODA(), scale=True)
+        return _PyOD(LODA(random_state=seed), scale=True)
     if name == "CBLOF":
         return _PyOD(CBLOF(random_state=seed), scale=True)
     raise KeyError(name)
