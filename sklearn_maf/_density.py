@@ -119,10 +119,11 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
         stopping), then the parts are refitted on all rows (stacked density
         estimation, Smyth & Wolpert, 1999); on ``n`` validation rows the
         parts together keep at least ``1 / (2 n + 2)`` of the weight, which a
-        handful of rows would otherwise take from them by chance. So where the data are small or
-        plainly Gaussian-mixture-like, the model keeps the classical answer,
-        and where the flow is better it keeps the flow: the choice is made by
-        held-out likelihood on each data set. None: the flow alone.
+        handful of rows would otherwise take from them by chance. So where
+        the data are small or plainly Gaussian-mixture-like, the model keeps
+        the classical answer, and where the flow is better it keeps the flow:
+        the choice is made by held-out likelihood on each data set. None: the
+        flow alone.
         ``partial_fit`` trains the flow alone (``reference_`` is None).
     min_reference_weight : float in [0, 1), default=1e-4
         The least weight of the broad Gaussian. Every row then scores at least

@@ -267,9 +267,9 @@ def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weig
     Gaussian) keeps a weight of at least ``floor`` in the whole, and the
     parts together keep at least ``1 / (2 n + 2)`` (``_KT``), where ``n``
     is the held-out rows' total weight. Maximum likelihood gives the
-    reference nothing (but the floor) whenever every held-out row is better
-    explained with the flow alone, which on a few rows is chance: 2 of a
-    15-row data set. That share is the estimate of a probability that
+    reference nothing but the floor whenever the held-out rows' mean ratio of
+    its density to the flow's is at most 1, which on a few rows is chance
+    (2 rows of a 15-row data set). That share is the estimate of a probability that
     ``n`` trials never showed that is asymptotically minimax under log loss
     (Krichevsky & Trofimov, 1981); it costs at most ``-log(1 - 1 / (2 n + 2))``
     nats per row. The flow's share has no such bound: its held-out score is
