@@ -266,7 +266,8 @@ def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weig
     parts' weights among themselves on both. The first part (the broad
     Gaussian) keeps a weight of at least ``floor`` in the whole, and the
     parts together keep at least ``1 / (2 n + 2)`` (``_KT``), where ``n``
-    is the held-out rows' total weight. Maximum likelihood gives the
+    is the held-out rows' total weight (weights count as repetitions), or
+    their number where that is larger. Maximum likelihood gives the
     reference nothing but the floor whenever the held-out rows' mean ratio of
     its density to the flow's is at most 1, which on a few rows is chance
     (2 rows of a 15-row data set). That share is the estimate of a probability that
@@ -305,7 +306,9 @@ def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weig
         if current - previous < tol:
             break
         previous = current
-    least = _KT / (weight.sum() + 2 * _KT)
+    # weights count as repetitions, but weights below one (importance weights
+    # scaled to sum to one, say) do not make the evidence thinner than the rows
+    least = _KT / (max(weight.sum(), weight.size) + 2 * _KT)
     if w[0] > 1 - least:
         w = _with_floor(np.r_[1 - least, least * w[1:] / w[1:].sum()], 1, floor)
     return w

@@ -532,6 +532,10 @@ def test_the_reference_keeps_a_share_that_few_rows_cannot_take(n_rows):
         weights = _stack(np.column_stack([flow, parts]), weight, 1e-4)
         assert 1 - weights[0] == pytest.approx(max(0.5 / (weight.sum() + 1), 1e-4))  # or the broad part's floor
         assert weights.sum() == pytest.approx(1.0) and weights[1] >= 1e-4 * (1 - 1e-9)
+    # weights below one do not make the rows count for less than one each: scaled weights, the same share
+    for scale in (1e-3, 0.5):
+        weights = _stack(np.column_stack([flow, parts]), np.full(n_rows, scale), 1e-4)
+        assert 1 - weights[0] == pytest.approx(max(0.5 / (n_rows + 1), 1e-4))
     # the flow has no such floor: where the parts explain every row, it gets what EM gives it
     weights = _stack(np.column_stack([parts.min(axis=1) - 5.0, parts]), np.ones(n_rows), 1e-4)
     assert weights[0] < 0.5 / (n_rows + 1)
