@@ -5,7 +5,7 @@ from numbers import Real
 import numpy as np
 from scipy.special import ndtr, ndtri
 from sklearn.base import OutlierMixin, _fit_context, clone
-from sklearn.utils import _safe_indexing, check_random_state
+from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight
 
@@ -491,7 +491,7 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         try:
             held_out = self._held_out_log_likelihood(held_out_rows, weight)
             held_out_scores = (
-                self.score_samples(_safe_indexing(X, held_out_rows))
+                self._log_mass(self._model_log_prob, self._validate_fitted_input(X)[held_out_rows])
                 if self.contamination == "auto"
                 else None  # the threshold comes from the fitted model's scores of every row
             )
