@@ -33,7 +33,6 @@ from ._preprocessing import (
     _check_within_bounds,
     _discrete_mask,
     _parse_bounds,
-    _row_groups,
     _sobol_points,
     _weighted_loc_scale,
 )
@@ -59,6 +58,17 @@ _CHUNK_ELEMENTS = 1 << 18
 # On a GPU each chunk is a batch of kernel launches with a fixed cost: large chunks
 # (benchmarks/RESULTS.md, "On a GPU").
 _DEVICE_CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_groups(rows):
+    """An id per row, the same for rows equal in every column (-0.0 and 0.0 equal).
+
+    Rows are compared as byte strings (finite values, -0.0 made 0.0): a
+    quarter of the time of ``np.unique(axis=0)``, 0.6 s on a million rows of 10.
+    """
+    rows = np.ascontiguousarray(rows, dtype=np.float64) + 0.0  # -0.0 + 0.0 is 0.0
+    as_bytes = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    return np.unique(as_bytes, return_inverse=True)[1]
 
 
 class _BaseMAF(BaseEstimator):

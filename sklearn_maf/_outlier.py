@@ -9,8 +9,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight
 
-from ._base import _BaseMAF, _UnconditionalMAF
-from ._preprocessing import _constant_features, _row_groups, _weighted_moments
+from ._base import _BaseMAF, _row_groups, _UnconditionalMAF
+from ._preprocessing import _constant_features, _weighted_moments
 
 # MAFDensity's parameters that the detector does not take: its own preprocessing
 # (dequantize, preprocessing="quantile") handles discrete and bounded features.

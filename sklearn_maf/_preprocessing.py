@@ -124,14 +124,3 @@ def _sobol_points(n_points, n_dims):
     """Fixed scrambled-Sobol points in [0, 1)^n_dims, float64 (no global RNG)."""
     engine = torch.quasirandom.SobolEngine(n_dims, scramble=True, seed=0)
     return engine.draw(n_points, dtype=torch.float64).numpy()
-
-
-def _row_groups(rows):
-    """An id per row, the same for rows equal in every column (-0.0 and 0.0 equal).
-
-    Rows are compared as byte strings (finite values, -0.0 made 0.0): a
-    quarter of the time of ``np.unique(axis=0)``, 0.6 s on a million rows of 10.
-    """
-    rows = np.ascontiguousarray(rows, dtype=np.float64) + 0.0  # -0.0 + 0.0 is 0.0
-    as_bytes = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
-    return np.unique(as_bytes, return_inverse=True)[1]

@@ -18,10 +18,8 @@ are fitted by EM to held-out likelihoods (stacked density estimation, Smyth
 & Wolpert, 1999) so that each rests on as many rows as it can: the flow's on
 the validation rows, the only rows it has not seen; the parts' weights among
 themselves on those and on up to ``_KERNEL_QUERIES`` training rows, each
-scored as if held out (leave-one-out for the kernel density and a single
-Gaussian, exact at the cost of scoring; the broad part and the mixtures of
-two or more components fitted again without groups of a tenth of the rows:
-a one-step leave-one-out overstated what a spurious split adds). The fitted
+scored as if held out (leave-one-out: exactly for the kernel density, by one
+M-step's downdate for the Gaussians). The fitted
 model holds the stacked mixtures as one mixture part. The combination is chosen by held-out
 likelihood on every data set. The broad part keeps at least
 ``min_reference_weight``, which bounds every row's score from below by
@@ -49,7 +47,6 @@ from scipy import optimize
 from sklearn.cluster import KMeans
 
 from ._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture
-from ._preprocessing import _row_groups
 
 __all__ = ["fit_reference", "flow_and_reference_weights", "merged_mixtures", "refit_reference", "reference_mixture"]
 
@@ -76,11 +73,6 @@ _SEARCH_WORK = 50_000_000
 # on a repeated value late; RESULTS.md, "Broad density suite".)
 _MAX_STARTS = 10
 _SEED_RANGE = 2**31 - 1
-# The broad part and the mixtures of two or more components are scored on
-# the query rows by fitting them again without groups of those rows, each at
-# most this share of the rows fitted on (_cross_fitted): the pessimism of
-# 10-fold cross-validation at most, one refit where the queries are that few.
-_CROSS_SHARE = 0.1
 # Covariance ridge, in standardised units (unit variances), as
 # sklearn.mixture.GaussianMixture's reg_covar.
 _REG_COVAR = 1e-6
@@ -180,9 +172,7 @@ def _weighted_gaussians(Z, weight, responsibilities):
     return totals / totals.sum(), means, covariances
 
 
-def gaussian_mixture(
-    Z, weight, n_components, random_state, max_iter=100, tol=1e-3, start=None, n_starts=1, return_seed=False
-):
+def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e-3, start=None, n_starts=1):
     """Weighted EM for a full-covariance Gaussian mixture, started from k-means or from ``start``.
 
     As :class:`sklearn.mixture.GaussianMixture` (``init_params="kmeans"``,
@@ -195,8 +185,7 @@ def gaussian_mixture(
     a fitted :class:`GaussianMixtureDensity` of ``n_components``, starts EM
     from its responsibilities instead (a fit on some of the rows continued
     on all). Returns ``(weights, means, covariances, log_likelihood)``, the
-    last the weighted total over the rows, and (``return_seed=True``) the
-    k-means seed of the run returned.
+    last the weighted total over the rows.
     """
     n, n_features = Z.shape
     if n_components == 1:
@@ -225,17 +214,16 @@ def gaussian_mixture(
         means = means.reshape(runs.size, n_components, n_features)
         covariances = covariances.reshape(runs.size, n_components, n_features, n_features)
         for r, run in enumerate(runs):  # each run's latest fit, its last when it stops
-            fits[run] = (weights[r], means[r], covariances[r], current[r] * weight.sum(), (random_state + run) % _SEED_RANGE)
+            fits[run] = (weights[r], means[r], covariances[r], current[r] * weight.sum())
         keep = ~(np.abs(current - previous) < tol)
         if n_components == 1 or not keep.any():
             break
         runs, previous = runs[keep], current[keep]
         responsibilities = np.exp(log_prob[:, keep] - row_log_prob[:, keep, None])
-    best = max(fits, key=lambda fit: fit[3])
-    return best if return_seed else best[:4]
+    return max(fits, key=lambda fit: fit[3])
 
 
-def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1, max_starts=_MAX_STARTS, return_seeds=False):
+def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1, max_starts=_MAX_STARTS):
     """The ``n_best`` full-covariance Gaussian mixtures of 1 to 10 components with the lowest BIC, best first.
 
     A mixture of K components is tried only where the rows' total weight is
@@ -247,7 +235,7 @@ def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1, max_starts=_MAX_
     runs on at most :func:`search_rows` rows (evenly spaced): EM costs ``K n
     D^2`` per iteration, the best of :func:`em_starts` runs (at most
     ``max_starts``) from k-means starts. Each mixture is ``(weights, means,
-    covariances)``; ``return_seeds=True`` also returns the k-means seed of each.
+    covariances)``.
     """
     n, n_features = weight.sum(), Z.shape[1]
     per_component = n_features + n_features * (n_features + 1) / 2 + 1
@@ -258,14 +246,11 @@ def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1, max_starts=_MAX_
     for n_components in range(1, _MAX_COMPONENTS + 1):
         if n_components > 1 and (n_components * (n_features + 1) > n or n_components > distinct):
             break
-        *mixture, log_likelihood, seed = gaussian_mixture(
-            Z, weight, n_components, random_state, n_starts=starts, return_seed=True
-        )
+        *mixture, log_likelihood = gaussian_mixture(Z, weight, n_components, random_state, n_starts=starts)
         bic = -2 * log_likelihood + (n_components * per_component - 1) * np.log(n)
-        fitted.append((bic, n_components, mixture, seed))
+        fitted.append((bic, n_components, mixture))
     fitted.sort(key=lambda item: item[:2])
-    mixtures, seeds = [mixture for *_, mixture, _ in fitted[:n_best]], [seed for *_, seed in fitted[:n_best]]
-    return (mixtures, seeds) if return_seeds else mixtures
+    return [mixture for *_, mixture in fitted[:n_best]]
 
 
 def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weight, floor, max_iter=5000, tol=1e-12):
@@ -278,10 +263,7 @@ def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weig
     EM for the composite likelihood in which the held-out rows come from
     ``w_flow p_flow + (1 - w_flow) sum_k v_k p_k`` and the training rows from
     ``sum_k v_k p_k``: the flow's weight rests on the held-out rows, the
-    parts' weights among themselves on both, each row of either counting as
-    much as any other (weighing the two sets equally gave the 20 held-out
-    rows of a 200-row fit ten times a training row's say, and the stack
-    followed their chance preferences). The first part (the broad
+    parts' weights among themselves on both. The first part (the broad
     Gaussian) keeps a weight of at least ``floor`` in the whole, and the
     parts together keep at least ``1 / (2 n + 2)`` (``_KT``), where ``n``
     is the held-out rows' total weight (weights count as repetitions), or
@@ -305,9 +287,9 @@ def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weig
     held, weight = held[explained], weight[explained]
     explained = (rows > -np.inf).any(axis=1) & (row_weight > 0)
     rows, row_weight = rows[explained], row_weight[explained]
-    held_rows_n, train_rows_n = _evidence(weight), _evidence(row_weight)
-    held_share = weight / weight.sum() * held_rows_n / (held_rows_n + train_rows_n)
-    row_share = row_weight / row_weight.sum() * train_rows_n / (held_rows_n + train_rows_n) if row_weight.size else row_weight
+    held_share = weight / weight.sum()
+    # no training rows: plain stacking on the held-out rows
+    row_share = row_weight / row_weight.sum() if row_weight.size else row_weight
     n_parts = classical.shape[1]
     w = np.full(n_parts + 1, 1.0 / (n_parts + 1))
     previous = -np.inf
@@ -318,27 +300,18 @@ def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weig
         held_rows, train_rows = _logsumexp_rows(joint), _logsumexp_rows(inner)
         responsibility = held_share @ np.exp(joint - held_rows[:, None])
         parts = responsibility[1:] + row_share @ np.exp(inner - train_rows[:, None])
-        flow_share = responsibility[0] / held_share.sum()
-        w = np.r_[flow_share, (1 - flow_share) * parts / parts.sum()]
+        w = np.r_[responsibility[0], (1 - responsibility[0]) * parts / parts.sum()]
         w = _with_floor(w, 1, floor)
         current = held_share @ held_rows + row_share @ train_rows
         if current - previous < tol:
             break
         previous = current
-    least = _KT / (held_rows_n + 2 * _KT)
+    # weights count as repetitions, but weights below one (importance weights
+    # scaled to sum to one, say) do not make the evidence thinner than the rows
+    least = _KT / (max(weight.sum(), weight.size) + 2 * _KT)
     if w[0] > 1 - least:
         w = _with_floor(np.r_[1 - least, least * w[1:] / w[1:].sum()], 1, floor)
     return w
-
-
-def _evidence(weight):
-    """How many rows the scored rows of ``weight`` count as.
-
-    Their total weight (weights count as repetitions), or their number where
-    that is larger: weights below one (importance weights scaled to sum to
-    one, say) do not make a row less than one.
-    """
-    return max(float(weight.sum()), float(weight.size))
 
 
 def _with_floor(w, column, floor):
@@ -371,16 +344,11 @@ def thinned(Z, weight, max_rows=_MAX_ROWS):
     leave-one-out likelihood of a kernel density on such rows leaves out
     that much (see :func:`kernel_bandwidth`).
     """
-    step = _thinning_step(Z.shape[0], max_rows)
+    step = -(-Z.shape[0] // max_rows)
     if step == 1:
         return Z, weight, 1.0
     scale = weight.sum() / weight[::step].sum()
     return Z[::step], weight[::step] * scale, scale
-
-
-def _thinning_step(n_rows, max_rows):
-    """The step between the rows that :func:`thinned` keeps."""
-    return -(-n_rows // max_rows)
 
 
 def kernel_bandwidth(Z, weight, unit=1.0):
@@ -446,10 +414,8 @@ def fit_reference(Z, weight, kind, random_state, kernel=True, max_starts=_MAX_ST
     ``_STACKED_MIXTURES`` mixtures that BIC ranks best, best first, and
     (``kernel=True``) the kernel density. The scores, on at most
     ``_KERNEL_QUERIES`` of the rows: the kernel density's leave-one-out
-    log-density, a single Gaussian's leave-one-out log-density
-    (:func:`_leave_one_out`), the broad part's and each mixture's of two or
-    more components under the part fitted again without the row
-    (:func:`_cross_fitted`), so that the parts' weights among
+    log-density, each Gaussian part's leave-one-out log-density
+    (:func:`_leave_one_out`), so that the parts' weights among
     themselves can rest on many rows rather than on the few of a validation
     split: in-sample scores less Akaike's correction favoured the mixtures of
     most components, and scored a component on a single row as a spike. The
@@ -462,87 +428,24 @@ def fit_reference(Z, weight, kind, random_state, kernel=True, max_starts=_MAX_ST
     """
     keep = weight > 0
     Z, weight, scale = thinned(Z[keep], weight[keep])
-    parts, seeds = [broad_gaussian(Z, weight)], []
+    parts = [broad_gaussian(Z, weight)]
     if kind == "gmm":
-        mixtures, seeds = gaussian_mixtures_by_bic(Z, weight, random_state, _STACKED_MIXTURES, max_starts, True)
+        mixtures = gaussian_mixtures_by_bic(Z, weight, random_state, _STACKED_MIXTURES, max_starts)
         parts += [_gaussians(*mixture) for mixture in mixtures]
     points, point_weight, point_scale = thinned(Z, weight, _MAX_KERNEL_ROWS)
     queries = _queries(points)
     rows = torch.as_tensor(points[queries])
     # a kept row stands for scale * point_scale rows: all of them are left out (as for the kernel density)
     left_out = np.minimum(point_weight[queries], scale * point_scale)
-    query_index = queries * _thinning_step(Z.shape[0], _MAX_KERNEL_ROWS)  # the query rows' places in Z
-    n_features, search = Z.shape[1], search_rows(Z.shape[1])
-
-    def mixture(n_components, seed):
-        # EM from the k-means start that won the search: its other starts
-        # would cost each refit as much as the search's fit (tenfold on a few
-        # hundred rows)
-        def fit(rows, row_weight):
-            k = min(n_components, rows.shape[0])  # a few rows left: at most a component each, as k-means needs
-            return _gaussians(*gaussian_mixture(rows, row_weight, k, seed)[:3])
-
-        return fit
-
-    # one Gaussian of maximum likelihood: one M-step's leave-one-out is exact (and as cheap as scoring)
-    columns = [_cross_fitted(broad_gaussian, Z, weight, _MAX_ROWS, parts[0], query_index)] + [
-        _leave_one_out(part, rows, left_out, weight.sum()) if part.means.shape[0] == 1
-        else _cross_fitted(mixture(part.means.shape[0], seed), Z, weight, search, part, query_index)
-        for part, seed in zip(parts[1:], seeds)
-    ]  # fmt: skip
+    columns = [_leave_one_out(part, rows, left_out, weight.sum(), index == 0) for index, part in enumerate(parts)]
     if kind == "gmm" and kernel:
         bandwidth, _, kernel_values = kernel_bandwidth(points, point_weight, scale * point_scale)
         parts.append(GaussianKernelDensity(torch.as_tensor(points), torch.as_tensor(point_weight), bandwidth))
         columns.append(kernel_values)
-    # in repetitions: a thinned row counts once, as it was scored once
-    return parts, np.column_stack(columns), point_weight[queries] / (scale * point_scale)
+    return parts, np.column_stack(columns), point_weight[queries]
 
 
-def _cross_fitted(fit, Z, weight, max_rows, part, query_index):
-    """Log-density of the rows ``Z[query_index]`` under ``part`` fitted again without them.
-
-    ``fit(rows, weights)`` is how ``part`` was fitted, on :func:`thinned`
-    ``(Z, weight, max_rows)``. The query rows are dealt into groups of at
-    most ``_CROSS_SHARE`` of those rows' weight, and each group is scored
-    under ``fit`` without it: every copy of its rows left out, as the
-    validation split keeps copies together (a row of weight 3 is three
-    copies, so weights and copies give the same scores). Query rows that
-    no fitted row copies are scored by ``part`` itself. One M-step's
-    leave-one-out (:func:`_leave_one_out`) keeps the other rows'
-    responsibilities, which the left-out row helped to set: where the
-    components overlap (a split that the data do not call for) they carry
-    most of its influence, and it overstated what the split adds (0.4 nats
-    per row for 2 components on 2,000 rows of a 40-D Gaussian, 0.9 for 3);
-    nor does it follow Ledoit-Wolf's shrinkage, which it took out in full
-    (0.2 nats per row too low on 300 rows in 10-D). A refit is the fit's own
-    procedure without the rows (for a mixture, EM from the k-means start that
-    won the search, on the rows left): a held-out score, at the cost of a fit
-    per group (one where the query rows are a tenth of the rows or fewer).
-    """
-    rows, row_weight, _ = thinned(Z, weight, max_rows)
-    queries = Z[query_index]
-    ids = _row_groups(np.concatenate([rows, queries]))
-    row_ids, query_ids = ids[: rows.shape[0]], ids[rows.shape[0] :]
-    fitted = np.isin(query_ids, row_ids)
-    with torch.no_grad():
-        scores = part.log_prob(torch.as_tensor(queries)).numpy()
-    # by distinct row, in the order the queries meet them, so that copies and
-    # weights are dealt alike (and rows in any units)
-    met = query_ids[fitted]
-    distinct = met[np.sort(np.unique(met, return_index=True)[1])]
-    left_out = row_weight[np.isin(row_ids, distinct)].sum()
-    n_groups = min(distinct.size, math.ceil(left_out / max(_CROSS_SHARE * row_weight.sum(), 1e-300)))
-    for group in range(n_groups):
-        mine = distinct[group::n_groups]
-        remaining = np.where(np.isin(row_ids, mine), 0.0, row_weight)
-        kept = remaining > 0
-        scored = np.isin(query_ids, mine)
-        with torch.no_grad():
-            scores[scored] = fit(rows[kept], remaining[kept]).log_prob(torch.as_tensor(queries[scored])).numpy()
-    return scores
-
-
-def _leave_one_out(part, rows, left_out, total):
+def _leave_one_out(part, rows, left_out, total, broad):
     """Log-density of each of ``rows`` under the Gaussian part with ``left_out`` of its weight removed from the fit.
 
     One M-step's leave-one-out, exact for the component parameters given the
@@ -550,9 +453,8 @@ def _leave_one_out(part, rows, left_out, total):
     covariance is taken out (a rank-one downdate, evaluated through the
     Sherman-Morrison and matrix-determinant lemmas, so at the cost of
     scoring). ``total`` is the weight the part was fitted to. An EM
-    mixture's components share the rows by their responsibilities, which
-    this keeps as they were: exact for a single Gaussian, which is what it
-    scores (:func:`_cross_fitted` refits the others). A
+    mixture's components share the rows by their responsibilities; the broad
+    part's (``broad=True``) each saw every row, with fixed shares. A
     component left with no weight drops out; the covariance ridge is kept
     as it was (its change is ``_REG_COVAR`` times the weight ratio's
     excess over one). Removing a unit of weight from a row of weight 3 is
@@ -564,12 +466,19 @@ def _leave_one_out(part, rows, left_out, total):
         radius2 = part.squared_radii(rows)  # (n, K)
         log_norm = part.log_normalisers(rows.dtype)
         log_prob = log_norm - 0.5 * radius2
-        mass = (part.log_weights.exp() * total).expand_as(log_prob)
-        removed = left_out[:, None] * torch.softmax(log_prob + part.log_weights, dim=1)
+        weights = part.log_weights.exp()
+        if broad:
+            mass = torch.full_like(log_prob, float(total))
+            removed = left_out[:, None].expand_as(log_prob)
+            log_share = torch.log(weights).expand_as(log_prob)
+        else:
+            mass = (weights * total).expand_as(log_prob)
+            removed = left_out[:, None] * torch.softmax(log_prob + part.log_weights, dim=1)
         remaining = mass - removed
         alive = remaining > 1e-12 * mass
         remaining = torch.where(alive, remaining, torch.ones_like(remaining))
-        log_share = torch.log(remaining) - torch.log(total - left_out)[:, None]
+        if not broad:
+            log_share = torch.log(remaining) - torch.log(total - left_out)[:, None]
         ratio = mass / remaining  # the covariance's scale after the downdate
         leverage = torch.clamp(removed * radius2 / remaining, max=1 - 1e-12)
         log_held = (

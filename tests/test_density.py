@@ -16,7 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from sklearn_maf import MAFConditionalDensity, MAFDensity, MAFOutlierDetector
-from sklearn_maf._preprocessing import _row_groups
+from sklearn_maf._base import _row_groups
 from sklearn_maf._nn import BatchNorm, EllipticalT, StandardNormal, Whiten
 
 

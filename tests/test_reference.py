@@ -263,18 +263,24 @@ def test_gaussian_parts_are_scored_leaving_each_row_out():
     rng = np.random.RandomState(0)
     Z = rng.normal(size=(60, 3)) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 1.0]])
     single = GaussianMixtureDensity(*_torch_mixture_from(gaussian_mixture(Z, np.ones(60), 1, random_state=0)))
-    held = reference._leave_one_out(single, torch.as_tensor(Z), np.ones(60), 60.0)
+    held = reference._leave_one_out(single, torch.as_tensor(Z), np.ones(60), 60.0, broad=False)
     for i in range(0, 60, 7):
         rest = np.ones(60)
         rest[i] = 0.0
         refitted = GaussianMixtureDensity(*_torch_mixture_from(gaussian_mixture(Z, rest, 1, random_state=0)))
         with torch.no_grad():
             assert held[i] == pytest.approx(refitted.log_prob(torch.as_tensor(Z[i : i + 1])).item(), abs=1e-6)
+    # the broad part: each of its Gaussians saw every row
+    held = reference._leave_one_out(broad_gaussian(Z, np.ones(60)), torch.as_tensor(Z), np.ones(60), 60.0, broad=True)
+    rest = np.r_[0.0, np.ones(59)]
+    with torch.no_grad():
+        refitted = broad_gaussian(Z, rest).log_prob(torch.as_tensor(Z[:1])).item()
+    assert held[0] == pytest.approx(refitted, abs=0.2)  # Ledoit-Wolf's shrinkage moves a little too
     # a component on one far row: a spike in sample, an ordinary row held out
     Z = np.concatenate([rng.normal(size=(99, 2)), [[30.0, 30.0]]])
     spike = GaussianMixtureDensity(*_torch_mixture_from(gaussian_mixture(Z, np.ones(100), 2, random_state=0)))
     assert spike.log_weights.exp().min() == pytest.approx(0.01)
-    held = reference._leave_one_out(spike, torch.as_tensor(Z), np.ones(100), 100.0)
+    held = reference._leave_one_out(spike, torch.as_tensor(Z), np.ones(100), 100.0, broad=False)
     with torch.no_grad():
         in_sample = spike.log_prob(torch.as_tensor(Z)).numpy()
     assert in_sample[-1] > 0 and held[-1] < -1000  # scored by the other component alone
@@ -282,56 +288,10 @@ def test_gaussian_parts_are_scored_leaving_each_row_out():
     # a unit of weight 3 is one of three copies: the component keeps two, its weight
     # goes from 3/102 to 2/101 and its covariance (the ridge alone) scales by 3/2
     spike = GaussianMixtureDensity(*_torch_mixture_from(gaussian_mixture(Z, np.r_[np.ones(99), 3.0], 2, random_state=0)))
-    held = reference._leave_one_out(spike, torch.as_tensor(Z[-1:]), np.ones(1), 102.0)
+    held = reference._leave_one_out(spike, torch.as_tensor(Z[-1:]), np.ones(1), 102.0, broad=False)
     with torch.no_grad():
         in_sample = spike.log_prob(torch.as_tensor(Z[-1:])).item()
     assert held[0] == pytest.approx(in_sample + np.log((2 / 101) / (3 / 102)) - np.log(1.5), abs=1e-6)
-
-
-def test_parts_are_scored_by_fitting_them_again_without_the_rows():
-    """The broad part and the mixtures of two or more components are scored on each row as
-    refitted without it (in groups of a tenth of the rows): one M-step's leave-one-out kept
-    the responsibilities the row had set, and on a 10-D Gaussian put the mixtures of 2 and 3
-    components above the single Gaussian, where new rows put them 0.3 and 0.6 nats below;
-    it also took Ledoit-Wolf's shrinkage out in full (0.2 nats too low)."""
-    import sklearn_maf._reference as reference
-
-    rng = np.random.RandomState(0)
-    Z = rng.normal(size=(300, 10))
-    parts, scores, _ = fit_reference(Z, np.ones(300), "gmm", random_state=0, kernel=False)
-    assert [part.means.shape[0] for part in parts] == [2, 1, 2, 3]  # broad, then the BIC's best three
-    new = rng.normal(size=(20_000, 10))
-    with torch.no_grad():
-        truth = np.array([part.log_prob(torch.as_tensor(new)).numpy().mean() for part in parts])
-    held = scores.mean(axis=0)
-    np.testing.assert_allclose(held - held[1], truth - truth[1], atol=0.2)  # the single Gaussian: exact either way
-    assert held[2] < held[1] - 0.05 and held[3] < held[2] - 0.2
-    one_step = reference._leave_one_out(parts[2], torch.as_tensor(Z), np.ones(300), 300.0)
-    assert one_step.mean() > held[1]  # what the stacking weights followed before
-    # each row is scored once, under the fit without its group (at most a tenth of the rows)
-    calls = []
-
-    class Recorded:
-        def __init__(self, rows, row_weight):
-            self.rows, self.density = rows, broad_gaussian(rows, row_weight)
-
-        def log_prob(self, x):
-            calls.append((self.rows, x.numpy()))
-            return self.density.log_prob(x)
-
-    scored = reference._cross_fitted(Recorded, Z, np.ones(300), 20_000, parts[0], np.arange(300))
-    assert len(calls) == 10 and sum(len(x) for _, x in calls) == 300
-    assert {row.tobytes() for _, x in calls for row in x} == {row.tobytes() for row in Z}
-    for rows, x in calls:
-        assert len(x) <= 30 and not {row.tobytes() for row in rows} & {row.tobytes() for row in x}
-    np.testing.assert_array_equal(scored, scores[:, 0])
-    # a row of weight 3 is three copies: every copy is left out with it, and both score alike
-    copies = np.concatenate([Z, Z[:1], Z[:1]])
-    _, by_copies, copy_weight = fit_reference(copies, np.ones(302), "gmm", random_state=0, kernel=False)
-    _, by_weight, weight = fit_reference(Z, np.r_[3.0, np.ones(299)], "gmm", random_state=0, kernel=False)
-    assert weight[0] == 3.0 and np.all(copy_weight == 1.0)
-    np.testing.assert_allclose(by_copies[[0, 300, 301], :2], by_weight[[0, 0, 0], :2], rtol=1e-10)
-    np.testing.assert_allclose(by_copies[1:300, :2], by_weight[1:, :2], rtol=1e-10)
 
 
 def _torch_mixture_from(fitted):
@@ -444,25 +404,6 @@ def test_reference_weights_rest_on_many_rows():
     assert scores.shape == (score_weight.size, stacked)
 
 
-def test_every_scored_row_is_as_much_evidence_as_any_other():
-    """The parts' weights among themselves rest on each scored row once: 20 held-out rows
-    (of a 200-row fit's validation split) do not outweigh 200 training rows scored as held
-    out. Weighing the two sets equally gave the 20 rows ten times a row's say, and the stack
-    followed their chance preference for a worse mixture (up to 0.1 nats per row below
-    GaussianMixture on 5-D Gaussians of 200 rows)."""
-    flow = np.full(20, -50.0)  # a flow with no say
-    held = np.column_stack([np.full(20, -30.0), np.zeros(20), np.ones(20)])  # the third part 1 nat better
-    rows = np.column_stack([np.full(200, -30.0), np.zeros(200), np.full(200, -0.2)])  # the second 0.2 better
-    weights = flow_and_reference_weights(flow, held, np.ones(20), rows, np.ones(200), 1e-4)
-    assert weights[2] > 0.99 and weights[3] < 0.01  # 200 x 0.2 nats outweigh 20 x 1 nat
-    # a row of weight 10 is ten rows: now the held-out rows weigh more
-    weights = flow_and_reference_weights(flow, held, np.full(20, 10.0), rows, np.ones(200), 1e-4)
-    assert weights[3] > 0.99
-    # weights below one (scaled importance weights) count each row once
-    weights = flow_and_reference_weights(flow, held, np.full(20, 0.05), rows, np.full(200, 0.005), 1e-4)
-    assert weights[2] > 0.99
-
-
 def test_kernel_density_kept_only_with_held_out_weight():
     """Without early stopping the kernel density, which holds the training rows, has no say."""
     rng = np.random.RandomState(0)
@@ -536,7 +477,7 @@ def test_the_kernel_density_holds_at_most_its_cap_of_rows(monkeypatch):
     Z = rng.normal(size=(450, 2))
     parts, scores, score_weight = fit_reference(Z, np.ones(450), "gmm", random_state=0)
     assert parts[-1].points.shape == (90, 2)  # every fifth row
-    assert np.all(score_weight == 1.0)  # each is one row's evidence, though it stands for five in the fit
+    assert np.all(score_weight == 5.0)  # each counts for the rows it stands for
     refitted = reference.refit_reference(parts, np.concatenate([Z, Z[:50]]), np.ones(500), random_state=0)
     assert refitted[-1].points.shape == (100, 2)
     # Scott's rate for 100 rows where there were 90
