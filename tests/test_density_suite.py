@@ -121,3 +121,16 @@ def test_split_drops_a_column_constant_on_the_training_rows(suite, value):
         assert np.all(X_train.std(axis=0) > 0)
         dropped.append(info["dropped_constant_train"])
     assert 0 < sum(dropped) < 6  # the rare row fell in the training rows of some seeds only
+
+
+def test_sklearn_generators_are_a_group_of_their_own(suite):
+    """scikit-learn's sample generators, as a user's first try: fixed rows, both sizes, no known density."""
+    sets = suite.select_sets("sk-generated", quick=False)
+    assert len(sets) == 9 and all(d.group == "sk-generated" and d.density is None for d in sets)
+    for dataset in sets:
+        X = dataset.load()
+        assert X.shape[0] == suite.SK_GENERATED_ROWS and np.all(np.isfinite(X))
+        np.testing.assert_array_equal(X, dataset.load())  # the same rows every time
+        assert [size for size, _ in suite.sizes_of(dataset, X.shape[0], ["small", "large"])] == ["small", "large"]
+    with pytest.raises(SystemExit, match="sk-generated"):
+        suite.select_sets("no-such-set", quick=False)
