@@ -703,7 +703,7 @@ def select_sets(spec, quick):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few small sets, seed 0, the small size")
-    parser.add_argument("--sets", help="comma-separated set names or groups (adbench, sklearn, generated)")
+    parser.add_argument("--sets", help=f"comma-separated set names or groups ({', '.join(GROUPS)})")
     parser.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; --quick: 0)")
     parser.add_argument("--sizes", help="comma-separated of tiny,small,large (default small,large; --quick: small)")
     parser.add_argument("--maf-params", type=json.loads, default={}, help="JSON keyword arguments of MAFDensity")
