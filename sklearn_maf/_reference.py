@@ -19,7 +19,8 @@ are fitted by EM to held-out likelihoods (stacked density estimation, Smyth
 the validation rows, the only rows it has not seen; the parts' weights among
 themselves on those and on up to ``_KERNEL_QUERIES`` training rows, each
 scored as if held out (leave-one-out: exactly for the kernel density, by one
-M-step's downdate for the Gaussians). The fitted
+M-step's downdate for the Gaussians, and for the mixtures the response of the
+other rows' responsibilities over the EM iterations the fit took). The fitted
 model holds the stacked mixtures as one mixture part. The combination is chosen by held-out
 likelihood on every data set. The broad part keeps at least
 ``min_reference_weight``, which bounds every row's score from below by
@@ -102,6 +103,9 @@ _KT = 0.5
 # 4 on 500), and the held-out weights take what each adds. More cost a refit
 # each and let the weights chase noise (RESULTS.md, "Broad density suite").
 _STACKED_MIXTURES = 3
+# Multiply-adds, about half a second, that the leave-one-out's correction for the
+# responsibilities' response may take per mixture (_responsibility_response).
+_RESPONSE_WORK = 1e9
 
 
 def _logsumexp_rows(a):
@@ -172,7 +176,9 @@ def _weighted_gaussians(Z, weight, responsibilities):
     return totals / totals.sum(), means, covariances
 
 
-def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e-3, start=None, n_starts=1):
+def gaussian_mixture(
+    Z, weight, n_components, random_state, max_iter=100, tol=1e-3, start=None, n_starts=1, return_n_iter=False
+):
     """Weighted EM for a full-covariance Gaussian mixture, started from k-means or from ``start``.
 
     As :class:`sklearn.mixture.GaussianMixture` (``init_params="kmeans"``,
@@ -185,7 +191,8 @@ def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e
     a fitted :class:`GaussianMixtureDensity` of ``n_components``, starts EM
     from its responsibilities instead (a fit on some of the rows continued
     on all). Returns ``(weights, means, covariances, log_likelihood)``, the
-    last the weighted total over the rows.
+    last the weighted total over the rows, and with ``return_n_iter=True``
+    the iterations (E- and M-steps) that the run returned took.
     """
     n, n_features = Z.shape
     if n_components == 1:
@@ -204,7 +211,7 @@ def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e
     runs = np.arange(responsibilities.shape[1])  # those still running
     previous = np.full(runs.size, -np.inf)
     fits = [None] * runs.size
-    for _ in range(max_iter):
+    for iteration in range(1, max_iter + 1):
         weights, means, covariances = _weighted_gaussians(Z, weight, responsibilities.reshape(n, -1))
         weights = weights.reshape(runs.size, n_components)
         weights /= weights.sum(axis=1, keepdims=True)
@@ -214,16 +221,17 @@ def gaussian_mixture(Z, weight, n_components, random_state, max_iter=100, tol=1e
         means = means.reshape(runs.size, n_components, n_features)
         covariances = covariances.reshape(runs.size, n_components, n_features, n_features)
         for r, run in enumerate(runs):  # each run's latest fit, its last when it stops
-            fits[run] = (weights[r], means[r], covariances[r], current[r] * weight.sum())
+            fits[run] = (weights[r], means[r], covariances[r], current[r] * weight.sum(), iteration)
         keep = ~(np.abs(current - previous) < tol)
         if n_components == 1 or not keep.any():
             break
         runs, previous = runs[keep], current[keep]
         responsibilities = np.exp(log_prob[:, keep] - row_log_prob[:, keep, None])
-    return max(fits, key=lambda fit: fit[3])
+    best = max(fits, key=lambda fit: fit[3])
+    return best if return_n_iter else best[:4]
 
 
-def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1, max_starts=_MAX_STARTS):
+def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1, max_starts=_MAX_STARTS, return_n_iter=False):
     """The ``n_best`` full-covariance Gaussian mixtures of 1 to 10 components with the lowest BIC, best first.
 
     A mixture of K components is tried only where the rows' total weight is
@@ -235,7 +243,8 @@ def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1, max_starts=_MAX_
     runs on at most :func:`search_rows` rows (evenly spaced): EM costs ``K n
     D^2`` per iteration, the best of :func:`em_starts` runs (at most
     ``max_starts``) from k-means starts. Each mixture is ``(weights, means,
-    covariances)``.
+    covariances)``; ``return_n_iter=True`` also returns the EM iterations
+    that each took, as a second list.
     """
     n, n_features = weight.sum(), Z.shape[1]
     per_component = n_features + n_features * (n_features + 1) / 2 + 1
@@ -246,11 +255,14 @@ def gaussian_mixtures_by_bic(Z, weight, random_state, n_best=1, max_starts=_MAX_
     for n_components in range(1, _MAX_COMPONENTS + 1):
         if n_components > 1 and (n_components * (n_features + 1) > n or n_components > distinct):
             break
-        *mixture, log_likelihood = gaussian_mixture(Z, weight, n_components, random_state, n_starts=starts)
+        *mixture, log_likelihood, n_iter = gaussian_mixture(
+            Z, weight, n_components, random_state, n_starts=starts, return_n_iter=True
+        )
         bic = -2 * log_likelihood + (n_components * per_component - 1) * np.log(n)
-        fitted.append((bic, n_components, mixture))
+        fitted.append((bic, n_components, mixture, n_iter))
     fitted.sort(key=lambda item: item[:2])
-    return [mixture for *_, mixture in fitted[:n_best]]
+    mixtures = [mixture for _, _, mixture, _ in fitted[:n_best]]
+    return (mixtures, [n_iter for *_, n_iter in fitted[:n_best]]) if return_n_iter else mixtures
 
 
 def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weight, floor, max_iter=5000, tol=1e-12):
@@ -415,7 +427,9 @@ def fit_reference(Z, weight, kind, random_state, kernel=True, max_starts=_MAX_ST
     (``kernel=True``) the kernel density. The scores, on at most
     ``_KERNEL_QUERIES`` of the rows: the kernel density's leave-one-out
     log-density, each Gaussian part's leave-one-out log-density
-    (:func:`_leave_one_out`), so that the parts' weights among
+    (:func:`_leave_one_out`; for the mixtures with the other rows'
+    responsibilities' response, :func:`_responsibility_response`, where its
+    cost allows it for all of them), so that the parts' weights among
     themselves can rest on many rows rather than on the few of a validation
     split: in-sample scores less Akaike's correction favoured the mixtures of
     most components, and scored a component on a single row as a spike. The
@@ -430,7 +444,9 @@ def fit_reference(Z, weight, kind, random_state, kernel=True, max_starts=_MAX_ST
     Z, weight, scale = thinned(Z[keep], weight[keep])
     parts = [broad_gaussian(Z, weight)]
     if kind == "gmm":
-        mixtures = gaussian_mixtures_by_bic(Z, weight, random_state, _STACKED_MIXTURES, max_starts)
+        mixtures, n_iters = gaussian_mixtures_by_bic(
+            Z, weight, random_state, _STACKED_MIXTURES, max_starts, return_n_iter=True
+        )
         parts += [_gaussians(*mixture) for mixture in mixtures]
     points, point_weight, point_scale = thinned(Z, weight, _MAX_KERNEL_ROWS)
     queries = _queries(points)
@@ -438,6 +454,15 @@ def fit_reference(Z, weight, kind, random_state, kernel=True, max_starts=_MAX_ST
     # a kept row stands for scale * point_scale rows: all of them are left out (as for the kernel density)
     left_out = np.minimum(point_weight[queries], scale * point_scale)
     columns = [_leave_one_out(part, rows, left_out, weight.sum(), index == 0) for index, part in enumerate(parts)]
+    if kind == "gmm":
+        # on the rows the mixtures were fitted to; all or none, so that the columns compare alike
+        search_Z, search_weight, _ = thinned(Z, weight, search_rows(Z.shape[1]))
+        responses = [
+            _responsibility_response(part, n_iter, search_Z, search_weight, points[queries], left_out)
+            for part, n_iter in zip(parts[1:], n_iters)
+        ]  # fmt: skip
+        if all(response is not None for response in responses):
+            columns[1:] = [column + response for column, response in zip(columns[1:], responses)]
     if kind == "gmm" and kernel:
         bandwidth, _, kernel_values = kernel_bandwidth(points, point_weight, scale * point_scale)
         parts.append(GaussianKernelDensity(torch.as_tensor(points), torch.as_tensor(point_weight), bandwidth))
@@ -487,6 +512,114 @@ def _leave_one_out(part, rows, left_out, total, broad):
         )  # fmt: skip
         log_held = torch.where(alive, log_held + log_share, torch.full_like(log_held, -math.inf))
         return torch.logsumexp(log_held, dim=1).numpy()
+
+
+def _complete_scores(part, Z):
+    """Each row's complete-data scores under each component of ``part``, and its responsibilities.
+
+    The parameters, at the fit: the logits of the first K - 1 weights, and
+    for each component a shift ``a`` of its mean and a symmetric ``S`` of
+    its covariance in its own whitened coordinates ``u = L^-1 (z - mean)``
+    (mean + L a, covariance L (I + S) L^T), ``S`` on an orthonormal basis of
+    symmetric matrices (diagonal units, off-diagonal pairs over sqrt 2). In
+    these the score of a row given component k is ``e_k - weights`` for the
+    logits, ``u`` and ``(u u^T - I) / 2`` for component k's block, zero for
+    the others. Returns the scores ``(K, n, P)`` and the responsibilities ``(n, K)``.
+    """
+    n_components, n_features = part.means.shape
+    with torch.no_grad():
+        cholesky = part.cholesky.to(torch.float64)
+        eye = torch.eye(n_features, dtype=torch.float64).expand_as(cholesky)
+        inverse = torch.linalg.solve_triangular(cholesky, eye, upper=False)
+        white = torch.einsum("kab,knb->kna", inverse, torch.as_tensor(Z)[None] - part.means.to(torch.float64)[:, None])
+        log_prob = part.component_log_prob(torch.as_tensor(Z))
+        responsibilities = torch.softmax(log_prob, dim=1).numpy()
+    white = white.numpy()
+    upper = np.triu_indices(n_features, 1)
+    block = np.concatenate(
+        [white, (white**2 - 1) / 2, white[..., upper[0]] * white[..., upper[1]] / np.sqrt(2)], axis=2
+    )  # fmt: skip
+    size = block.shape[2]
+    logits = np.eye(n_components)[:, :-1] - part.log_weights.exp().numpy()[:-1]
+    scores = np.zeros((n_components, Z.shape[0], n_components - 1 + n_components * size))
+    scores[..., : n_components - 1] = logits[:, None]
+    for k in range(n_components):
+        scores[k, :, n_components - 1 + k * size : n_components - 1 + (k + 1) * size] = block[k]
+    return scores, responsibilities
+
+
+def _inverse_sqrt(values, total):
+    """``values ** -0.5``, 0 where a value is at most ``1e-12 total`` (no information there)."""
+    values = np.asarray(values, dtype=float)
+    informed = values > 1e-12 * total
+    return np.where(informed, 1 / np.sqrt(np.where(informed, values, 1.0)), 0.0)
+
+
+def _responsibility_response(part, n_iter, Z, weight, rows, left_out):
+    """What :func:`_leave_one_out` leaves out: the response of the other rows' responsibilities, to first order.
+
+    One M-step's downdate keeps every row's responsibilities; EM would then
+    move them, and the parameters with them: by EM's rate matrix ``I_c^-1
+    I_mis`` (Dempster, Laird & Rubin, 1977) each iteration, the complete-data
+    information ``I_c`` and the missing information ``I_mis``, the summed
+    conditional covariance of the rows' complete-data scores (Louis, 1982).
+    Removing ``t`` of a row moves the one-step by ``t I_c^-1 g`` (``g`` its
+    score); the ``n_iter`` iterations that the fit took carry that to ``t
+    sum_{s < n_iter} (I_c^-1 I_mis)^s I_c^-1 g``, and the row's log-density
+    falls by a further ``t h^T f(B) h``, ``h = I_c^-1/2 g``, ``B = I_c^-1/2
+    I_mis I_c^-1/2`` (eigenvalues in [0, 1]: the fractions of missing
+    information) and ``f(x) = x + ... + x^(n_iter - 1)``. Where components
+    overlap, the one-step leave-one-out is optimistic by this much: it
+    scored spurious extra components above the mixture that new rows prefer
+    (RESULTS.md, "Broad density suite"). Counting the iterations the fit
+    took, not EM's limit, is the leave-one-out of the fit as it was made, and
+    stays finite in directions the rows do not determine (``B``'s
+    eigenvalues of 1). ``I_mis`` is summed over the row-component pairs of
+    responsibility strictly between 0 and 1, at most ``_RESPONSE_WORK / P^2``
+    (evenly spaced rows, scaled to their weight); None where ``P^3``, its
+    eigendecomposition, is above ``_RESPONSE_WORK``.
+    """
+    n_components, n_features = part.means.shape
+    if n_components == 1:  # no responsibilities to move: the one-step is exact
+        return np.zeros(rows.shape[0])
+    n_parameters = n_components - 1 + n_components * (n_features + n_features * (n_features + 1) // 2)
+    if n_parameters**3 > _RESPONSE_WORK:
+        return None
+    weights = part.log_weights.exp().numpy()
+    with torch.no_grad():
+        responsibilities = torch.softmax(part.component_log_prob(torch.as_tensor(Z)), dim=1).numpy()
+    total, counts = weight.sum(), weight @ responsibilities
+    # a row's pair with a component whose responsibility is 0 or 1 adds nothing to I_mis;
+    # the rows that have others, evenly spaced to at most _RESPONSE_WORK / P^2 pairs
+    ambiguous = responsibilities * (1 - responsibilities) > 1e-12
+    rows_used = np.flatnonzero(ambiguous.any(axis=1))
+    step = max(int(np.ceil(ambiguous[rows_used].sum() * n_parameters**2 / _RESPONSE_WORK)), 1)
+    row_weight = weight[rows_used]
+    if step > 1:
+        row_weight = row_weight[::step] * (row_weight.sum() / row_weight[::step].sum())
+        rows_used = rows_used[::step]
+    # I_c^-1/2: the logits' block N (diag(w) - w w^T) by its eigenvectors, each component's diagonal;
+    # a direction with no complete-data information (a component of no weight) is left out
+    values, vectors = np.linalg.eigh(total * (np.diag(weights) - np.outer(weights, weights))[:-1, :-1])
+    logit_scale = vectors * _inverse_sqrt(values, total) @ vectors.T
+    size = (n_parameters - n_components + 1) // n_components
+    per_block = np.r_[np.ones(n_features), np.full(size - n_features, np.sqrt(2.0))]
+    block_scale = np.concatenate([per_block * _inverse_sqrt(counts[k], total) for k in range(n_components)])
+
+    def whitened(a):
+        return np.concatenate([a[..., : n_components - 1] @ logit_scale, a[..., n_components - 1 :] * block_scale], -1)
+
+    scores, responsibilities = _complete_scores(part, Z[rows_used])
+    observed = np.einsum("nk,knp->np", responsibilities, scores)
+    deviations = np.sqrt(row_weight[:, None] * responsibilities).T[..., None] * (scores - observed[None])
+    deviations = whitened(deviations[ambiguous[rows_used].T])
+    fractions, directions = np.linalg.eigh(deviations.T @ deviations)
+    fractions = np.clip(fractions, 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        carried = np.where(fractions < 1 - 1e-12, (fractions - fractions**n_iter) / (1 - fractions), n_iter - 1.0)
+    query_scores, query_responsibilities = _complete_scores(part, rows)
+    projected = whitened(np.einsum("nk,knp->np", query_responsibilities, query_scores)) @ directions
+    return -left_out * (projected**2 @ carried)
 
 
 def refit_reference(parts, Z, weight, random_state):

@@ -553,3 +553,51 @@ def test_few_held_out_rows_do_not_give_the_flow_all_of_the_weight():
         weights.append(model.mixture_weights_[0])
     assert max(weights) <= 1 - 1 / 6 + 1e-9
     assert np.mean(gaps) > -1.5 and min(gaps) > -4.0
+
+
+def test_leave_one_out_follows_the_responsibilities_as_em_would():
+    """Where components overlap, leaving a row out moves the other rows' responsibilities, and
+    EM's parameters with them: one M-step's downdate misses that and was optimistic (it scored
+    spurious extra components above the mixture that new rows prefer). With the response
+    added, the leave-one-out is that of EM continued from the fit without the row."""
+    import sklearn_maf._reference as reference
+
+    rng = np.random.RandomState(0)
+    Z = np.concatenate([rng.normal(size=(120, 2)), rng.normal(size=(80, 2)) * 0.7 + [1.5, 0.5]])
+    weight = np.ones(len(Z))
+    converged = dict(random_state=0, tol=1e-12, max_iter=5000)
+    *fitted, _, n_iter = gaussian_mixture(Z, weight, 2, return_n_iter=True, **converged)
+    mixture = GaussianMixtureDensity(*_torch_mixture_from((*fitted, None)))
+    rows = np.arange(0, len(Z), 13)
+    one_step = reference._leave_one_out(mixture, torch.as_tensor(Z[rows]), np.ones(rows.size), len(Z), broad=False)
+    response = reference._responsibility_response(mixture, n_iter, Z, weight, Z[rows], np.ones(rows.size))
+    exact = []
+    for i in rows:
+        rest = weight.copy()
+        rest[i] = 0.0
+        refitted = GaussianMixtureDensity(*_torch_mixture_from(gaussian_mixture(Z, rest, 2, start=mixture, **converged)))
+        with torch.no_grad():
+            exact.append(refitted.log_prob(torch.as_tensor(Z[i : i + 1])).item())
+    exact = np.array(exact)
+    assert np.all(response <= 0)  # the other rows only ever follow the row's absence
+    # a weight counts as repetitions: a row of weight 2 is the row twice
+    def response_on(rows_fitted, row_weight):
+        return reference._responsibility_response(mixture, n_iter, rows_fitted, row_weight, Z[rows], np.ones(rows.size))
+
+    doubled = response_on(Z, np.r_[2.0, weight[1:]])
+    np.testing.assert_allclose(doubled, response_on(np.r_[Z[:1], Z], np.r_[weight[:1], weight]), rtol=1e-10)
+    missed = np.abs(one_step - exact)
+    assert missed.mean() > 0.003  # overlapping components: the one-step alone is off
+    assert np.abs(one_step + response - exact).mean() < 0.2 * missed.mean()
+
+
+def test_the_response_is_nothing_for_one_component_and_skipped_beyond_its_cost():
+    import sklearn_maf._reference as reference
+
+    rng = np.random.RandomState(0)
+    Z = rng.normal(size=(50, 3))
+    single = GaussianMixtureDensity(*_torch_mixture_from(gaussian_mixture(Z, np.ones(50), 1, random_state=0)))
+    assert np.all(reference._responsibility_response(single, 1, Z, np.ones(50), Z[:5], np.ones(5)) == 0)
+    Z = rng.normal(size=(400, 40))
+    pair = GaussianMixtureDensity(*_torch_mixture_from(gaussian_mixture(Z, np.ones(400), 2, random_state=0)))
+    assert reference._responsibility_response(pair, 5, Z, np.ones(400), Z[:5], np.ones(5)) is None  # P = 1721
