@@ -414,7 +414,7 @@ class _BaseMAF(BaseEstimator):
         )
         like = next(self.module_.buffers())
         unrefitted = reference_mixture(*merged_mixtures(parts, weights[1:]), like=like)
-        parts = refit_reference(parts, fixed(np.arange(X.shape[0]))[0], weight, seed)
+        parts = refit_reference(parts, fixed(np.arange(X.shape[0]))[0], weight, seed, weights[1:])
         parts, part_weights = merged_mixtures(parts, weights[1:])
         weights = np.r_[weights[0], part_weights]
         self.reference_ = reference_mixture(parts, weights[1:], like=like)

@@ -303,21 +303,43 @@ def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weig
     # no training rows: plain stacking on the held-out rows
     row_share = row_weight / row_weight.sum() if row_weight.size else row_weight
     n_parts = classical.shape[1]
-    w = np.full(n_parts + 1, 1.0 / (n_parts + 1))
-    previous = -np.inf
-    for _ in range(max_iter):
+
+    def em_step(w):
+        """EM's update of ``w`` and the composite log-likelihood at ``w``."""
         log_w = np.log(w, out=np.full_like(w, -np.inf), where=w > 0)
         log_v = log_w[1:] - np.log1p(-w[0])
         joint, inner = held + log_w, rows + log_v
         held_rows, train_rows = _logsumexp_rows(joint), _logsumexp_rows(inner)
         responsibility = held_share @ np.exp(joint - held_rows[:, None])
         parts = responsibility[1:] + row_share @ np.exp(inner - train_rows[:, None])
-        w = np.r_[responsibility[0], (1 - responsibility[0]) * parts / parts.sum()]
-        w = _with_floor(w, 1, floor)
-        current = held_share @ held_rows + row_share @ train_rows
+        updated = np.r_[responsibility[0], (1 - responsibility[0]) * parts / parts.sum()]
+        return _with_floor(updated, 1, floor), held_share @ held_rows + row_share @ train_rows
+
+    w = np.full(n_parts + 1, 1.0 / (n_parts + 1))
+    previous = -np.inf
+    for _ in range(max_iter):
+        # SQUAREM (Varadhan & Roland, 2008): two EM steps, then a step along
+        # their squared extrapolation where it stays a set of weights and
+        # does not lower the likelihood. EM alone crawls where weights decay
+        # towards zero (thousands of steps), the same fixed point
+        first, current = em_step(w)
         if current - previous < tol:
+            w = first
             break
         previous = current
+        second, at_first = em_step(first)
+        step, curve = first - w, second - 2 * first + w
+        length = np.sqrt(step @ step / (curve @ curve)) if curve @ curve > 0 else 1.0
+        while length > 1:
+            extrapolated = w + 2 * length * step + length**2 * curve
+            if np.all(extrapolated >= 0) and extrapolated[0] < 1:
+                break
+            length = (length + 1) / 2
+        if length <= 1 + 1e-9:
+            w = second
+            continue
+        candidate, at_candidate = em_step(_with_floor(extrapolated / extrapolated.sum(), 1, floor))
+        w = candidate if at_candidate >= at_first else second
     # weights count as repetitions, but weights below one (importance weights
     # scaled to sum to one, say) do not make the evidence thinner than the rows
     least = _KT / (max(weight.sum(), weight.size) + 2 * _KT)
@@ -622,19 +644,24 @@ def _responsibility_response(part, n_iter, Z, weight, rows, left_out):
     return -left_out * (projected**2 @ carried)
 
 
-def refit_reference(parts, Z, weight, random_state):
+def refit_reference(parts, Z, weight, random_state, part_weights=None):
     """``parts`` fitted again to the rows ``Z``.
 
     The same kinds with the same numbers of components, the mixture's EM
     started from its fit on fewer rows; the kernel density's
     bandwidth scaled by Scott's rate, ``growth ** (-1 / (D + 4))``, where
-    ``growth`` is the ratio of its new rows to its old ones.
+    ``growth`` is the ratio of its new rows to its old ones. A part whose
+    stacking weight in ``part_weights`` is 0 is returned as it is: the stack
+    leaves it out (:func:`merged_mixtures`, :func:`reference_mixture`), and
+    the mixtures' EM is most of the refit's cost.
     """
     keep = weight > 0
     Z, weight, _ = thinned(Z[keep], weight[keep])
     refitted = [broad_gaussian(Z, weight)]
-    for part in parts[1:]:
-        if isinstance(part, GaussianKernelDensity):
+    for index, part in enumerate(parts[1:], start=1):
+        if part_weights is not None and part_weights[index] == 0:
+            refitted.append(part)
+        elif isinstance(part, GaussianKernelDensity):
             points, point_weight, _ = thinned(Z, weight, _MAX_KERNEL_ROWS)
             growth = points.shape[0] / part.points.shape[0]
             bandwidth = float(part.bandwidth) * growth ** (-1.0 / (Z.shape[1] + 4))

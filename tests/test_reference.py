@@ -23,6 +23,7 @@ from sklearn_maf._reference import (
     kernel_bandwidth,
     ledoit_wolf,
     merged_mixtures,
+    reference_mixture,
 )
 
 
@@ -601,3 +602,45 @@ def test_the_response_is_nothing_for_one_component_and_skipped_beyond_its_cost()
     Z = rng.normal(size=(400, 40))
     pair = GaussianMixtureDensity(*_torch_mixture_from(gaussian_mixture(Z, np.ones(400), 2, random_state=0)))
     assert reference._responsibility_response(pair, 5, Z, np.ones(400), Z[:5], np.ones(5)) is None  # P = 1721
+
+
+def test_stacking_weights_reach_the_maximum_of_the_composite_likelihood():
+    """EM with SQUAREM's extrapolation ends where the likelihood is highest, also where some
+    weights decay towards zero (EM alone took thousands of steps there)."""
+    from scipy.optimize import minimize
+    from scipy.special import softmax
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        common = rng.normal(size=(400, 1)) * 2
+        columns = common + rng.normal(size=(400, 5)) * [0.3, 0.5, 2.0, 1.0, 0.05]
+        flow, classical, rows = columns[:150, 0], columns[:150, 1:], columns[150:, 1:]
+
+        def composite(w):
+            v = w[1:] / w[1:].sum()
+            return logsumexp(np.c_[flow, classical] + np.log(w), axis=1).mean() + logsumexp(
+                rows + np.log(v), axis=1
+            ).mean()
+
+        w = flow_and_reference_weights(flow, classical, np.ones(150), rows, np.ones(250), floor=0.0)
+        best = minimize(lambda a: -composite(softmax(a)), np.zeros(5), method="BFGS", options={"gtol": 1e-10})
+        assert composite(w) >= -best.fun - 1e-7
+
+
+def test_parts_of_no_weight_are_not_refitted():
+    """The stack leaves them out, so refitting them (most of the refit's cost) changes nothing."""
+    import sklearn_maf._reference as reference
+
+    rng = np.random.RandomState(0)
+    Z = np.concatenate([rng.normal(size=(200, 2)), rng.normal(size=(200, 2)) + 4])
+    parts, _, _ = fit_reference(Z, np.ones(400), "gmm", random_state=0)
+    weights = np.r_[0.1, 0.9, np.zeros(len(parts) - 2)]  # the broad part and the BIC-best mixture
+    Z_all = np.concatenate([Z, rng.normal(size=(100, 2))])
+    lazy = reference.refit_reference(parts, Z_all, np.ones(500), 0, weights)
+    full = reference.refit_reference(parts, Z_all, np.ones(500), 0)
+    assert all(lazy[i] is parts[i] for i in range(2, len(parts)))
+    assert lazy[1] is not parts[1]
+    with torch.no_grad():
+        scores = [reference_mixture(*merged_mixtures(refitted, weights), like=torch.zeros(1, dtype=torch.float64))
+                  .log_prob(torch.as_tensor(Z_all)).numpy() for refitted in (lazy, full)]  # fmt: skip
+    np.testing.assert_array_equal(*scores)
