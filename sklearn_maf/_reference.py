@@ -198,8 +198,7 @@ def gaussian_mixture(
     if n_components == 1:
         responsibilities = np.ones((n, 1, 1))
     elif start is not None:
-        with torch.no_grad():
-            responsibilities = torch.softmax(start.component_log_prob(torch.as_tensor(Z)), dim=1).numpy()[:, None, :]
+        responsibilities = _responsibilities(start, Z)[:, None, :]
     else:
         labels = [
             KMeans(n_components, n_init=1, random_state=(random_state + s) % _SEED_RANGE).fit(
@@ -536,8 +535,14 @@ def _leave_one_out(part, rows, left_out, total, broad):
         return torch.logsumexp(log_held, dim=1).numpy()
 
 
+def _responsibilities(part, Z):
+    """Each row's responsibilities under the components of the mixture ``part``, shape (n, K)."""
+    with torch.no_grad():
+        return torch.softmax(part.component_log_prob(torch.as_tensor(Z)), dim=1).numpy()
+
+
 def _complete_scores(part, Z):
-    """Each row's complete-data scores under each component of ``part``, and its responsibilities.
+    """Each row's complete-data scores under each component of ``part``, shape (K, n, P).
 
     The parameters, at the fit: the logits of the first K - 1 weights, and
     for each component a shift ``a`` of its mean and a symmetric ``S`` of
@@ -546,17 +551,11 @@ def _complete_scores(part, Z):
     symmetric matrices (diagonal units, off-diagonal pairs over sqrt 2). In
     these the score of a row given component k is ``e_k - weights`` for the
     logits, ``u`` and ``(u u^T - I) / 2`` for component k's block, zero for
-    the others. Returns the scores ``(K, n, P)`` and the responsibilities ``(n, K)``.
+    the others.
     """
     n_components, n_features = part.means.shape
     with torch.no_grad():
-        cholesky = part.cholesky.to(torch.float64)
-        eye = torch.eye(n_features, dtype=torch.float64).expand_as(cholesky)
-        inverse = torch.linalg.solve_triangular(cholesky, eye, upper=False)
-        white = torch.einsum("kab,knb->kna", inverse, torch.as_tensor(Z)[None] - part.means.to(torch.float64)[:, None])
-        log_prob = part.component_log_prob(torch.as_tensor(Z))
-        responsibilities = torch.softmax(log_prob, dim=1).numpy()
-    white = white.numpy()
+        white = part.whitened(torch.as_tensor(Z)).numpy()
     upper = np.triu_indices(n_features, 1)
     block = np.concatenate(
         [white, (white**2 - 1) / 2, white[..., upper[0]] * white[..., upper[1]] / np.sqrt(2)], axis=2
@@ -567,7 +566,7 @@ def _complete_scores(part, Z):
     scores[..., : n_components - 1] = logits[:, None]
     for k in range(n_components):
         scores[k, :, n_components - 1 + k * size : n_components - 1 + (k + 1) * size] = block[k]
-    return scores, responsibilities
+    return scores
 
 
 def _inverse_sqrt(values, total):
@@ -608,8 +607,7 @@ def _responsibility_response(part, n_iter, Z, weight, rows, left_out):
     if n_parameters**3 > _RESPONSE_WORK:
         return None
     weights = part.log_weights.exp().numpy()
-    with torch.no_grad():
-        responsibilities = torch.softmax(part.component_log_prob(torch.as_tensor(Z)), dim=1).numpy()
+    responsibilities = _responsibilities(part, Z)
     total, counts = weight.sum(), weight @ responsibilities
     # a row's pair with a component whose responsibility is 0 or 1 adds nothing to I_mis;
     # the rows that have others, evenly spaced to at most _RESPONSE_WORK / P^2 pairs
@@ -628,19 +626,19 @@ def _responsibility_response(part, n_iter, Z, weight, rows, left_out):
     per_block = np.r_[np.ones(n_features), np.full(size - n_features, np.sqrt(2.0))]
     block_scale = np.concatenate([per_block * _inverse_sqrt(counts[k], total) for k in range(n_components)])
 
-    def whitened(a):
+    def by_information(a):  # a @ I_c^-1/2
         return np.concatenate([a[..., : n_components - 1] @ logit_scale, a[..., n_components - 1 :] * block_scale], -1)
 
-    scores, responsibilities = _complete_scores(part, Z[rows_used])
+    scores, responsibilities = _complete_scores(part, Z[rows_used]), responsibilities[rows_used]
     observed = np.einsum("nk,knp->np", responsibilities, scores)
     deviations = np.sqrt(row_weight[:, None] * responsibilities).T[..., None] * (scores - observed[None])
-    deviations = whitened(deviations[ambiguous[rows_used].T])
+    deviations = by_information(deviations[ambiguous[rows_used].T])
     fractions, directions = np.linalg.eigh(deviations.T @ deviations)
     fractions = np.clip(fractions, 0.0, 1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         carried = np.where(fractions < 1 - 1e-12, (fractions - fractions**n_iter) / (1 - fractions), n_iter - 1.0)
-    query_scores, query_responsibilities = _complete_scores(part, rows)
-    projected = whitened(np.einsum("nk,knp->np", query_responsibilities, query_scores)) @ directions
+    query_scores = np.einsum("nk,knp->np", _responsibilities(part, rows), _complete_scores(part, rows))
+    projected = by_information(query_scores) @ directions
     return -left_out * (projected**2 @ carried)
 
 

@@ -69,15 +69,18 @@ class GaussianMixtureDensity(nn.Module):
     def n_features(self):
         return self.means.shape[1]
 
-    def squared_radii(self, z):
-        """Squared Mahalanobis radius of each row of ``z`` from each component, shape (n, K)."""
+    def whitened(self, z):
+        """Each row of ``z`` in each component's whitened coordinates ``L_k^-1 (z - mean_k)``, shape (K, n, D)."""
         cholesky = self.cholesky.to(z.dtype)
         # L^-1 once per component (D x D), then one batched product for the rows:
         # a triangular solve against every row costs several times as much
         identity = torch.eye(cholesky.shape[-1], dtype=z.dtype, device=z.device).expand_as(cholesky)
         inverse = torch.linalg.solve_triangular(cholesky, identity, upper=False)
-        white = z @ inverse.transpose(1, 2) - (inverse @ self.means.to(z.dtype)[:, :, None]).transpose(1, 2)
-        return white.square().sum(dim=2).T  # (K, n, D) -> (n, K)
+        return z @ inverse.transpose(1, 2) - (inverse @ self.means.to(z.dtype)[:, :, None]).transpose(1, 2)
+
+    def squared_radii(self, z):
+        """Squared Mahalanobis radius of each row of ``z`` from each component, shape (n, K)."""
+        return self.whitened(z).square().sum(dim=2).T  # (K, n, D) -> (n, K)
 
     def log_normalisers(self, dtype):
         """Log of each component's normalising constant, ``-D/2 log(2 pi) - log|L_k|``, shape (K,)."""
