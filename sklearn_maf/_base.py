@@ -308,7 +308,7 @@ class _BaseMAF(BaseEstimator):
         self.module_ = module
         self.tail_cut_ = module.tail_cut
         self.base_ = _base_name(module)
-        self._fit_reference(X_noisy, sample_weight, train, validation, context, seed)
+        self._fit_reference(X_noisy, sample_weight, train, validation, context, seed, history.validation_correction)
         self.__dict__.pop("_partial_state", None)
         self.loss_curve_ = (self.loss_curve_ if continuing else []) + history.loss_curve
         if validation is None:
@@ -369,7 +369,7 @@ class _BaseMAF(BaseEstimator):
         """The ``reference`` this estimator mixes with its flow (None: the flow alone)."""
         return self.reference
 
-    def _fit_reference(self, X, weight, train, validation, context, seed):
+    def _fit_reference(self, X, weight, train, validation, context, seed, flow_correction=None):
         """Fit the reference density and the mixture weights; set ``reference_`` and ``mixture_weights_``.
 
         The parts are fitted to the training rows in the coordinates after
@@ -379,6 +379,10 @@ class _BaseMAF(BaseEstimator):
         held out, and the parts are then fitted again to all rows (see :mod:`sklearn_maf._reference`). ``seed`` starts their
         k-means: the fit's own, drawn before anything that depends on the
         number of rows, so that rows of weight zero change nothing.
+        ``flow_correction``, per held-out row, moves the flow's score there
+        to the epoch that early stopping would have kept without that row
+        (``TrainingHistory.validation_correction``): the flow's weight then
+        rests on held-out scores of its epoch choice as well.
 
         Returns the reference as it was before that refit (None where the
         flow stands alone), with the same weights: the model that has not
@@ -407,6 +411,8 @@ class _BaseMAF(BaseEstimator):
             lambda x, *c: self.module_.log_prob(x, *c)[:, None], 1, X[held],
             *(() if context is None else (context[held],)),
         )[:, 0]  # fmt: skip
+        if flow_correction is not None:
+            flow = flow + flow_correction
         with torch.no_grad():
             classical = np.column_stack([part.log_prob(torch.as_tensor(Z_held)).numpy() for part in parts])
         weights = flow_and_reference_weights(

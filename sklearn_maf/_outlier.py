@@ -512,9 +512,9 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
             return None
         return _row_groups(X)
 
-    def _fit_reference(self, X, weight, train, validation, context, seed):
+    def _fit_reference(self, X, weight, train, validation, context, seed, flow_correction=None):
         # the reference before its refit, for the held-out rows (see _fit_flow)
-        self._unrefitted = super()._fit_reference(X, weight, train, validation, context, seed)
+        self._unrefitted = super()._fit_reference(X, weight, train, validation, context, seed, flow_correction)
 
     def _fit_auto(self, X, sample_weight):
         """``preprocessing="auto"``: fit a flow behind each candidate and keep one.

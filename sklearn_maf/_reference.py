@@ -16,7 +16,8 @@ kernel density whose bandwidth maximises the leave-one-out likelihood: the
 classical answers. The weights
 are fitted by EM to held-out likelihoods (stacked density estimation, Smyth
 & Wolpert, 1999) so that each rests on as many rows as it can: the flow's on
-the validation rows, the only rows it has not seen; the parts' weights among
+the validation rows, the only rows it has not seen, each scored at the epoch
+that early stopping keeps without it; the parts' weights among
 themselves on those and on up to ``_KERNEL_QUERIES`` training rows, each
 scored as if held out (leave-one-out: exactly for the kernel density, by one
 M-step's downdate for the Gaussians, and for the mixtures the response of the
@@ -284,10 +285,13 @@ def flow_and_reference_weights(flow, classical, weight, classical_rows, row_weig
     (2 rows of a 15-row data set). That share is the estimate of a probability that
     ``n`` trials never showed that is asymptotically minimax under log loss
     (Krichevsky & Trofimov, 1981); it costs at most ``-log(1 - 1 / (2 n + 2))``
-    nats per row. The flow's share has no such bound: its held-out score is
-    the best of its epochs on those rows, and it is the density that a few
-    rows let overfit; with few held-out rows the parts rest on many more
-    (the training rows scored as if held out).
+    nats per row. The flow's share has no such bound: it is the density
+    that a few rows let overfit; with few held-out rows the parts rest on
+    many more (the training rows scored as if held out). Its held-out scores
+    are those of the epoch that early stopping keeps without the row (the
+    estimators' ``flow`` argument, ``TrainingHistory.validation_correction``):
+    the kept epoch is the best of many on those rows, and its own scores
+    there are optimistic.
     Returns ``[w_flow, (1 - w_flow) v_1, ..., (1 - w_flow) v_K]``.
     """
     held = np.column_stack([flow, classical])

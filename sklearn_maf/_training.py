@@ -36,6 +36,9 @@ class TrainingHistory:
     validation_scores: list = field(default_factory=list)
     best_loss: float = float("inf")
     best_validation_score: float = -float("inf")
+    # per validation row: its score at the epoch the other rows would keep,
+    # less its score at the epoch kept (_LeftOutChoice); None without validation
+    validation_correction: object = field(default=None, compare=False)
     n_iter: int = 0
     n_steps: int = 0
     stopped_early: bool = False
@@ -114,19 +117,71 @@ def _select(tensor, index):
 
 
 @torch.no_grad()
-def mean_log_prob(module, X, weight=None, context=None, chunk_size=65536):
-    """(Weighted) mean log-density of the rows of ``X`` in eval mode, in chunks."""
+def row_log_prob(module, X, context=None, chunk_size=65536):
+    """Log-density of each row of ``X`` in eval mode, in chunks, in float64."""
     was_training = module.training
     module.eval()
-    total = X.new_zeros((), dtype=torch.float64)
-    for start in range(0, X.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        log_prob = module.log_prob(X[rows], _select(context, rows)).double()
-        w = None if weight is None else weight[rows].double()
-        total += log_prob.sum() if w is None else (log_prob * w).sum()
+    log_prob = torch.cat(
+        [
+            module.log_prob(X[start : start + chunk_size], _select(context, slice(start, start + chunk_size))).double()
+            for start in range(0, X.shape[0], chunk_size)
+        ]
+    )
     module.train(was_training)
-    denominator = X.shape[0] if weight is None else weight.double().sum()
-    return float(total / denominator)
+    return log_prob
+
+
+def mean_log_prob(module, X, weight=None, context=None, chunk_size=65536):
+    """(Weighted) mean log-density of the rows of ``X`` in eval mode, in chunks."""
+    return _mean_of_rows(row_log_prob(module, X, context, chunk_size), weight)
+
+
+def _mean_of_rows(log_prob, weight):
+    if weight is None:
+        return float(log_prob.sum() / log_prob.shape[0])
+    weight = weight.double()
+    return float((log_prob * weight).sum() / weight.sum())
+
+
+class _LeftOutChoice:
+    """Each validation row's score at the epoch that early stopping would keep without it.
+
+    Early stopping keeps the epoch of best validation score, so that epoch's
+    scores on the validation rows are optimistic: the more the epochs differ
+    row by row, the more (the chosen one is the best of many on those rows).
+    Scored at the epoch that the other rows choose (leave-one-out, one unit
+    of a row's weight left out as everywhere in the estimators), a row is
+    held out from the choice too, and the mean of these scores estimates the
+    choice's score on new rows without that optimism. Kept as sums, epoch by
+    epoch, in memory proportional to the rows. An epoch where a row scores
+    ``-inf`` (its mean is ``-inf``) is kept for no row.
+    """
+
+    def __init__(self, weight, n_rows, device):
+        self.weight = torch.ones(n_rows, dtype=torch.float64, device=device) if weight is None else weight.double()
+        self.left_out = torch.clamp(self.weight, max=1.0)
+        self.best_without = torch.full_like(self.weight, -math.inf)
+        self.left_out_scores = torch.full_like(self.weight, -math.inf)
+        self.chosen_scores = torch.full_like(self.weight, -math.inf)
+
+    def update(self, log_prob, chosen):
+        """Add one epoch's row scores ``log_prob``; ``chosen``: early stopping keeps this epoch for now."""
+        if chosen:
+            self.chosen_scores = log_prob
+        counted = self.weight > 0
+        if not bool(torch.isfinite(log_prob[counted]).all()):
+            return
+        values = torch.where(counted, log_prob, torch.zeros_like(log_prob))
+        without = (self.weight * values).sum() - self.left_out * values
+        better = without > self.best_without
+        self.best_without = torch.where(better, without, self.best_without)
+        self.left_out_scores = torch.where(better, log_prob, self.left_out_scores)
+
+    def correction(self):
+        """Each row's left-out score less its score at the chosen epoch (at most 0 on rows of positive weight)."""
+        kept = torch.isfinite(self.left_out_scores) & torch.isfinite(self.chosen_scores)
+        difference = torch.where(kept, self.left_out_scores - self.chosen_scores, torch.zeros_like(self.chosen_scores))
+        return difference.cpu().numpy()
 
 
 def _snapshot(module):
@@ -190,6 +245,9 @@ def train_flow(
     best_state = _snapshot(module)
     clip = _GradientClip()  # its running norm carries over from epoch to epoch
     averaged = _ParameterAverage(module, flat=getattr(optimizer, "flat_param", None)) if config.average else None
+    if validation is not None:
+        X_val, w_val, c_val = (*validation, None, None)[:3]
+        left_out = _LeftOutChoice(w_val, X_val.shape[0], X_val.device)
     no_improvement = 0
     stall_epochs = stall_steps = 0  # since the last improvement or halving of the rate
     module.train()
@@ -219,9 +277,11 @@ def train_flow(
 
         if validation is not None:
             with averaged.applied() if averaged is not None else nullcontext():
-                score = mean_log_prob(module, *validation)
+                rows = row_log_prob(module, X_val, c_val)
+                score = _mean_of_rows(rows, w_val)
                 history.validation_scores.append(score)
                 improved = score > history.best_validation_score + config.tol
+                left_out.update(rows, chosen=score > history.best_validation_score)
                 if score > history.best_validation_score:
                     history.best_validation_score = score
                     best_state = _snapshot(module)
@@ -247,6 +307,7 @@ def train_flow(
 
     if validation is not None:
         module.load_state_dict(best_state)
+        history.validation_correction = left_out.correction()
     elif averaged is not None and not history.non_finite:
         averaged.apply()
     if config.warn_not_converged and not history.stopped_early and not history.non_finite:

@@ -644,3 +644,32 @@ def test_parts_of_no_weight_are_not_refitted():
         scores = [reference_mixture(*merged_mixtures(refitted, weights), like=torch.zeros(1, dtype=torch.float64))
                   .log_prob(torch.as_tensor(Z_all)).numpy() for refitted in (lazy, full)]  # fmt: skip
     np.testing.assert_array_equal(*scores)
+
+
+def test_the_flow_is_weighed_on_its_scores_at_the_epochs_chosen_without_each_row(monkeypatch):
+    """The stack's flow column: the fitted flow's held-out scores plus its training's left-out correction."""
+    import sklearn_maf._base as base
+    import sklearn_maf._training as training
+
+    seen, histories = {}, []
+    weights, train_flow = base.flow_and_reference_weights, base.train_flow
+
+    def spy_weights(flow, *args, **kwargs):
+        seen["flow"] = flow
+        return weights(flow, *args, **kwargs)
+
+    def spy_train(*args, **kwargs):
+        histories.append(train_flow(*args, **kwargs))
+        return histories[-1]
+
+    monkeypatch.setattr(base, "flow_and_reference_weights", spy_weights)
+    monkeypatch.setattr(base, "train_flow", spy_train)
+    X = np.random.default_rng(0).normal(size=(120, 2))
+    model = _tiny(max_iter=15, learning_rate_init=0.05).fit(X)
+    rng = np.random.RandomState(model.random_state)
+    rng.randint(np.iinfo(np.int32).max)
+    _, validation = model._split(len(X), rng)
+    correction = histories[-1].validation_correction
+    assert correction.shape == (validation.size,) and (correction <= 0).all() and (correction < 0).any()
+    np.testing.assert_allclose(seen["flow"], model.module_.log_prob(torch.as_tensor(X[validation])).detach().numpy() + correction)
+    assert training.TrainingHistory().validation_correction is None

@@ -467,3 +467,73 @@ def test_modules_without_a_plan_train_by_autograd_to_the_same_fit(monkeypatch, w
     with torch.no_grad():
         scores = [flow.eval().log_prob(X) for flow in flows]
     torch.testing.assert_close(scores[1], scores[0], rtol=1e-9, atol=1e-9)
+
+
+def _left_out_by_brute_force(epochs, weight):
+    """Each row's score at the first epoch of best weighted total without one unit of its weight."""
+    n_epochs, n_rows = epochs.shape
+    scores = torch.empty(n_rows, dtype=DTYPE)
+    for i in range(n_rows):
+        rest = weight.clone()
+        rest[i] -= min(float(weight[i]), 1.0)
+        totals = [float((rest * epochs[e]).sum()) for e in range(n_epochs)]
+        scores[i] = epochs[max(range(n_epochs), key=totals.__getitem__), i]
+    return scores
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_left_out_choice_scores_each_row_at_the_epoch_the_other_rows_choose(weighted):
+    """The correction moves each row to the epoch chosen without it: brute force agrees, and it is at most 0."""
+    generator = _generator(1)
+    # epochs that differ row by row by more than their totals do: several rows change the choice
+    epochs = torch.randn(8, 30, generator=generator, dtype=DTYPE)
+    weight = torch.rand(30, generator=generator, dtype=DTYPE) * 3 if weighted else None
+    choice = _training._LeftOutChoice(weight, 30, "cpu")
+    best = -math.inf
+    for rows in epochs:
+        score = _training._mean_of_rows(rows, weight)
+        choice.update(rows, chosen=score > best)
+        best = max(best, score)
+    chosen = max(range(8), key=lambda e: _training._mean_of_rows(epochs[e], weight))
+    expected = _left_out_by_brute_force(epochs, torch.ones(30, dtype=DTYPE) if weight is None else weight)
+    correction = torch.as_tensor(choice.correction())
+    torch.testing.assert_close(correction, expected - epochs[chosen])
+    assert (correction <= 0).all() and (correction < 0).sum() >= 2
+
+
+def test_left_out_choice_counts_a_weight_of_two_as_two_copies():
+    """A row of weight 2 is left out one copy at a time, as two rows of weight 1 are each."""
+    epochs = torch.randn(6, 10, generator=_generator(7), dtype=DTYPE)
+    doubled = torch.cat([epochs, epochs[:, :1]], dim=1)  # row 0 twice
+    weight = torch.ones(10, dtype=DTYPE)
+    weight[0] = 2.0
+    choices = [_training._LeftOutChoice(weight, 10, "cpu"), _training._LeftOutChoice(None, 11, "cpu")]
+    for (choice, rows, w) in zip(choices, (epochs, doubled), (weight, None)):
+        best = -math.inf
+        for epoch in rows:
+            score = _training._mean_of_rows(epoch, w)
+            choice.update(epoch, chosen=score > best)
+            best = max(best, score)
+    weighted, copies = (torch.as_tensor(choice.correction()) for choice in choices)
+    torch.testing.assert_close(weighted, copies[:10])
+    assert copies[0] == copies[10]
+
+
+def test_an_epoch_with_a_row_at_minus_infinity_is_kept_for_no_row():
+    """Its total is -inf: early stopping never keeps it, and the left-out choice does not either."""
+    epochs = torch.tensor([[-1.0, -1.0, -1.0], [0.0, 0.0, -math.inf]], dtype=DTYPE)
+    choice = _training._LeftOutChoice(None, 3, "cpu")
+    choice.update(epochs[0], chosen=True)
+    choice.update(epochs[1], chosen=False)
+    assert (choice.correction() == 0).all()
+
+
+def test_train_flow_returns_the_left_out_correction_of_its_validation_rows():
+    """One value per validation row, at most 0; with a single epoch nothing can change and it is 0."""
+    validation = (_data(12, seed=3, shift=1.0), None, None)
+    history = _train(_flow(), _data(), validation=validation, learning_rate=5e-2, max_iter=30)
+    assert history.validation_correction.shape == (12,)
+    assert (history.validation_correction <= 0).all()
+    with _max_iter_warning(1):
+        single = _train(_flow(), _data(), validation=validation, max_iter=1)
+    assert (single.validation_correction == 0).all()
