@@ -152,9 +152,10 @@ class _LeftOutChoice:
     Scored at the epoch that the other rows choose (leave-one-out, one unit
     of a row's weight left out as everywhere in the estimators), a row is
     held out from the choice too, and the mean of these scores estimates the
-    choice's score on new rows without that optimism. Kept as sums, epoch by
-    epoch, in memory proportional to the rows. An epoch where a row scores
-    ``-inf`` (its mean is ``-inf``) is kept for no row.
+    choice's score on new rows without that optimism. Updated epoch by
+    epoch (each row's best total without it so far, and its score there), in
+    memory proportional to the rows. An epoch where a row scores ``-inf``
+    (its mean is ``-inf``) is kept for no row.
     """
 
     def __init__(self, weight, n_rows, device):
