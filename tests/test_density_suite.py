@@ -134,3 +134,27 @@ def test_sklearn_generators_are_a_group_of_their_own(suite):
         assert [size for size, _ in suite.sizes_of(dataset, X.shape[0], ["small", "large"])] == ["small", "large"]
     with pytest.raises(SystemExit, match="sk-generated"):
         suite.select_sets("no-such-set", quick=False)
+
+
+@pytest.mark.parametrize(
+    "name, box",
+    [
+        ("checkerboard-2d", [(0.5, 2.5), (0.2, 1.7)]),
+        ("shell-3d", [(0.0, 1.2), (-0.5, 0.5), (-1.2, 0.3)]),
+        ("cauchy-3d", [(-1.0, 2.0), (-3.0, 0.5), (0.0, 4.0)]),
+        ("uniform-6d", [(0.1, 0.9)] * 3 + [(0.0, 0.5)] * 3),
+        ("lognormal-4d", [(0.5, 2.0)] * 4),
+        ("gaussian-8d", [(-1.0, 1.0)] * 8),
+    ],
+)
+def test_a_new_density_draws_the_mass_its_log_density_gives_a_box(suite, name, box):
+    """The sampler and the exact log-density agree: the share of draws in a box is the density integrated over it."""
+    density = suite.DENSITIES[name]
+    rng = np.random.default_rng(0)
+    low, high = np.array(box).T
+    drawn = density.sample(200_000, rng)
+    share = np.mean(np.all((drawn >= low) & (drawn <= high), axis=1))
+    uniform = rng.uniform(low, high, size=(400_000, len(box)))
+    integral = np.prod(high - low) * np.mean(np.exp(density.log_prob(uniform)))
+    assert share > 0.01
+    assert integral == pytest.approx(share, rel=0.03)
