@@ -56,6 +56,14 @@ __all__ = ["fit_reference", "flow_and_reference_weights", "merged_mixtures", "re
 # spaced ones beyond this, as the ECME fit of the t base does.
 _MAX_COMPONENTS = 10
 _MAX_ROWS = 20_000
+# The final refit (refit_reference) takes more: the mixtures' error shrinks
+# with every row, and on 20,000 of 33,000 rows of an 8-D Gaussian mixture the
+# stack lost 0.003 nats/row to GaussianMixture on all of them (RESULTS.md,
+# "Broad density suite"). Its rows are bounded by the memory of an EM
+# iteration instead: about three float64 arrays of K x n x D (each
+# component's whitened rows and their squares, the M-step's weighted rows)
+# within _REFIT_BYTES, and never fewer than _MAX_ROWS.
+_REFIT_BYTES = 2**29
 # The BIC search runs on at most this many rows, fewer where each EM
 # iteration costs more than about _SEARCH_WORK multiply-adds per component
 # (n D^2); the chosen mixture is then refitted on all rows. Together with the
@@ -364,6 +372,11 @@ def _with_floor(w, column, floor):
     return out
 
 
+def refit_rows(n_features, n_components):
+    """The rows the final refit of mixtures of at most ``n_components`` components takes (``_REFIT_BYTES``)."""
+    return max(_MAX_ROWS, _REFIT_BYTES // (24 * max(n_components, 1) * n_features))
+
+
 def em_starts(n_rows, n_features, max_starts=_MAX_STARTS):
     """How many k-means starts the BIC search runs on ``n_rows`` rows: as many as make :func:`search_rows` rows, at most ``max_starts``."""
     return int(np.clip(search_rows(n_features) // max(n_rows, 1), 1, max_starts))
@@ -649,7 +662,8 @@ def _responsibility_response(part, n_iter, Z, weight, rows, left_out):
 def refit_reference(parts, Z, weight, random_state, part_weights=None):
     """``parts`` fitted again to the rows ``Z``.
 
-    The same kinds with the same numbers of components, the mixture's EM
+    The same kinds with the same numbers of components, on up to
+    :func:`refit_rows` rows (evenly spaced beyond), the mixture's EM
     started from its fit on fewer rows; the kernel density's
     bandwidth scaled by Scott's rate, ``growth ** (-1 / (D + 4))``, where
     ``growth`` is the ratio of its new rows to its old ones. A part whose
@@ -658,7 +672,9 @@ def refit_reference(parts, Z, weight, random_state, part_weights=None):
     the mixtures' EM is most of the refit's cost.
     """
     keep = weight > 0
-    Z, weight, _ = thinned(Z[keep], weight[keep])
+    refitting = [p for i, p in enumerate(parts) if isinstance(p, GaussianMixtureDensity) and i > 0]
+    largest = max((p.means.shape[0] for p in refitting), default=1)
+    Z, weight, _ = thinned(Z[keep], weight[keep], refit_rows(Z.shape[1], largest))
     refitted = [broad_gaussian(Z, weight)]
     for index, part in enumerate(parts[1:], start=1):
         if part_weights is not None and part_weights[index] == 0:

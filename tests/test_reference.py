@@ -673,3 +673,23 @@ def test_the_flow_is_weighed_on_its_scores_at_the_epochs_chosen_without_each_row
     assert correction.shape == (validation.size,) and (correction <= 0).all() and (correction < 0).any()
     np.testing.assert_allclose(seen["flow"], model.module_.log_prob(torch.as_tensor(X[validation])).detach().numpy() + correction)
     assert training.TrainingHistory().validation_correction is None
+
+
+def test_the_final_refit_takes_every_row_its_memory_bound_allows(monkeypatch):
+    """Past _MAX_ROWS the mixtures are refitted on all rows up to refit_rows (20,000 of 33,000 rows
+    of an 8-D mixture lost 0.003 nats/row to GaussianMixture on all of them), never on fewer than _MAX_ROWS."""
+    import sklearn_maf._reference as reference
+
+    monkeypatch.setattr(reference, "_MAX_ROWS", 100)
+    rng = np.random.RandomState(0)
+    Z = np.concatenate([rng.normal(size=(225, 2)) - 3, rng.normal(size=(225, 2)) + 3])
+    weight = np.ones(450)
+    parts, _, _ = fit_reference(Z[::5], weight[::5], "gmm", random_state=0, kernel=False)
+    mixture = next(i for i, p in enumerate(parts) if i > 0 and p.means.shape[0] == 2)
+    monkeypatch.setattr(reference, "_REFIT_BYTES", 24 * 2 * 2 * 450)
+    assert reference.refit_rows(2, 2) == 450 and reference.refit_rows(2, 3) == 300
+    refitted = reference.refit_reference(parts[: mixture + 1], Z, weight, random_state=0)
+    expected = reference.gaussian_mixture(Z, weight, 2, 0, start=parts[mixture])
+    torch.testing.assert_close(refitted[mixture].means, torch.as_tensor(expected[1]))
+    monkeypatch.setattr(reference, "_REFIT_BYTES", 1)
+    assert reference.refit_rows(2, 2) == 100
