@@ -57,9 +57,9 @@ __all__ = ["fit_reference", "flow_and_reference_weights", "merged_mixtures", "re
 _MAX_COMPONENTS = 10
 _MAX_ROWS = 20_000
 # The final refit (refit_reference) takes more: the mixtures' error shrinks
-# with every row, and on 20,000 of 33,000 rows of an 8-D Gaussian mixture the
-# stack lost 0.003 nats/row to GaussianMixture on all of them (RESULTS.md,
-# "Broad density suite"). Its rows are bounded by the memory of an EM
+# with every row, and refitted on every second of 33,000 rows of an 8-D
+# Gaussian mixture the stack lost up to 0.003 nats/row to GaussianMixture on
+# all of them (RESULTS.md, "Beyond 20,000 rows"). Its rows are bounded by the memory of an EM
 # iteration instead: about three float64 arrays of K x n x D (each
 # component's whitened rows and their squares, the M-step's weighted rows)
 # within _REFIT_BYTES, and never fewer than _MAX_ROWS.

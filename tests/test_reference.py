@@ -676,8 +676,8 @@ def test_the_flow_is_weighed_on_its_scores_at_the_epochs_chosen_without_each_row
 
 
 def test_the_final_refit_takes_every_row_its_memory_bound_allows(monkeypatch):
-    """Past _MAX_ROWS the mixtures are refitted on all rows up to refit_rows (20,000 of 33,000 rows
-    of an 8-D mixture lost 0.003 nats/row to GaussianMixture on all of them), never on fewer than _MAX_ROWS."""
+    """Past _MAX_ROWS the mixtures are refitted on all rows up to refit_rows (every second of 33,000
+    rows of an 8-D mixture lost up to 0.003 nats/row to GaussianMixture on all), never on fewer than _MAX_ROWS."""
     import sklearn_maf._reference as reference
 
     monkeypatch.setattr(reference, "_MAX_ROWS", 100)
