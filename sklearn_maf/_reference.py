@@ -57,12 +57,11 @@ __all__ = ["fit_reference", "flow_and_reference_weights", "merged_mixtures", "re
 _MAX_COMPONENTS = 10
 _MAX_ROWS = 20_000
 # The final refit (refit_reference) takes more: the mixtures' error shrinks
-# with every row, and refitted on every second of 33,000 rows of an 8-D
-# Gaussian mixture the stack lost up to 0.003 nats/row to GaussianMixture on
-# all of them (RESULTS.md, "Beyond 20,000 rows"). Its rows are bounded by the memory of an EM
-# iteration instead: about three float64 arrays of K x n x D (each
-# component's whitened rows and their squares, the M-step's weighted rows)
-# within _REFIT_BYTES, and never fewer than _MAX_ROWS.
+# with every row, and GaussianMixture fits all of them (RESULTS.md, "Beyond
+# 20,000 rows"). Its rows are bounded by the memory of an EM iteration
+# instead: about three float64 arrays of K x n x D (each component's whitened
+# rows and their squares, the M-step's weighted rows) within _REFIT_BYTES,
+# and never fewer than _MAX_ROWS.
 _REFIT_BYTES = 2**29
 # The BIC search runs on at most this many rows, fewer where each EM
 # iteration costs more than about _SEARCH_WORK multiply-adds per component
@@ -672,8 +671,7 @@ def refit_reference(parts, Z, weight, random_state, part_weights=None):
     the mixtures' EM is most of the refit's cost.
     """
     keep = weight > 0
-    refitting = [p for i, p in enumerate(parts) if isinstance(p, GaussianMixtureDensity) and i > 0]
-    largest = max((p.means.shape[0] for p in refitting), default=1)
+    largest = max((p.means.shape[0] for p in parts[1:] if isinstance(p, GaussianMixtureDensity)), default=1)
     Z, weight, _ = thinned(Z[keep], weight[keep], refit_rows(Z.shape[1], largest))
     refitted = [broad_gaussian(Z, weight)]
     for index, part in enumerate(parts[1:], start=1):

@@ -133,14 +133,8 @@ def row_log_prob(module, X, context=None, chunk_size=65536):
 
 def mean_log_prob(module, X, weight=None, context=None, chunk_size=65536):
     """(Weighted) mean log-density of the rows of ``X`` in eval mode, in chunks."""
-    return _mean_of_rows(row_log_prob(module, X, context, chunk_size), weight)
-
-
-def _mean_of_rows(log_prob, weight):
-    if weight is None:
-        return float(log_prob.sum() / log_prob.shape[0])
-    weight = weight.double()
-    return float((log_prob * weight).sum() / weight.sum())
+    log_prob = row_log_prob(module, X, context, chunk_size)
+    return float(_weighted_mean(log_prob, None if weight is None else weight.double()))
 
 
 class _LeftOutChoice:
@@ -248,6 +242,7 @@ def train_flow(
     averaged = _ParameterAverage(module, flat=getattr(optimizer, "flat_param", None)) if config.average else None
     if validation is not None:
         X_val, w_val, c_val = (*validation, None, None)[:3]
+        w_val = None if w_val is None else w_val.double()  # the scores' dtype
         left_out = _LeftOutChoice(w_val, X_val.shape[0], X_val.device)
     no_improvement = 0
     stall_epochs = stall_steps = 0  # since the last improvement or halving of the rate
@@ -279,7 +274,7 @@ def train_flow(
         if validation is not None:
             with averaged.applied() if averaged is not None else nullcontext():
                 rows = row_log_prob(module, X_val, c_val)
-                score = _mean_of_rows(rows, w_val)
+                score = float(_weighted_mean(rows, w_val))
                 history.validation_scores.append(score)
                 improved = score > history.best_validation_score + config.tol
                 left_out.update(rows, chosen=score > history.best_validation_score)

@@ -469,6 +469,10 @@ def test_modules_without_a_plan_train_by_autograd_to_the_same_fit(monkeypatch, w
     torch.testing.assert_close(scores[1], scores[0], rtol=1e-9, atol=1e-9)
 
 
+def _mean_of_rows(rows, weight):
+    return float(_training._weighted_mean(rows, weight))
+
+
 def _left_out_by_brute_force(epochs, weight):
     """Each row's score at the first epoch of best weighted total without one unit of its weight."""
     n_epochs, n_rows = epochs.shape
@@ -491,10 +495,10 @@ def test_left_out_choice_scores_each_row_at_the_epoch_the_other_rows_choose(weig
     choice = _training._LeftOutChoice(weight, 30, "cpu")
     best = -math.inf
     for rows in epochs:
-        score = _training._mean_of_rows(rows, weight)
+        score = _mean_of_rows(rows, weight)
         choice.update(rows, chosen=score > best)
         best = max(best, score)
-    chosen = max(range(8), key=lambda e: _training._mean_of_rows(epochs[e], weight))
+    chosen = max(range(8), key=lambda e: _mean_of_rows(epochs[e], weight))
     expected = _left_out_by_brute_force(epochs, torch.ones(30, dtype=DTYPE) if weight is None else weight)
     correction = torch.as_tensor(choice.correction())
     torch.testing.assert_close(correction, expected - epochs[chosen])
@@ -511,7 +515,7 @@ def test_left_out_choice_counts_a_weight_of_two_as_two_copies():
     for (choice, rows, w) in zip(choices, (epochs, doubled), (weight, None)):
         best = -math.inf
         for epoch in rows:
-            score = _training._mean_of_rows(epoch, w)
+            score = _mean_of_rows(epoch, w)
             choice.update(epoch, chosen=score > best)
             best = max(best, score)
     weighted, copies = (torch.as_tensor(choice.correction()) for choice in choices)
