@@ -48,11 +48,15 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
     training rows:
 
     1. Features that take a single value on the training rows have no density
-       and are dropped (listed in ``constant_features_``); they are ignored at
-       scoring time, so a new row is not penalised for a different value there
-       (with no spread on the training rows there is no scale to measure the
-       difference on). :class:`~sklearn_maf.MAFDensity` raises on such
-       features instead.
+       and are not modelled by the flow (listed in ``constant_features_``).
+       A new row with a different value there shows an event that ``n``
+       training rows never showed, which Krichevsky and Trofimov's estimate
+       gives the probability ``p = 1 / (2 n + 2)``: each such feature adds
+       ``log(p)`` to the row's score (and each constant feature at its
+       training value ``log(1 - p)``), whatever the size of the difference:
+       with no spread on the training rows there is no scale to measure it
+       on. :class:`~sklearn_maf.MAFDensity` raises on
+       such features instead.
     2. ``dequantize=True`` spreads each training value uniformly over its
        *cell*, the interval that reaches halfway to the neighbouring observed
        values of the feature. Integer-valued and other discrete features, and
@@ -280,8 +284,9 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         The threshold on :meth:`score_samples`: ``decision_function(X) =
         score_samples(X) - offset_``, negative for outliers.
     constant_features_ : ndarray of shape (n_constant_features,), dtype int
-        Indices of the features that were constant on the training rows and
-        are ignored.
+        Indices of the features that were constant on the training rows: not
+        modelled by the flow; a value outside their training range adds
+        ``log(1 / (2 n + 2))`` to the score on ``n`` training rows (step 1).
     module_ : sklearn_maf._nn.MAF
         The fitted flow, over the features that are not constant, in float64
         and eval mode.
@@ -483,15 +488,16 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         their weights (see :meth:`_held_out_log_likelihood`).
         """
         train, validation = self._fit(X, sample_weight)
+        X = self._validate_fitted_input(X)
         held_out_rows = train if validation is None else validation
         weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
         # the held-out rows scored by the model that has not seen them: with
         # the reference as it was before its refit to every row
         fitted, self.reference_ = self.reference_, self.__dict__.pop("_unrefitted")
         try:
-            held_out = self._held_out_log_likelihood(held_out_rows, weight)
+            held_out = self._held_out_log_likelihood(X, held_out_rows, weight)
             held_out_scores = (
-                self._log_mass(self._model_log_prob, self._validate_fitted_input(X)[held_out_rows])
+                self._validated_log_density(X[held_out_rows])
                 if self.contamination == "auto"
                 else None  # the threshold comes from the fitted model's scores of every row
             )
@@ -501,7 +507,7 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         if self.contamination == "auto":
             scores, rows, fraction = held_out_scores, held_out_rows, _AUTO_FRACTION
         else:
-            scores, rows, fraction = self.score_samples(X), slice(None), self.contamination
+            scores, rows, fraction = self._validated_log_density(X), slice(None), self.contamination
         self.offset_ = _weighted_threshold(scores, weight[rows], fraction)
         return held_out
 
@@ -547,16 +553,18 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         }
         return self
 
-    def _held_out_log_likelihood(self, rows, sample_weight):
+    def _held_out_log_likelihood(self, X, rows, sample_weight):
         """Log-likelihood, in the units of ``X``, of each (dequantized) row in ``rows``, and its weight.
 
         The log-Jacobian of the marginal transform is included, so that flows
         fitted behind different preprocessings are compared as densities of
-        the same variable. ``sample_weight`` has a weight for every row of ``X``.
+        the same variable, and the log-probability of the constant features'
+        values. ``X`` is the validated training data, every feature;
+        ``sample_weight`` has a weight for every row of it.
         """
-        X = self._dequantized[rows]
-        log_density = self._log_mass(self._model_log_prob, self._marginals.transform(X))
-        log_density = log_density + self._marginals.log_jacobian(X)
+        dequantized = self._dequantized[rows]
+        log_density = self._log_mass(self._model_log_prob, self._marginals.transform(dequantized))
+        log_density += self._marginals.log_jacobian(dequantized) + self._constant_log_prob(X[rows])
         return log_density, sample_weight[rows]
 
     def score_samples(self, X):
@@ -648,6 +656,8 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
                 )
             self.constant_features_ = constant
             self._constant_values = X[rows[0], constant]
+            self._constant_range = (X[rows][:, constant].min(axis=0), X[rows][:, constant].max(axis=0))
+            self._n_training_rows = float(sample_weight[rows].sum())
             self._modelled = np.setdiff1d(np.arange(X.shape[1]), constant)
             self._marginals = _Marginals(self.preprocessing_ == "quantile").fit(
                 X[rows][:, self._modelled], sample_weight[rows]
@@ -658,9 +668,29 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
         self._dequantized = X  # for the held-out log-likelihood, deleted by fit
         return self._marginals.transform(X)
 
-    def _validate_fitted_input(self, X):
-        X = super()._validate_fitted_input(X)
-        return self._marginals.transform(X[:, self._modelled])
+    def _log_density(self, X):
+        return self._validated_log_density(self._validate_fitted_input(X))
+
+    def _validated_log_density(self, X):
+        """Log-density of validated rows ``X`` (every feature, constant ones included)."""
+        modelled = self._log_mass(self._model_log_prob, self._marginals.transform(X[:, self._modelled]))
+        return modelled + self._constant_log_prob(X)
+
+    def _constant_log_prob(self, X):
+        """Log-probability of each row's values on the constant features (see ``constant_features_``).
+
+        A value outside the feature's training range is an event that the
+        training rows never showed: Krichevsky and Trofimov's estimate gives it
+        the probability ``1 / (2 n + 2)`` on ``n`` training rows (as the
+        reference's least share, :mod:`sklearn_maf._reference`), and a value
+        inside it the rest. The features count as independent of each other
+        and of the modelled ones.
+        """
+        constant = X[:, self.constant_features_]
+        low, high = self._constant_range
+        unseen = ((constant < low) | (constant > high)).sum(axis=1)
+        p = 1.0 / (2.0 * self._n_training_rows + 2.0)
+        return unseen * np.log(p) + (constant.shape[1] - unseen) * np.log1p(-p)
 
 
 class _Marginals:

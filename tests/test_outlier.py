@@ -143,23 +143,47 @@ def test_same_scores_as_mafdensity_without_preprocessing(rng, monkeypatch):
     assert starts[-1] == _reference._MAX_STARTS
 
 
-def test_constant_features_are_dropped_and_ignored(rng):
-    """Raw data with constant columns must not crash the detector (MAFDensity raises)."""
+def test_constant_features_are_not_modelled_and_an_unseen_value_costs_its_probability(rng):
+    """Raw data with constant columns must not crash the detector (MAFDensity raises).
+
+    A value never seen on a constant feature is an event of probability 1 / (2 n + 2)
+    on n training rows, whatever its size; before, it was ignored, and ADBench's
+    InternetAds, whose anomalies differ from the inliers mostly there, ranked at chance.
+    """
     X = _blobs(300, rng)
     with_constants = np.c_[np.full(300, 7.0), X[:, 0], np.zeros(300), X[:, 1]]
     detector = _small(contamination=0.1).fit(with_constants)
     np.testing.assert_array_equal(detector.constant_features_, [0, 2])
     assert detector.n_features_in_ == 4 and detector.module_.n_features == 2
     reference = _small(contamination=0.1).fit(X)
-    np.testing.assert_array_equal(detector.score_samples(with_constants), reference.score_samples(X))
-    # the constant features are ignored at scoring time
-    moved = with_constants.copy()
-    moved[:, [0, 2]] = [100.0, -3.0]
-    np.testing.assert_array_equal(detector.score_samples(moved), reference.score_samples(X))
+    assert detector._n_training_rows == 270  # the validation split's 30 rows held out
+    unseen = 1 / (2 * 270 + 2)
+    seen = reference.score_samples(X) + 2 * np.log1p(-unseen)
+    np.testing.assert_allclose(detector.score_samples(with_constants), seen, rtol=0, atol=1e-12)
+    one_moved, both_moved = with_constants.copy(), with_constants.copy()
+    one_moved[:, 2] = 1e-9
+    both_moved[:, [0, 2]] = [100.0, -3.0]
+    expected = seen + np.log(unseen) - np.log1p(-unseen)
+    np.testing.assert_allclose(detector.score_samples(one_moved), expected, rtol=0, atol=1e-12)
+    expected = seen + 2 * (np.log(unseen) - np.log1p(-unseen))
+    np.testing.assert_allclose(detector.score_samples(both_moved), expected, rtol=0, atol=1e-12)
     samples = detector.sample(5, random_state=0)
     np.testing.assert_array_equal(samples[:, [0, 2]], [[7.0, 0.0]] * 5)
     with pytest.raises(ValueError, match="X has 2 features, but MAFOutlierDetector is expecting 4"):
         detector.score_samples(X)
+
+
+def test_unseen_constant_values_rank_rows_as_outliers(rng):
+    """Outliers that differ from the inliers only on a feature constant in training are found."""
+    X = np.c_[_blobs(400, rng), np.zeros(400)]
+    new = np.c_[_blobs(200, rng), np.zeros(200)]
+    new[:20, 2] = rng.choice([-1.0, 1.0], size=20)
+    detector = _small(contamination=0.05, max_iter=5).fit(X)
+    assert np.all(detector.score_samples(new[:20]) < detector.score_samples(new[20:]).min() + 5)
+    np.testing.assert_array_equal(detector.predict(new[:20]), -1)
+    # weights count as repetitions: n is their total on the training rows
+    weighted = _small(contamination=0.05, max_iter=5).fit(X, sample_weight=np.full(400, 2.0))
+    assert weighted._n_training_rows == 2 * detector._n_training_rows
 
 
 def test_constant_on_the_training_split_only(rng):
