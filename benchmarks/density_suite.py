@@ -644,6 +644,46 @@ def summary_by_group(records):
     return lines
 
 
+def pooled_verdicts(records):
+    """Verdicts per (set, size) on the mean over its seeds of the paired differences.
+
+    With hundreds of runs, a per-run 2-standard-error rule calls about 2% of
+    them a loss even where two models are equal; a loss that holds on the
+    mean over the seeds (its standard error pooled from the seeds' own,
+    independent splits) is one that repeats.
+    """
+    groups = {}
+    for r in records:
+        groups.setdefault((r["set"], r["size"]), []).append(r)
+    out = {}
+    for other in ("gmm", "kde"):
+        verdicts = {}
+        for key, rows in groups.items():
+            diffs = [r[f"maf_{other}"] for r in rows]
+            se = math.sqrt(sum(r[f"se_maf_{other}"] ** 2 for r in rows)) / len(rows)
+            verdicts[key] = verdict(float(np.mean(diffs)), se)
+        out[other] = verdicts
+    return out
+
+
+def pooled_line(records):
+    verdicts = pooled_verdicts(records)
+    counts = {
+        other: "{} / {} / {}".format(*(list(v.values()).count(x) for x in ("win", "tie", "loss")))
+        for other, v in verdicts.items()
+    }
+    lost = [
+        f"{name} {size} vs {other.upper()}"
+        for other, v in verdicts.items()
+        for (name, size), x in v.items()
+        if x == "loss"
+    ]
+    return (
+        f"Over the seeds' mean per (set, size), {len(verdicts['gmm'])} pairs: against GMM {counts['gmm']}, "
+        f"against KDE {counts['kde']}" + (f"; the losses: {', '.join(lost)}." if lost else "; no loss.")
+    )
+
+
 def losses(records):
     out = []
     for r in records:
@@ -779,7 +819,7 @@ def main(argv=None):
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     report = ["", *lines, f"- load average at end: {load}; this run {elapsed:.0f} s", ""]
     report += per_set_summary(records)
-    report += ["", *summary_by_group(records), "", summary_line(records)]
+    report += ["", *summary_by_group(records), "", summary_line(records), "", pooled_line(records)]
     lost = losses(records)
     report += ["", f"Losses ({len(lost)}):" if lost else "Losses: none."] + [f"- {x}" for x in lost]
     print("\n".join(report))
