@@ -136,6 +136,27 @@ def test_sklearn_generators_are_a_group_of_their_own(suite):
         suite.select_sets("no-such-set", quick=False)
 
 
+def test_stress_sets_are_fixed_finite_and_what_they_say(suite):
+    """The stress group: the same rows in every process and call, each set of the kind its name says."""
+    sets = {d.name: d for d in suite.select_sets("stress", quick=False)}
+    assert len(sets) == 16 and all(d.group == "stress" and d.density is None for d in sets.values())
+    for name, dataset in sets.items():
+        X = dataset.load()
+        assert np.all(np.isfinite(X)) and X.shape[0] == (60 if name == "wide_60x50" else suite.STRESS_ROWS)
+        np.testing.assert_array_equal(X, dataset.load())
+    X = sets["half_duplicates"].load()
+    assert np.mean(np.all(X == X[0], axis=1)) > 0.45
+    assert set(np.unique(sets["two_valued_column"].load()[:, 3])) == {0.3, 0.7}
+    assert np.ptp(sets["mixed_scales"].load()[:, 3]) > 1e6 and np.ptp(sets["mixed_scales"].load()[:, 0]) < 1e-4
+    counts = sets["poisson_counts"].load()
+    keep, integer = suite.column_rules(counts)
+    assert keep.all() and integer.all()  # dequantised by the suite's rule
+    assert sets["wide_60x50"].load().shape == (60, 50)
+    # the rows do not depend on which set a process loads first
+    fresh = suite._stress_sets()
+    np.testing.assert_array_equal(fresh[-1].load(), sets["wide_60x50"].load())
+
+
 @pytest.mark.parametrize(
     "name, box",
     [
