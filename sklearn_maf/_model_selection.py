@@ -12,7 +12,6 @@ from scipy import optimize, special
 
 from ._nn import EllipticalT, MADEMoG, StandardNormal, StudentT, Whiten, reused_buffers
 from ._nn.flow import power_tails
-from ._reference import evenly_spaced
 
 # candidates of tail_cut="auto", besides None (the plain normal)
 _TAIL_CUTS = (2.0, 2.5, 3.0, 4.0)
@@ -45,8 +44,8 @@ def _multivariate_t(Z, weight, tol=1e-8):
     standardised (unit variance per feature).
     """
     Z, weight = Z[weight > 0], weight[weight > 0]
-    rows = evenly_spaced(Z.shape[0], _MVT_MAX_ROWS)
-    Z, weight = Z[rows], weight[rows] / weight[rows].sum()
+    step = -(-Z.shape[0] // _MVT_MAX_ROWS)
+    Z, weight = Z[::step], weight[::step] / weight[::step].sum()
     n_features = Z.shape[1]
     # Z is standardised: a ridge of 1e-4 (of unit variances) keeps the scatter positive
     # definite and the likelihood bounded where the rows do not span every direction, so

