@@ -656,7 +656,8 @@ class MAFOutlierDetector(OutlierMixin, _UnconditionalMAF):
                 )
             self.constant_features_ = constant
             self._constant_values = X[rows[0], constant]
-            self._constant_range = (X[rows][:, constant].min(axis=0), X[rows][:, constant].max(axis=0))
+            constant_values = X[np.ix_(rows, constant)]
+            self._constant_range = (constant_values.min(axis=0), constant_values.max(axis=0))
             self._n_training_rows = float(sample_weight[rows].sum())
             self._modelled = np.setdiff1d(np.arange(X.shape[1]), constant)
             self._marginals = _Marginals(self.preprocessing_ == "quantile").fit(
