@@ -632,11 +632,22 @@ def fmt(x, digits=2):
     return f"{x:.{digits}f}"
 
 
-def per_set_summary(records):
-    """One line per (set, size): means over seeds and the verdicts per seed."""
+def by_set_and_size(records):
+    """The records grouped by (set, size), in their order."""
     groups = {}
     for r in records:
         groups.setdefault((r["set"], r["size"]), []).append(r)
+    return groups
+
+
+def pooled_se(rows, key):
+    """S.e. of the mean over seeds of independent paired differences, from each seed's s.e. (``key``)."""
+    return math.sqrt(sum(r[key] ** 2 for r in rows)) / len(rows)
+
+
+def per_set_summary(records):
+    """One line per (set, size): means over seeds and the verdicts per seed."""
+    groups = by_set_and_size(records)
     lines = [
         "| set | size | n_train x d | MAF | GMM | KDE | MAF-GMM | MAF-KDE | vs GMM W/T/L | vs KDE W/T/L "
         "| worst MAF row vs Gaussian | MAF fit (s) | notes |",
@@ -647,9 +658,6 @@ def per_set_summary(records):
 
         def mean(key):
             return float(np.mean([r[key] for r in rows]))
-
-        def pooled(key):  # s.e. of the mean over seeds of independent paired differences
-            return math.sqrt(sum(r[key] ** 2 for r in rows)) / len(rows)
 
         def wtl(other):
             v = [r[f"verdict_{other}"] for r in rows]
@@ -681,8 +689,8 @@ def per_set_summary(records):
         lines.append(
             f"| {name} | {size} | {first['n_train']} x {first['dim']} | {fmt(mean('ll_maf'))} | "
             f"{fmt(mean('ll_gmm'))} | {fmt(mean('ll_kde'))} | "
-            f"{fmt(mean('maf_gmm'))} ± {fmt(pooled('se_maf_gmm'))} | "
-            f"{fmt(mean('maf_kde'))} ± {fmt(pooled('se_maf_kde'))} | {wtl('gmm')} | {wtl('kde')} | "
+            f"{fmt(mean('maf_gmm'))} ± {fmt(pooled_se(rows, 'se_maf_gmm'))} | "
+            f"{fmt(mean('maf_kde'))} ± {fmt(pooled_se(rows, 'se_maf_kde'))} | {wtl('gmm')} | {wtl('kde')} | "
             f"{fmt(min(r['worst_maf'] for r in rows), 1)} | {fmt(mean('t_maf'), 1)} | {'; '.join(notes)} |"
         )
     return lines
@@ -742,18 +750,14 @@ def pooled_verdicts(records):
     mean over the seeds (its standard error pooled from the seeds' own,
     independent splits) is one that repeats.
     """
-    groups = {}
-    for r in records:
-        groups.setdefault((r["set"], r["size"]), []).append(r)
-    out = {}
-    for other in ("gmm", "kde"):
-        verdicts = {}
-        for key, rows in groups.items():
-            diffs = [r[f"maf_{other}"] for r in rows]
-            se = math.sqrt(sum(r[f"se_maf_{other}"] ** 2 for r in rows)) / len(rows)
-            verdicts[key] = verdict(float(np.mean(diffs)), se)
-        out[other] = verdicts
-    return out
+    groups = by_set_and_size(records)
+    return {
+        other: {
+            key: verdict(float(np.mean([r[f"maf_{other}"] for r in rows])), pooled_se(rows, f"se_maf_{other}"))
+            for key, rows in groups.items()
+        }
+        for other in ("gmm", "kde")
+    }
 
 
 def pooled_line(records):
