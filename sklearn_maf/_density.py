@@ -111,8 +111,9 @@ class MAFDensity(DensityMixin, _UnconditionalMAF):
         that BIC ranks best among 1 to 10 components (the best three, each
         weighted by the held-out rows, held as one mixture; each the best EM
         run from up to ten k-means starts on small data), and a Gaussian
-        kernel density with the bandwidth of highest leave-one-out likelihood (kept
-        only where the validation rows give it a weight of at least 0.001: it
+        kernel density on up to 20,000 of the rows (evenly spaced beyond),
+        with the bandwidth of highest leave-one-out likelihood (kept only
+        where the validation rows give it a weight of at least 0.001: it
         scores a row in a time that grows with its rows); "gaussian": the
         broad Gaussian alone. The weights of the flow and of each part are
         fitted by EM on the validation rows (the training rows without early
