@@ -112,8 +112,9 @@ class MAFConditionalDensity(_BaseMAF):
         covariance, with a 1% share of the plain maximum-likelihood
         Gaussian), the full-covariance Gaussian mixtures that BIC ranks best
         among 1 to 10 components (the best three, each weighted by the held-out
-        rows, held as one mixture), and a Gaussian kernel density with the bandwidth
-        of highest leave-one-out likelihood (kept only where the validation
+        rows, held as one mixture), and a Gaussian kernel density on up to
+        20,000 of the rows (evenly spaced beyond) with the bandwidth of
+        highest leave-one-out likelihood (kept only where the validation
         rows give it a weight of at least 0.001); "gaussian": the broad
         Gaussian alone. The
         weights are fitted by EM on the validation rows (the training rows
