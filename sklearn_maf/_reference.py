@@ -85,13 +85,14 @@ _SEED_RANGE = 2**31 - 1
 # Covariance ridge, in standardised units (unit variances), as
 # sklearn.mixture.GaussianMixture's reg_covar.
 _REG_COVAR = 1e-6
-# The kernel density holds as many rows as the parts are fitted to (evenly
-# spaced beyond): its scoring cost per row is proportional to them, but
-# where it carries weight, 5,000 rows (evenly spaced) scored 0.04 to 1.2
-# nats per row below all of them, the bandwidth chosen on them too
-# (RESULTS.md, "Broad density suite"). Its bandwidth is chosen on the
-# leave-one-out likelihood of at most _KERNEL_QUERIES of them, between
-# these multiples of Scott's factor.
+# The kernel density holds the rows the BIC search's parts are fitted to,
+# at most _MAX_ROWS (evenly spaced beyond; the final refit's mixtures may
+# take more): its scoring cost per row is proportional to them, but where
+# it carries weight, 5,000 rows (evenly spaced) scored 0.04 to 1.2 nats per
+# row below all of them, the bandwidth chosen on them too (RESULTS.md,
+# "Broad density suite"). Its bandwidth is chosen on the leave-one-out
+# likelihood of at most _KERNEL_QUERIES of them, between these multiples
+# of Scott's factor.
 _MAX_KERNEL_ROWS = _MAX_ROWS
 _KERNEL_QUERIES = 500
 _KERNEL_RANGE = (1e-2, 3.0)
